@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Fetch the Debian cloud kernels vmshield is tested on (5.10, 6.1, 6.12) into the cache.
+#
+# Why a private apt root: we only want three vmlinuz files, not to add suites to the
+# host's apt configuration or install kernels on the host. apt-get download + dpkg -x
+# takes boot/vmlinuz-* with no postinst run. Idempotent: a kernel already in the cache
+# is not fetched again.
+set -euo pipefail
+
+CACHE="${VMSHIELD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmshield}"
+KDIR="$CACHE/kernels"
+APTROOT="$CACHE/apt"
+# version family -> Debian suite carrying it
+declare -A SUITE=([5.10]=bullseye [6.1]=bookworm [6.12]=trixie)
+
+need=()
+for v in 5.10 6.1 6.12; do
+  [ -s "$KDIR/$v/vmlinuz" ] || need+=("$v")
+done
+if [ ${#need[@]} -eq 0 ]; then
+  echo "kernels: all cached in $KDIR"
+  exit 0
+fi
+
+mkdir -p "$APTROOT/lists/partial" "$APTROOT/cache/archives/partial" "$KDIR"
+: > "$APTROOT/sources.list"
+for s in bullseye bookworm trixie; do
+  echo "deb http://deb.debian.org/debian $s main" >> "$APTROOT/sources.list"
+done
+APT=(-o "Dir::Etc::SourceList=$APTROOT/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+     -o "Dir::State::Lists=$APTROOT/lists" -o "Dir::Cache=$APTROOT/cache"
+     -o "APT::Get::List-Cleanup=0" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root")
+apt-get "${APT[@]}" -q update >/dev/null
+
+for v in "${need[@]}"; do
+  suite="${SUITE[$v]}"
+  # The cloud metapackage of that suite depends on exactly one versioned image package.
+  meta_ver=$(apt-cache "${APT[@]}" madison linux-image-cloud-amd64 | awk -v s="$suite/" '$0 ~ s {print $3; exit}')
+  [ -n "$meta_ver" ] || { echo "kernels: no linux-image-cloud-amd64 in $suite" >&2; exit 1; }
+  pkg=$(apt-cache "${APT[@]}" depends "linux-image-cloud-amd64=$meta_ver" \
+        | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "kernels: cannot resolve the image package of $suite" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get "${APT[@]}" -q download "$pkg" >/dev/null)
+  dpkg -x "$tmp"/*.deb "$tmp/x"
+  mkdir -p "$KDIR/$v"
+  cp "$tmp"/x/boot/vmlinuz-* "$KDIR/$v/vmlinuz.part"
+  cp "$tmp"/x/boot/config-* "$KDIR/$v/config" 2>/dev/null || true
+  echo "$pkg" > "$KDIR/$v/package"
+  mv "$KDIR/$v/vmlinuz.part" "$KDIR/$v/vmlinuz"
+  rm -rf "$tmp"
+  echo "kernels: $v <- $pkg"
+done

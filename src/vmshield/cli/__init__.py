@@ -1,0 +1,1 @@
+"""The ``vmshield`` command line."""

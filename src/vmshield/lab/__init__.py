@@ -1,0 +1,1 @@
+"""The lab: guest kernels, the initramfs and lab VMs that vmshield boots itself."""
