@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build the lab guest's initramfs: busybox (static), the init script, a few /etc files,
+# and the project's own static C test programs. Output: build/initramfs.cpio.gz.
+# Rebuilt by make only when an input changes.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${1:-$root/build/initramfs.cpio.gz}"
+BUSYBOX="$(command -v busybox || true)"
+[ -n "$BUSYBOX" ] || BUSYBOX=/bin/busybox
+if ! file -L "$BUSYBOX" | grep -q 'statically linked'; then
+  echo "initramfs: $BUSYBOX is not static; install the Debian package busybox-static" >&2
+  exit 1
+fi
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,root,home/user,usr/bin,usr/sbin}
+cp "$BUSYBOX" "$stage/bin/busybox"
+cp "$root/guest/init" "$stage/init"
+chmod 755 "$stage/init"
+cp "$root/guest/etc_passwd" "$stage/etc/passwd"
+cp "$root/guest/etc_group" "$stage/etc/group"
+cp "$root/guest/etc_shadow" "$stage/etc/shadow"
+chmod 600 "$stage/etc/shadow"
+for src in "$root"/guest/progs/*.c; do
+  name="$(basename "$src" .c)"
+  gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/$name" "$src"
+  strip "$stage/bin/$name"
+done
+mkdir -p "$(dirname "$out")"
+(cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --owner=0:0 --quiet) \
+  | gzip -9n > "$out.part"
+mv "$out.part" "$out"
+echo "initramfs: $out ($(stat -c %s "$out") bytes)"

@@ -1,0 +1,288 @@
+"""Decode the kernel's own symbol table (kallsyms) from raw bytes of its read-only data.
+
+Why by structure: stock distribution kernels ship no System.map, and the vmcoreinfo note
+that names the tables on 6.x kernels is missing on 5.10 and forgeable everywhere. The
+tables ``scripts/kallsyms.c`` generates have a shape we can recognise instead:
+
+- ``kallsyms_token_table``: 256 NUL-terminated tokens; every byte value that occurs in
+  symbol names keeps its own one-character token, so ``"0\\0" "1\\0" ... "9\\0"`` sits at
+  token 0x30. That run is the anchor.
+- ``kallsyms_token_index``: 256 u16 offsets into the token table, right after it.
+- ``kallsyms_markers``: u32 offsets into the names of every 256th symbol, right before
+  the token table; ``kallsyms_names`` before them, ``kallsyms_num_syms`` before those.
+- ``kallsyms_offsets`` + ``kallsyms_relative_base``: either before ``num_syms`` (5.10)
+  or after the token index (6.x); both placements are tried and checked.
+
+Every candidate is verified end to end (markers agree with the decoded name stream,
+which ends exactly where the markers begin), so forged or corrupt tables give a
+:class:`GuestFormatError`, never a wrong table. Pure: bytes in, symbols out.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vmshield.errors import GuestFormatError
+from vmshield.guest.symbols import Symbol
+
+ANCHOR = b"".join(bytes([c, 0]) for c in b"0123456789")
+MAX_SYMS = 2_000_000
+KSYM_NAME_LEN = 512
+_MAX_ANCHORS = 64
+
+
+@dataclass(frozen=True)
+class KallsymsTables:
+    """Where the tables sit, as offsets into the scanned blob (and so addresses)."""
+
+    base_va: int  # virtual address of blob[0]
+    num_syms: int
+    names: int
+    markers: int
+    num_markers: int
+    token_table: int
+    token_index: int
+    offsets: int
+    relative_base: int  # value, not position
+    relative_base_at: int
+    names_end: int
+
+    def va(self, off: int) -> int:
+        return self.base_va + off
+
+    def span(self) -> tuple[int, int]:
+        """Blob offsets ``[lo, hi)`` covering every table (for hashing the build)."""
+        lo = min(self.offsets, self.names - 8)
+        hi = max(self.token_index + 512, self.relative_base_at + 8)
+        return lo, hi
+
+
+def _u32(b: memoryview | bytes, off: int) -> int:
+    return int(struct.unpack_from("<I", b, off)[0])
+
+
+def _align8(x: int, base_va: int) -> int:
+    return x + (-(base_va + x) % 8)
+
+
+def _tokens_at(blob: bytes, start: int, count: int, limit: int) -> tuple[list[bytes], int]:
+    """``count`` NUL-terminated strings from ``start``; (tokens, end offset)."""
+    toks = []
+    pos = start
+    for _ in range(count):
+        end = blob.find(b"\0", pos, min(len(blob), pos + limit))
+        if end < 0:
+            raise GuestFormatError(f"kallsyms token at {pos:#x} is not terminated")
+        toks.append(blob[pos:end])
+        pos = end + 1
+    return toks, pos
+
+
+def _check_token_table(blob: bytes, anchor: int, base_va: int) -> tuple[int, int, list[bytes]]:
+    """Given the ``"0\\0..9\\0"`` run at ``anchor``: (token_table, token_index, tokens)."""
+    _, tail_end = _tokens_at(blob, anchor, 256 - 0x30, 256)
+    index_at = _align8(tail_end, base_va)
+    if index_at + 512 > len(blob):
+        raise GuestFormatError("kallsyms token index runs past the data")
+    index = struct.unpack_from("<256H", blob, index_at)
+    table = anchor - index[0x30]
+    if index[0] != 0 or table < 0 or index[0x30] == 0:
+        raise GuestFormatError("kallsyms token index does not start at 0")
+    tokens, end = _tokens_at(blob, table, 256, 256)
+    if end != tail_end:
+        raise GuestFormatError("kallsyms token table and index disagree")
+    pos = 0
+    for i, tok in enumerate(tokens):
+        if index[i] != pos or not tok:
+            raise GuestFormatError(f"kallsyms token {i} is not where the index says")
+        pos += len(tok) + 1
+    return table, index_at, tokens
+
+
+def _markers_before(blob: bytes, table: int, base_va: int) -> list[tuple[int, list[int]]]:
+    """Candidate marker arrays ending at ``table`` (maybe padded): (start, markers)."""
+    found = []
+    for pad in (0, 4):
+        vals: list[int] = []
+        pos = table - pad - 4
+        while pos >= 0 and len(vals) < MAX_SYMS // 256 + 2:
+            v = _u32(blob, pos)
+            if vals and v >= vals[-1]:
+                break
+            vals.append(v)
+            if v == 0:
+                if (base_va + pos) % 8 == 0:
+                    found.append((pos, vals[::-1]))
+                break
+            pos -= 4
+    return found
+
+
+def _name_len(blob: bytes, pos: int) -> tuple[int, int]:
+    n = blob[pos]
+    if n & 0x80:  # 6.1+: big symbol names, two-byte ULEB128 length
+        return (n & 0x7F) | (blob[pos + 1] << 7), pos + 2
+    return n, pos + 1
+
+
+def _walk_names(blob: bytes, start: int, count: int, stop: int) -> list[int]:
+    """Offsets of each of ``count`` length-prefixed entries from ``start``; end last."""
+    offs = []
+    pos = start
+    for _ in range(count):
+        if pos >= stop:
+            raise GuestFormatError("kallsyms names run past their end")
+        offs.append(pos)
+        n, pos = _name_len(blob, pos)
+        if n == 0 or n > KSYM_NAME_LEN:
+            raise GuestFormatError(f"kallsyms name at {pos:#x} has length {n}")
+        pos += n
+    offs.append(pos)
+    return offs
+
+
+def _find_names(
+    blob: bytes, markers_at: int, markers: list[int], base_va: int
+) -> tuple[int, int, list[int]]:
+    """(names start, num_syms, entry offsets) consistent with the markers."""
+    m = len(markers)
+    last = markers[-1]
+    hi = markers_at - last
+    lo = max(8, hi - 256 * (KSYM_NAME_LEN + 2) - 8)
+    s = hi - ((base_va + hi) % 8)
+    while s >= lo:
+        n = _u32(blob, s - 8)
+        if 256 * (m - 1) < n <= 256 * m and _u32(blob, s - 4) == 0:
+            try:
+                offs = _walk_names(blob, s, n, markers_at)
+            except (GuestFormatError, IndexError):
+                s -= 8
+                continue
+            end = offs[-1]
+            if markers_at - 8 < end <= markers_at and all(
+                offs[256 * k] - s == markers[k] for k in range(m)
+            ):
+                return s, n, offs
+        s -= 8
+    raise GuestFormatError("no kallsyms_names stream agrees with kallsyms_markers")
+
+
+def _offsets_candidates(
+    blob: bytes, names: int, n: int, index_at: int, base_va: int
+) -> list[tuple[int, int]]:
+    """(offsets position, relative_base position) pairs, both layouts."""
+    size = _align8(4 * n, 0)
+    cands = []
+    rb_before = names - 16  # 5.10: offsets, relative_base, num_syms, names
+    cands.append((rb_before - size, rb_before))
+    after = _align8(index_at + 512, base_va)  # 6.x: ..., token_index, offsets, relative_base
+    cands.append((after, after + size))
+    return [(o, r) for o, r in cands if o >= 0 and r + 8 <= len(blob)]
+
+
+def find_tables(blob: bytes, base_va: int) -> KallsymsTables:
+    """Locate and verify every kallsyms table in ``blob`` (read-only data at ``base_va``)."""
+    errors: list[str] = []
+    start = 0
+    for _ in range(_MAX_ANCHORS):
+        anchor = blob.find(ANCHOR, start)
+        if anchor < 0:
+            break
+        start = anchor + 1
+        try:
+            return _tables_from_anchor(blob, anchor, base_va)
+        except (GuestFormatError, struct.error, IndexError) as e:
+            errors.append(f"{base_va + anchor:#x}: {e}")
+    why = "; ".join(errors[:4]) or "no token table anchor"
+    raise GuestFormatError(f"kallsyms tables not found ({why})")
+
+
+def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> list[tuple[int, list[int]]]:
+    """Marker arrays followed by ``kallsyms_seqs_of_names`` (3 bytes a symbol), then the
+    token table: the layout of some 6.1 builds. The symbol count is not known yet, so
+    scan back for a marker array whose length agrees with the gap it leaves."""
+    found: list[tuple[int, list[int]]] = []
+    lo = max(0, table - 3 * MAX_SYMS - 4 * (MAX_SYMS // 256 + 1) - 16)
+    p = table - ((base_va + table) % 8) - 8
+    while p >= lo and len(found) < 4:
+        if _u32(blob, p) == 0 and 0 < _u32(blob, p + 4) < _u32(blob, p + 8):
+            vals = [0]
+            q = p + 4
+            while q + 4 <= table and len(vals) < MAX_SYMS // 256 + 2:
+                v = _u32(blob, q)
+                if v <= vals[-1]:
+                    break
+                vals.append(v)
+                q += 4
+            for m in range(len(vals), max(1, len(vals) - 2), -1):
+                seqs = _align8(p + 4 * m, base_va)
+                rest = table - seqs
+                n_hi = rest // 3
+                if any(256 * (m - 1) < n <= 256 * m for n in range(max(1, n_hi - 2), n_hi + 1)):
+                    found.append((p, vals[:m]))
+                    break
+        p -= 8
+    return found
+
+
+def _tables_from_anchor(blob: bytes, anchor: int, base_va: int) -> KallsymsTables:
+    table, index_at, _tokens = _check_token_table(blob, anchor, base_va)
+    # Markers end at the token table (5.10, 6.12), or before a kallsyms_seqs_of_names
+    # array of 3 bytes per symbol (some 6.1 builds).
+    candidates = _markers_before(blob, table, base_va)
+    if not candidates:
+        candidates = _markers_before_seqs(blob, table, base_va)
+    last_err = "no marker array before the token table"
+    for markers_at, markers in candidates:
+        try:
+            names, n, offs = _find_names(blob, markers_at, markers, base_va)
+        except GuestFormatError as e:
+            last_err = str(e)
+            continue
+        for off_at, rb_at in _offsets_candidates(blob, names, n, index_at, base_va):
+            rb = struct.unpack_from("<Q", blob, rb_at)[0]
+            if rb >> 47 != 0x1FFFF:  # must be a kernel (upper half) address
+                continue
+            return KallsymsTables(
+                base_va=base_va,
+                num_syms=n,
+                names=names,
+                markers=markers_at,
+                num_markers=len(markers),
+                token_table=table,
+                token_index=index_at,
+                offsets=off_at,
+                relative_base=rb,
+                relative_base_at=rb_at,
+                names_end=offs[-1],
+            )
+        last_err = "no kallsyms_offsets/relative_base next to the names"
+    raise GuestFormatError(last_err)
+
+
+def decode(blob: bytes, t: KallsymsTables, absolute_percpu: bool = True) -> list[Symbol]:
+    """Every symbol of the table, in table order (address order), as /proc/kallsyms has."""
+    index = struct.unpack_from("<256H", blob, t.token_index)
+    tokens = []
+    for i in range(256):
+        end = blob.index(b"\0", t.token_table + index[i])
+        tokens.append(blob[t.token_table + index[i] : end].decode("latin-1"))
+    offsets = struct.unpack_from(f"<{t.num_syms}i", blob, t.offsets)
+    rb = t.relative_base
+    syms = []
+    pos = t.names
+    get = tokens.__getitem__
+    for i in range(t.num_syms):
+        n, pos = _name_len(blob, pos)
+        text = "".join(map(get, blob[pos : pos + n]))
+        pos += n
+        if len(text) < 2:
+            raise GuestFormatError(f"kallsyms symbol {i} has an empty name")
+        off = offsets[i]
+        if absolute_percpu:
+            addr = off if off >= 0 else rb - 1 - off
+        else:
+            addr = rb + (off & 0xFFFFFFFF)
+        syms.append(Symbol(text[1:], addr, text[0]))
+    return syms
