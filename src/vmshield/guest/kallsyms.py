@@ -24,7 +24,6 @@ import struct
 from dataclasses import dataclass
 
 from vmshield.errors import GuestFormatError
-from vmshield.guest.symbols import Symbol
 
 ANCHOR = b"".join(bytes([c, 0]) for c in b"0123456789")
 MAX_SYMS = 2_000_000
@@ -261,28 +260,68 @@ def _tables_from_anchor(blob: bytes, anchor: int, base_va: int) -> KallsymsTable
     raise GuestFormatError(last_err)
 
 
-def decode(blob: bytes, t: KallsymsTables, absolute_percpu: bool = True) -> list[Symbol]:
-    """Every symbol of the table, in table order (address order), as /proc/kallsyms has."""
+@dataclass(frozen=True)
+class TokenLocation:
+    """Where the token table and index sit in the blob: the cheap first step, enough
+    to key the per-build cache before anything else is decoded."""
+
+    token_table: int
+    token_index: int
+
+
+def locate_token_table(blob: bytes, base_va: int) -> TokenLocation | None:
+    """The verified token table/index of ``blob``, or None if it has none."""
+    start = 0
+    for _ in range(_MAX_ANCHORS):
+        anchor = blob.find(ANCHOR, start)
+        if anchor < 0:
+            return None
+        start = anchor + 1
+        try:
+            table, index_at, _ = _check_token_table(blob, anchor, base_va)
+        except (GuestFormatError, struct.error, IndexError):
+            continue
+        return TokenLocation(table, index_at)
+    return None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The symbol table as parallel arrays (cheap to build, cache and look up)."""
+
+    names: list[str]
+    types: str
+    offsets: list[int]  # raw kallsyms_offsets values
+
+
+def decode(blob: bytes, t: KallsymsTables) -> Decoded:
+    """Every symbol of the table, in table order (address order, as /proc/kallsyms)."""
     index = struct.unpack_from("<256H", blob, t.token_index)
     tokens = []
     for i in range(256):
         end = blob.index(b"\0", t.token_table + index[i])
         tokens.append(blob[t.token_table + index[i] : end].decode("latin-1"))
-    offsets = struct.unpack_from(f"<{t.num_syms}i", blob, t.offsets)
-    rb = t.relative_base
-    syms = []
+    offsets = list(struct.unpack_from(f"<{t.num_syms}i", blob, t.offsets))
+    names = []
+    types = []
     pos = t.names
     get = tokens.__getitem__
     for i in range(t.num_syms):
         n, pos = _name_len(blob, pos)
         text = "".join(map(get, blob[pos : pos + n]))
         pos += n
-        if len(text) < 2:
-            raise GuestFormatError(f"kallsyms symbol {i} has an empty name")
-        off = offsets[i]
-        if absolute_percpu:
-            addr = off if off >= 0 else rb - 1 - off
-        else:
-            addr = rb + (off & 0xFFFFFFFF)
-        syms.append(Symbol(text[1:], addr, text[0]))
-    return syms
+        if len(text) < 2 or not (text.isascii() and text.isprintable()) or " " in text:
+            raise GuestFormatError(f"kallsyms symbol {i} has a malformed name {text[:40]!r}")
+        types.append(text[0])
+        names.append(text[1:])
+    return Decoded(names, "".join(types), offsets)
+
+
+def addresses(offsets: list[int], relative_base: int, absolute_percpu: bool = True) -> list[int]:
+    """Symbol addresses from ``kallsyms_offsets`` the way ``kallsyms_sym_address`` does:
+    with ABSOLUTE_PERCPU (x86-64 SMP) non-negative values are absolute (per-cpu offsets)
+    and negative ones count down from the relative base."""
+    rb = relative_base
+    if absolute_percpu:
+        return [off if off >= 0 else rb - 1 - off for off in offsets]
+    return [rb + (off & 0xFFFFFFFF) for off in offsets]

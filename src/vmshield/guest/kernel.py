@@ -1,0 +1,223 @@
+"""The guest kernel from raw memory: where it is, its symbols, its types.
+
+Attach flow (no guest cooperation, no debug symbols):
+1. walk the kernel half of the page tables (CR3, PTI user bit cleared) over the kernel
+   image range to find ``_text`` (the first mapped page there) and the KASLR slide;
+2. find kallsyms in the image's read-only data by structure and decode it (or take it
+   from the per-build cache), then check that kallsyms' ``_text`` is where the page
+   tables put it and that ``linux_banner`` reads "Linux version";
+3. read BTF between ``__start_BTF`` and ``__stop_BTF``, parsed lazily.
+Everything the guest supplies is checked against something else it supplies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from vmshield.errors import GuestFormatError, TranslationError
+from vmshield.guest import kallsyms
+from vmshield.guest.btf import Btf
+from vmshield.guest.paging import PageWalker, ReadPhys
+from vmshield.guest.symcache import CachedBuild, SymbolCache
+from vmshield.guest.symtab import SymbolTable
+
+KERNEL_MAP_START = 0xFFFF_FFFF_8000_0000
+KERNEL_MAP_END = 0xFFFF_FFFF_C000_0000  # modules start here
+LINK_TEXT = 0xFFFF_FFFF_8100_0000  # _text before KASLR (CONFIG_PHYSICAL_START 16M)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A virtually and physically contiguous piece of the kernel image mapping."""
+
+    va: int
+    pa: int
+    size: int
+    writable: bool
+    nx: bool
+
+    def contains(self, va: int, size: int = 1) -> bool:
+        return self.va <= va and va + size <= self.va + self.size
+
+
+def image_extents(walker: PageWalker) -> list[Extent]:
+    """The kernel image mapping, merged into contiguous extents (bounded walk)."""
+    out: list[Extent] = []
+    for m in walker.mappings(KERNEL_MAP_START, KERNEL_MAP_END, limit=1 << 18):
+        if out:
+            e = out[-1]
+            if (
+                e.va + e.size == m.va
+                and e.pa + e.size == m.pa
+                and e.writable == m.writable
+                and e.nx == m.nx
+            ):
+                out[-1] = Extent(e.va, e.pa, e.size + m.size, e.writable, e.nx)
+                continue
+        out.append(Extent(m.va, m.pa, m.size, m.writable, m.nx))
+    if not out:
+        raise GuestFormatError("no kernel image mapped at 0xffffffff80000000 (wrong CR3?)")
+    return out
+
+
+def kernel_walker(read_phys: ReadPhys, cr3: int, cr4: int) -> PageWalker:
+    """A walker for the kernel half: with PTI the user CR3 has bit 12 set; clear it."""
+    la57 = bool(cr4 & (1 << 12))
+    for root in (cr3, cr3 & ~(1 << 12)):
+        w = PageWalker(read_phys, root, la57)
+        try:
+            next(w.mappings(KERNEL_MAP_START, KERNEL_MAP_END, limit=4))
+        except (StopIteration, TranslationError):
+            continue
+        return w
+    raise GuestFormatError(f"CR3 {cr3:#x} maps no kernel image (not a Linux guest?)")
+
+
+@dataclass
+class AttachStats:
+    """How long each step of the attach took (for ``vmshield kernel`` and bench)."""
+
+    cached: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - t0, 4)
+        return now
+
+
+class Kernel:
+    """One guest kernel as vmshield sees it: memory, symbols, types."""
+
+    def __init__(
+        self,
+        read_phys: ReadPhys,
+        walker: PageWalker,
+        extents: list[Extent],
+        build: CachedBuild,
+        relative_base: int,
+        stats: AttachStats,
+    ) -> None:
+        self._read_phys = read_phys
+        self.walker = walker
+        self.extents = extents
+        self.build = build
+        self.stats = stats
+        self.text = extents[0].va
+        self.slide = self.text - LINK_TEXT
+        self.symbols = SymbolTable(
+            build.names, kallsyms.addresses(build.offsets, relative_base), build.types
+        )
+        self._check_anchors()
+
+    # -- attach -----------------------------------------------------------------------
+
+    @classmethod
+    def attach(
+        cls, read_phys: ReadPhys, cr3: int, cr4: int, cache: SymbolCache | None = None
+    ) -> Kernel:
+        stats = AttachStats()
+        t = time.perf_counter()
+        walker = kernel_walker(read_phys, cr3, cr4)
+        extents = image_extents(walker)
+        t = stats.lap("page_walk", t)
+        blob, base, loc = _find_kallsyms(read_phys, extents)
+        key = hashlib.sha256(blob[loc.token_table : loc.token_index + 512]).hexdigest()
+        t = stats.lap("locate", t)
+        build = cache.load(key, blob) if cache else None
+        if build is not None:
+            stats.cached = True
+            t = stats.lap("cache_load", t)
+        else:
+            tables = kallsyms.find_tables(blob, base)
+            build = CachedBuild.from_decoded(key, blob, tables, kallsyms.decode(blob, tables))
+            t = stats.lap("kallsyms_decode", t)
+            if cache:
+                cache.store(build)
+        k = cls(read_phys, walker, extents, build, build.relative_base(blob), stats)
+        stats.lap("model", t)
+        return k
+
+    def _check_anchors(self) -> None:
+        text = self.symbols.get("_text")
+        if text is None or text.address != self.text:
+            raise GuestFormatError(
+                "kallsyms _text does not match the page tables "
+                f"({text.address if text else 0:#x} vs {self.text:#x}): forged symbol table?"
+            )
+        if not self.banner.startswith("Linux version "):
+            raise GuestFormatError("linux_banner does not read 'Linux version'")
+
+    # -- memory -----------------------------------------------------------------------
+
+    def read(self, va: int, size: int) -> bytes:
+        """Kernel virtual memory (image fast path, else a page walk)."""
+        for e in self.extents:
+            if e.contains(va, size):
+                return self._read_phys(e.pa + va - e.va, size)
+        return self.walker.read(va, size)
+
+    def u64(self, va: int) -> int:
+        return int.from_bytes(self.read(va, 8), "little")
+
+    def u32(self, va: int) -> int:
+        return int.from_bytes(self.read(va, 4), "little")
+
+    def s32(self, va: int) -> int:
+        return int.from_bytes(self.read(va, 4), "little", signed=True)
+
+    def cstring(self, va: int, limit: int = 256) -> str:
+        """A NUL-terminated string, bounded; undecodable bytes are escaped."""
+        raw = self.read(va, limit)
+        end = raw.find(b"\0")
+        return (raw if end < 0 else raw[:end]).decode("utf-8", errors="backslashreplace")
+
+    # -- identity ---------------------------------------------------------------------
+
+    @cached_property
+    def banner(self) -> str:
+        return self.cstring(self.symbols.address("linux_banner"), 512).strip()
+
+    @property
+    def release(self) -> str:
+        m = re.match(r"Linux version (\S+)", self.banner)
+        return m[1] if m else "?"
+
+    @cached_property
+    def btf(self) -> Btf:
+        """The kernel's BTF, read from its own memory on first use."""
+        start = self.symbols.address("__start_BTF")
+        stop = self.symbols.address("__stop_BTF")
+        if not 0 < stop - start <= 64 << 20:
+            raise GuestFormatError(f"BTF bounds are implausible ({start:#x}..{stop:#x})")
+        return self.build.btf(lambda: self.read(start, stop - start))
+
+    def member_offset(self, struct: str, path: str) -> int:
+        """Byte offset of a member (dotted path through embedded members), from BTF."""
+        return self.build.member_offset(self, struct, path)
+
+    def sizeof(self, type_name: str) -> int:
+        return self.build.sizeof(self, type_name)
+
+
+def _find_kallsyms(
+    read_phys: ReadPhys, extents: list[Extent]
+) -> tuple[bytes, int, kallsyms.TokenLocation]:
+    """(read-only data blob, its base VA, where the token table sits in it)."""
+    # Read-only, non-executable extents first: that is .rodata.
+    order = sorted(extents, key=lambda e: (e.writable, not e.nx))
+    for e in order:
+        if e.writable or e.size > 256 << 20:
+            continue
+        blob = read_phys(e.pa, e.size)
+        loc = kallsyms.locate_token_table(blob, e.va)
+        if loc is not None:
+            return blob, e.va, loc
+    raise GuestFormatError("kallsyms token table not found in the kernel's read-only data")
+
+
+__all__ = ["Extent", "Kernel", "image_extents", "kernel_walker"]

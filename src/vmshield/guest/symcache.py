@@ -1,0 +1,163 @@
+"""Per-build cache of the symbol table library.
+
+A build is keyed by the SHA-256 of its kallsyms token table and index (found in a few
+milliseconds; they differ between any two builds). A cached entry is only used after the
+whole kallsyms span in guest memory hashes to what was cached (with the relocated
+``kallsyms_relative_base`` zeroed, since KASLR changes it every boot), so a guest cannot
+make vmshield use a stale or foreign table. The entry also remembers every BTF member
+offset and type size resolved so far, so a cached attach never parses BTF.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmshield.errors import GuestFormatError
+from vmshield.guest import kallsyms
+from vmshield.guest.btf import Btf
+
+FORMAT = 1
+
+
+class _HasBtf(Protocol):
+    @property
+    def btf(self) -> Btf: ...
+
+
+def _span_hash(blob: bytes, lo: int, hi: int, rb_at: int) -> str:
+    data = bytearray(blob[lo:hi])
+    if lo <= rb_at < hi:
+        data[rb_at - lo : rb_at - lo + 8] = bytes(8)
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class CachedBuild:
+    """One kernel build's decoded symbols and resolved layouts."""
+
+    key: str
+    span: tuple[int, int]
+    span_sha256: str
+    rb_at: int
+    names: list[str]
+    types: str
+    offsets: list[int]
+    layouts: dict[str, int] = field(default_factory=dict)
+    dirty: bool = False
+    _btf: Btf | None = None
+
+    @classmethod
+    def from_decoded(
+        cls, key: str, blob: bytes, t: kallsyms.KallsymsTables, d: kallsyms.Decoded
+    ) -> CachedBuild:
+        lo, hi = t.span()
+        return cls(
+            key=key,
+            span=(lo, hi),
+            span_sha256=_span_hash(blob, lo, hi, t.relative_base_at),
+            rb_at=t.relative_base_at,
+            names=d.names,
+            types=d.types,
+            offsets=d.offsets,
+            dirty=True,
+        )
+
+    def matches(self, blob: bytes) -> bool:
+        lo, hi = self.span
+        return hi <= len(blob) and _span_hash(blob, lo, hi, self.rb_at) == self.span_sha256
+
+    def relative_base(self, blob: bytes) -> int:
+        return int.from_bytes(blob[self.rb_at : self.rb_at + 8], "little")
+
+    def btf(self, read: Callable[[], bytes]) -> Btf:
+        if self._btf is None:
+            self._btf = Btf.parse(read())
+        return self._btf
+
+    def member_offset(self, kernel: _HasBtf, struct: str, path: str) -> int:
+        k = f"{struct}.{path}"
+        if k not in self.layouts:
+            self.layouts[k] = kernel.btf.member_offset(struct, path)
+            self.dirty = True
+        return self.layouts[k]
+
+    def sizeof(self, kernel: _HasBtf, type_name: str) -> int:
+        k = f"sizeof:{type_name}"
+        if k not in self.layouts:
+            self.layouts[k] = kernel.btf.sizeof(type_name)
+            self.dirty = True
+        return self.layouts[k]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "key": self.key,
+            "span": list(self.span),
+            "span_sha256": self.span_sha256,
+            "rb_at": self.rb_at,
+            "names": "\n".join(self.names),
+            "types": self.types,
+            "offsets": base64.b64encode(array("i", self.offsets).tobytes()).decode(),
+            "layouts": self.layouts,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CachedBuild:
+        if d.get("format") != FORMAT:
+            raise GuestFormatError("cache entry has another format")
+        offs = array("i")
+        offs.frombytes(base64.b64decode(d["offsets"]))
+        names = d["names"].split("\n")
+        if not len(names) == len(d["types"]) == len(offs):
+            raise GuestFormatError("cache entry arrays differ in length")
+        return cls(
+            key=d["key"],
+            span=(int(d["span"][0]), int(d["span"][1])),
+            span_sha256=d["span_sha256"],
+            rb_at=int(d["rb_at"]),
+            names=names,
+            types=d["types"],
+            offsets=offs.tolist(),
+            layouts={str(k): int(v) for k, v in d["layouts"].items()},
+        )
+
+
+class SymbolCache:
+    """Cache entries as JSON files under a folder (``cache_dir()/symtab``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def load(self, key: str, blob: bytes) -> CachedBuild | None:
+        try:
+            data = json.loads(self._path(key).read_text())
+            build = CachedBuild.from_json(data)
+        except (OSError, ValueError, KeyError, TypeError, GuestFormatError):
+            return None
+        return build if build.key == key and build.matches(blob) else None
+
+    def store(self, build: CachedBuild) -> None:
+        """Atomic write (temp file + rename) so concurrent attaches never see half a file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(build.to_json(), f)
+            os.replace(tmp, self._path(build.key))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        build.dirty = False

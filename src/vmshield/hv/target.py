@@ -1,0 +1,149 @@
+"""A target VM: any QEMU reachable by its QMP socket, or a lab VM by name.
+
+Owns the QMP connection and the guest-memory mapping of one attach. Guest RAM comes
+from the shared memory backend when QEMU has one (zero round trips), else from QEMU's
+own memory through ``/proc/PID/mem`` at the host addresses ``gpa2hva`` gives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from vmshield.errors import HypervisorError, VmshieldError
+from vmshield.hv.memory import GuestMemory
+from vmshield.hv.qmp import Qmp, socket_peer_pid
+from vmshield.paths import run_dir
+
+_REG = re.compile(r"\b(RIP|RSP|CR0|CR2|CR3|CR4|EFER)=([0-9a-f]+)")
+_SEG = re.compile(r"^(CS|SS|DS|ES|FS|GS) =([0-9a-f]+) ([0-9a-f]+)", re.M)
+_TABLE = re.compile(r"^(GDT|IDT)=\s+([0-9a-f]+) ([0-9a-f]+)", re.M)
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """Control state of one vCPU, as QMP's ``info registers`` shows it."""
+
+    index: int
+    rip: int
+    rsp: int
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    gs_base: int
+    cs: int
+    idt_base: int
+    idt_limit: int
+    gdt_base: int
+    gdt_limit: int
+
+    @property
+    def la57(self) -> bool:
+        return bool(self.cr4 & (1 << 12))
+
+    @property
+    def user_mode(self) -> bool:
+        return self.cs & 3 == 3
+
+
+def parse_info_registers(text: str) -> list[CpuState]:
+    """Per-vCPU state from ``info registers`` (all CPUs: ``info registers -a``)."""
+    blocks = re.split(r"^CPU#(\d+)", text, flags=re.M)
+    cpus = []
+    pairs = list(zip(blocks[1::2], blocks[2::2], strict=False)) or [("0", text)]
+    for idx, body in pairs:
+        regs = {k: int(v, 16) for k, v in _REG.findall(body)}
+        segs = {m[0]: (int(m[1], 16), int(m[2], 16)) for m in _SEG.findall(body)}
+        tables = {m[0]: (int(m[1], 16), int(m[2], 16)) for m in _TABLE.findall(body)}
+        missing = {"RIP", "CR3", "CR4"} - regs.keys()
+        if missing or "GS" not in segs:
+            raise HypervisorError(f"info registers lacks {sorted(missing) or ['GS']}")
+        cpus.append(
+            CpuState(
+                index=int(idx),
+                rip=regs["RIP"],
+                rsp=regs.get("RSP", 0),
+                cr0=regs.get("CR0", 0),
+                cr3=regs["CR3"],
+                cr4=regs["CR4"],
+                efer=regs.get("EFER", 0),
+                gs_base=segs["GS"][1],
+                cs=segs.get("CS", (0, 0))[0],
+                idt_base=tables.get("IDT", (0, 0))[0],
+                idt_limit=tables.get("IDT", (0, 0))[1],
+                gdt_base=tables.get("GDT", (0, 0))[0],
+                gdt_limit=tables.get("GDT", (0, 0))[1],
+            )
+        )
+    return cpus
+
+
+def resolve_qmp(target: str) -> Path:
+    """A QMP socket path from a lab VM name or a path."""
+    if "/" in target:
+        p = Path(target)
+        if not p.exists():
+            raise HypervisorError(f"no QMP socket at {p}")
+        return p
+    p = run_dir() / target / "qmp.sock"
+    if not p.exists():
+        raise VmshieldError(
+            f"unknown VM {target!r}: no lab VM of that name is running "
+            "(vmshield vm list), and it is not a QMP socket path"
+        )
+    return p
+
+
+class Target:
+    """One attached QEMU: QMP plus guest memory."""
+
+    def __init__(self, target: str) -> None:
+        self.name = target
+        self.qmp_path = resolve_qmp(target)
+        self.qmp = Qmp(self.qmp_path)
+        self.memory: GuestMemory | None = None
+        self.memory_kind = ""
+
+    def open(self) -> Target:
+        self.qmp.connect()
+        try:
+            ranges = self.qmp.ram_ranges()
+            shared = self.qmp.shared_backends()
+            if shared and all(r.block in shared for r in ranges):
+                self.memory = GuestMemory.from_shared(ranges, shared)
+                self.memory_kind = "shared"
+            else:
+                pid = socket_peer_pid(self.qmp_path)
+                hvas = [self.qmp.gpa_to_hva(r.start) for r in ranges]
+                self.memory = GuestMemory.from_process(pid, ranges, hvas)
+                self.memory_kind = "process"
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.qmp.close()
+
+    def __enter__(self) -> Target:
+        return self.open()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def mem(self) -> GuestMemory:
+        if self.memory is None:
+            raise HypervisorError("target is not open")
+        return self.memory
+
+    def cpus(self) -> list[CpuState]:
+        return parse_info_registers(self.qmp.hmp("info registers -a"))
