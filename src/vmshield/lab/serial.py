@@ -53,7 +53,7 @@ class SerialConsole:
         start = re.compile(rb"@@VMS:" + nonce.encode() + rb":start@@\r?\n")
         # The start marker fences off stale output of an earlier, abandoned command.
         line = (
-            f'echo "@@VMS:{nonce}:start@@"; eval {_quote(command)} </dev/null 2>&1; '
+            f'echo "@@VMS:{nonce}:start@@"; (eval {_quote(command)}) </dev/null 2>&1; '
             f'echo "@@VMS:{nonce}:$?@@"\n'
         )
         deadline = time.monotonic() + timeout

@@ -1,0 +1,247 @@
+"""The ``vmshield`` command line: lab VMs and introspection of any QEMU guest.
+
+Every command that names a VM accepts a lab VM name or the path of any QEMU's QMP
+socket. Errors print one line naming the problem and exit with status 2; ``--json``
+prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vmshield.errors import VmshieldError
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.symcache import SymbolCache
+from vmshield.hv.target import Target
+from vmshield.lab import vm as labvm
+from vmshield.paths import cache_dir
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
+app.add_typer(vm_app, name="vm")
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+VmArg = Annotated[str, typer.Argument(help="Lab VM name, or a QEMU QMP socket path.")]
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except VmshieldError as e:
+        _fail(e)
+
+
+@contextmanager
+def attached(target: str) -> Iterator[tuple[Target, Kernel]]:
+    """Open a target and build its kernel model (cached per build); close on exit."""
+    with _errors(), Target(target) as t:
+        cpu = t.cpus()[0]
+        cache = SymbolCache(cache_dir() / "symtab")
+        k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, cache)
+        try:
+            yield t, k
+        finally:
+            if k.build.dirty:
+                cache.store(k.build)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+
+
+# -- lab VMs -------------------------------------------------------------------------
+
+
+@vm_app.command("start")
+def vm_start(
+    name: str,
+    kernel: Annotated[str, typer.Option(help="5.10, 6.1, 6.12 or a bzImage path.")] = "6.1",
+    memory: Annotated[int, typer.Option(help="Guest RAM in MiB.")] = 512,
+    cpus: Annotated[int, typer.Option(help="vCPUs.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the shell.")] = 180,
+    as_json: JsonOpt = False,
+) -> None:
+    """Boot a lab VM in the background; returns when its shell is up."""
+    t0 = time.monotonic()
+    with _errors():
+        info = labvm.start(name, kernel, memory, cpus, timeout)
+    if as_json:
+        _print_json(asdict(info) | {"boot_seconds": round(time.monotonic() - t0, 2)})
+    else:
+        out.print(
+            f"VM {name} is up: kernel {info.kernel}, {info.memory} MiB, {info.cpus} vCPU, "
+            f"{info.accel}, pid {info.pid} ({time.monotonic() - t0:.1f} s)"
+        )
+
+
+@vm_app.command("list")
+def vm_list(as_json: JsonOpt = False) -> None:
+    """Lab VMs and whether they run."""
+    vms = labvm.list_vms()
+    if as_json:
+        _print_json([asdict(i) | {"running": r} for i, r in vms])
+        return
+    table = Table("name", "kernel", "memory", "cpus", "accel", "pid", "state")
+    for i, r in vms:
+        table.add_row(
+            i.name, i.kernel, str(i.memory), str(i.cpus), i.accel, str(i.pid),
+            "running" if r else "stopped",
+        )  # fmt: skip
+    out.print(table)
+
+
+@vm_app.command("stop")
+def vm_stop(name: str) -> None:
+    """Stop a lab VM and remove its run files."""
+    with _errors():
+        was_running = labvm.stop(name)
+    out.print(f"VM {name} {'stopped' if was_running else 'was not running; cleaned up'}")
+
+
+@vm_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def vm_run(
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="Shell command (after --).")],
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 60,
+) -> None:
+    """Run a shell command in a lab VM over its serial console (lab-only helper).
+
+    Prints the command's output and exits with its exit status.
+    """
+    with _errors():
+        res = labvm.LabVM(name).run(" ".join(command), timeout)
+    sys.stdout.write(res.output)
+    raise typer.Exit(res.status)
+
+
+# -- introspection -------------------------------------------------------------------
+
+
+@app.command()
+def kernel(target: VmArg, as_json: JsonOpt = False) -> None:
+    """The guest kernel: version, KASLR slide, symbol and BTF type counts."""
+    t0 = time.perf_counter()
+    with attached(target) as (t, k):
+        attach_s = time.perf_counter() - t0
+        with _errors():
+            btf_types = k.btf.type_count
+        info = {
+            "vm": target,
+            "version": k.banner,
+            "release": k.release,
+            "kaslr_slide": f"{k.slide:#x}",
+            "text": f"{k.text:#x}",
+            "symbols": len(k.symbols),
+            "btf_types": btf_types,
+            "memory_access": t.memory_kind,
+            "cached": k.stats.cached,
+            "attach_seconds": round(attach_s, 4),
+            "total_seconds": round(time.perf_counter() - t0, 4),
+        }
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(show_header=False)
+    for key, v in info.items():
+        table.add_row(key, str(v))
+    out.print(table)
+
+
+@app.command()
+def symbols(
+    target: VmArg,
+    regex: Annotated[str | None, typer.Argument(help="Only names matching this.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Kernel symbols in /proc/kallsyms format: ADDRESS TYPE NAME."""
+    try:
+        pat = re.compile(regex) if regex else None
+    except re.error as e:
+        _fail(VmshieldError(f"bad regex {regex!r}: {e}"))
+        return
+    with attached(target) as (_t, k):
+        syms = k.symbols
+        rows = [
+            (a, ty, n)
+            for n, a, ty in zip(syms.names, syms.addrs, syms.types, strict=True)
+            if pat is None or pat.search(n)
+        ]
+    if as_json:
+        _print_json([{"address": f"{a:016x}", "type": ty, "name": n} for a, ty, n in rows])
+        return
+    sys.stdout.write("".join(f"{a:016x} {ty} {n}\n" for a, ty, n in rows))
+
+
+@app.command()
+def ps(target: VmArg, as_json: JsonOpt = False) -> None:
+    """Processes of the guest (pid, ppid, uid, comm), walked from init_task."""
+    from vmshield.guest.tasks import tasks
+
+    with attached(target) as (t, k):
+        t.qmp.stop()  # a consistent list: the guest does not run while we walk it
+        try:
+            with _errors():
+                ts = tasks(k)
+        finally:
+            t.qmp.cont()
+    if as_json:
+        _print_json(
+            [
+                {
+                    "pid": x.pid, "ppid": x.ppid, "uid": x.uid, "euid": x.euid, "gid": x.gid,
+                    "comm": x.comm, "kernel_thread": x.kernel_thread, "task": f"{x.address:#x}",
+                }
+                for x in ts
+            ]
+        )  # fmt: skip
+        return
+    table = Table("PID", "PPID", "UID", "COMM", box=None)
+    for x in ts:
+        comm = f"[{x.comm}]" if x.kernel_thread else x.comm
+        table.add_row(str(x.pid), str(x.ppid), str(x.uid), escape(comm))
+    out.print(table)
+
+
+@app.command()
+def modules(target: VmArg, as_json: JsonOpt = False) -> None:
+    """Loaded kernel modules (name, state, base, size)."""
+    from vmshield.guest.modules import modules as walk
+
+    with attached(target) as (_t, k), _errors():
+        ms = walk(k)
+    if as_json:
+        _print_json(
+            [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in ms]
+        )
+        return
+    table = Table("NAME", "STATE", "BASE", "SIZE", box=None)
+    for m in ms:
+        table.add_row(escape(m.name), m.state, f"{m.base:#x}", str(m.size))
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,60 @@
+"""Loaded kernel modules, walked from the ``modules`` list (``struct module *``).
+
+Module memory moved between versions: ``core_layout`` (5.10, 6.1) became the ``mem[]``
+array of ``struct module_memory`` (6.4+). Both are resolved through BTF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmshield.errors import GuestFormatError, SymbolError
+from vmshield.guest.kernel import Kernel
+
+MAX_MODULES = 4096
+MODULE_NAME_LEN = 56
+STATES = {0: "live", 1: "coming", 2: "going", 3: "unformed"}
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    address: int  # struct module *
+    name: str
+    state: str
+    base: int  # core (text) base
+    size: int
+
+
+def modules(k: Kernel) -> list[ModuleInfo]:
+    """Every module on the kernel's ``modules`` list, in list order (as /proc/modules)."""
+    off_list = k.member_offset("module", "list")
+    off_name = k.member_offset("module", "name")
+    off_state = k.member_offset("module", "state")
+    try:
+        off_base = k.member_offset("module", "core_layout.base")
+        off_size = k.member_offset("module", "core_layout.size")
+    except SymbolError:
+        mem = k.member_offset("module", "mem")  # mem[MOD_TEXT], MOD_TEXT == 0
+        off_base = mem + k.member_offset("module_memory", "base")
+        off_size = mem + k.member_offset("module_memory", "size")
+    head = k.symbols.address("modules")
+    seen = {head}
+    out = []
+    cur = k.u64(head)
+    while cur != head:
+        if cur in seen:
+            raise GuestFormatError(f"module list loops back to {cur:#x}")
+        if len(out) >= MAX_MODULES:
+            raise GuestFormatError(f"module list is longer than {MAX_MODULES}")
+        seen.add(cur)
+        mod = cur - off_list
+        raw = k.read(mod + off_name, MODULE_NAME_LEN)
+        name = raw.split(b"\0", 1)[0].decode("utf-8", errors="backslashreplace")
+        state = k.u32(mod + off_state)
+        out.append(
+            ModuleInfo(
+                mod, name, STATES.get(state, str(state)), k.u64(mod + off_base), k.u32(mod + off_size)
+            )
+        )
+        cur = k.u64(cur)
+    return out
