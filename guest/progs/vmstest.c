@@ -77,6 +77,17 @@ static int do_sleep(int secs)
 
 int main(int argc, char **argv)
 {
+	/* "as UID ..." drops to that uid/gid first, then runs the rest as a subcommand:
+	 * a non-root process for tests, without login or su. */
+	if (argc >= 4 && strcmp(argv[1], "as") == 0) {
+		int id = atoi(argv[2]);
+		if (setgid((gid_t)id) != 0 || setuid((uid_t)id) != 0) {
+			perror("vmstest as");
+			return 1;
+		}
+		argv[2] = argv[0];
+		return main(argc - 2, argv + 2);
+	}
 	if (argc >= 3 && strcmp(argv[1], "open") == 0)
 		return do_open(argv[2]);
 	if (argc >= 3 && strcmp(argv[1], "connect") == 0)
@@ -90,6 +101,6 @@ int main(int argc, char **argv)
 		printf("\n");
 		return 0;
 	}
-	fprintf(stderr, "usage: vmstest open PATH | connect PORT | loop N | sleep S | id\n");
+	fprintf(stderr, "usage: vmstest [as UID] open PATH | connect PORT | loop N | sleep S | id\n");
 	return 2;
 }

@@ -212,7 +212,8 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
             [
                 {
                     "pid": x.pid, "ppid": x.ppid, "uid": x.uid, "euid": x.euid, "gid": x.gid,
-                    "comm": x.comm, "kernel_thread": x.kernel_thread, "task": f"{x.address:#x}",
+                    "comm": x.comm, "name": x.name, "kernel_thread": x.kernel_thread,
+                    "task": f"{x.address:#x}",
                 }
                 for x in ts
             ]
@@ -220,7 +221,7 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
         return
     table = Table("PID", "PPID", "UID", "COMM", box=None)
     for x in ts:
-        comm = f"[{x.comm}]" if x.kernel_thread else x.comm
+        comm = f"[{x.name}]" if x.kernel_thread else x.name
         table.add_row(str(x.pid), str(x.ppid), str(x.uid), escape(comm))
     out.print(table)
 

@@ -15,6 +15,9 @@ from vmshield.guest.kernel import Kernel
 
 MAX_TASKS = 1 << 16
 TASK_COMM_LEN = 16
+WORKER_DESC_LEN = 24
+PF_WQ_WORKER = 0x20
+PF_KTHREAD = 0x00200000
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ class TaskInfo:
     uid: int
     euid: int
     gid: int
-    comm: str
+    comm: str  # task->comm
+    name: str  # as /proc/PID/comm shows it (workqueue workers carry their work)
     kernel_thread: bool
 
 
@@ -47,6 +51,75 @@ class TaskReader:
         self.off_uid = k.member_offset("cred", "uid")
         self.off_euid = k.member_offset("cred", "euid")
         self.off_gid = k.member_offset("cred", "gid")
+        self.off_flags = k.member_offset("task_struct", "flags")
+        self._worker: tuple[int, int, int, int, int] | None = None
+        self._full_name: int | None | bool = False
+
+    def _worker_offsets(self) -> tuple[int, int, int, int, int]:
+        """(kthread pointer field in task, kthread.data, worker.desc, worker.current_work,
+        worker.pool). The kthread pointer is ``worker_private`` from 5.17 on, before
+        that ``set_child_tid`` doubled as it."""
+        if self._worker is None:
+            k = self.k
+            try:
+                kt = k.member_offset("task_struct", "worker_private")
+            except SymbolError:
+                kt = k.member_offset("task_struct", "set_child_tid")
+            self._worker = (
+                kt,
+                k.member_offset("kthread", "data"),
+                k.member_offset("worker", "desc"),
+                k.member_offset("worker", "current_work"),
+                k.member_offset("worker", "pool"),
+            )
+        return self._worker
+
+    def _full_name_offset(self) -> int | None:
+        """``kthread.full_name`` (6.1+: kernel threads with names over 15 characters)."""
+        if self._full_name is False:
+            try:
+                self._full_name = self.k.member_offset("kthread", "full_name")
+            except SymbolError:
+                self._full_name = None
+        return self._full_name
+
+    def _rescuer_name(self, worker: int) -> str | None:
+        try:
+            wq = self.k.u64(worker + self.k.member_offset("worker", "rescue_wq"))
+            off = self.k.member_offset("workqueue_struct", "name")
+        except SymbolError:
+            return None
+        return "kworker/R-" + self.k.cstring(wq + off, 24) if wq else None
+
+    def proc_name(self, task: int, comm: str) -> str:
+        """The name /proc shows, like the kernel's proc_task_name(): a workqueue worker's
+        comm gets ``-desc`` (idle) or ``+desc`` (busy) of the work it last ran; another
+        kernel thread shows its full name where the kernel keeps one."""
+        flags = self.k.u32(task + self.off_flags)
+        if not flags & (PF_WQ_WORKER | PF_KTHREAD):
+            return comm
+        kt_off, data_off, desc_off, cur_off, pool_off = self._worker_offsets()
+        kthread = self.k.u64(task + kt_off)
+        if not kthread:
+            return comm
+        if not flags & PF_WQ_WORKER:
+            off = self._full_name_offset()
+            ptr = self.k.u64(kthread + off) if off is not None else 0
+            return self.k.cstring(ptr, 64) if ptr else comm
+        worker = self.k.u64(kthread + data_off)
+        if not worker:
+            return comm
+        if comm.startswith("kworker/R-"):
+            # 6.9+ names rescuers "kworker/R-" + the full workqueue name.
+            comm = self._rescuer_name(worker) or comm
+        if not self.k.u64(worker + pool_off):
+            return comm
+        raw = self.k.read(worker + desc_off, WORKER_DESC_LEN)
+        desc = raw.split(b"\0", 1)[0].decode("utf-8", errors="backslashreplace")
+        if not desc:
+            return comm
+        busy = self.k.u64(worker + cur_off) != 0
+        return f"{comm}{'+' if busy else '-'}{desc}"[:63]
 
     def comm(self, task: int) -> str:
         raw = self.k.read(task + self.off_comm, TASK_COMM_LEN)
@@ -55,6 +128,7 @@ class TaskReader:
 
     def info(self, task: int) -> TaskInfo:
         k = self.k
+        comm = self.comm(task)
         parent = k.u64(task + self.off_parent)
         cred = k.u64(task + self.off_cred)
         return TaskInfo(
@@ -65,7 +139,8 @@ class TaskReader:
             uid=k.u32(cred + self.off_uid),
             euid=k.u32(cred + self.off_euid),
             gid=k.u32(cred + self.off_gid),
-            comm=self.comm(task),
+            comm=comm,
+            name=self.proc_name(task, comm),
             kernel_thread=k.u64(task + self.off_mm) == 0,
         )
 
