@@ -13,11 +13,37 @@ APTROOT="$CACHE/apt"
 # version family -> Debian suite carrying it
 declare -A SUITE=([5.10]=bullseye [6.1]=bookworm [6.12]=trixie)
 
+# The decompressed ELF (vmlinux) next to each image, made here with the shell tools
+# alone: the tests hold vmshield's own bzImage extractor against it.
+extract_reference() {
+  local img="$1" out="$2" setup_sects pm off len magic
+  setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$img" | tr -d ' ')
+  [ "$setup_sects" -eq 0 ] && setup_sects=4
+  pm=$(( (setup_sects + 1) * 512 ))
+  off=$(od -An -tu4 -j $((0x248)) -N4 "$img" | tr -d ' ')
+  len=$(od -An -tu4 -j $((0x24c)) -N4 "$img" | tr -d ' ')
+  magic=$(od -An -tx1 -j $((pm + off)) -N4 "$img" | tr -d ' ')
+  local cat=(tail -c +$((pm + off + 1)) "$img")
+  case "$magic" in
+    02214c18) "${cat[@]}" | head -c "$len" | lz4 -dc > "$out.part" 2>/dev/null || true ;;
+    28b52ffd) "${cat[@]}" | head -c "$((len - 4))" | zstd -dc > "$out.part" ;;
+    fd377a58) "${cat[@]}" | head -c "$((len - 4))" | xz -dc > "$out.part" ;;
+    1f8b08*) "${cat[@]}" | head -c "$len" | gzip -dc > "$out.part" 2>/dev/null || true ;;
+    *) echo "kernels: unknown compression $magic in $img" >&2; return 1 ;;
+  esac
+  [ "$(head -c 4 "$out.part" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] || {
+    echo "kernels: extracting $img gave no ELF" >&2; return 1; }
+  mv "$out.part" "$out"
+}
+
 need=()
 for v in 5.10 6.1 6.12; do
   [ -s "$KDIR/$v/vmlinuz" ] || need+=("$v")
 done
 if [ ${#need[@]} -eq 0 ]; then
+  for v in 5.10 6.1 6.12; do
+    [ -s "$KDIR/$v/vmlinux" ] || extract_reference "$KDIR/$v/vmlinuz" "$KDIR/$v/vmlinux"
+  done
   echo "kernels: all cached in $KDIR"
   exit 0
 fi
@@ -48,6 +74,7 @@ for v in "${need[@]}"; do
   cp "$tmp"/x/boot/config-* "$KDIR/$v/config" 2>/dev/null || true
   echo "$pkg" > "$KDIR/$v/package"
   mv "$KDIR/$v/vmlinuz.part" "$KDIR/$v/vmlinuz"
+  extract_reference "$KDIR/$v/vmlinuz" "$KDIR/$v/vmlinux"
   rm -rf "$tmp"
   echo "kernels: $v <- $pkg"
 done

@@ -41,14 +41,36 @@ def socket_peer_pid(path: Path, timeout: float = 5.0) -> int:
 class Qmp:
     """A connected QMP monitor of one QEMU."""
 
-    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path | str, timeout: float = 5.0) -> None:
         self.path = Path(path)
         self._timeout = timeout
         self._mon: QEMUMonitorProtocol | None = None
 
+    def _probe(self) -> None:
+        """Wait (bounded) for QEMU's greeting before handing the socket to qemu.qmp,
+        whose connect has no timeout: a socket that is not QMP, or a QMP monitor that
+        another client holds (QEMU serves one at a time), must give a clear error."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self._timeout)
+        try:
+            s.connect(str(self.path))
+            greeting = s.recv(4096)
+        except TimeoutError:
+            raise HypervisorError(
+                f"{self.path} sent no QMP greeting in {self._timeout:.0f} s "
+                "(not a QMP socket, or another client holds this QEMU's monitor)"
+            ) from None
+        except OSError as e:
+            raise HypervisorError(f"cannot connect to QMP socket {self.path}: {e}") from e
+        finally:
+            s.close()
+        if b'"QMP"' not in greeting:
+            raise HypervisorError(f"{self.path} is not a QMP socket (no QMP greeting)")
+
     def connect(self) -> Qmp:
         if not self.path.exists():
             raise HypervisorError(f"no QMP socket at {self.path}")
+        self._probe()
         mon = QEMUMonitorProtocol(str(self.path))
         try:
             mon.settimeout(self._timeout)

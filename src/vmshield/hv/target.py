@@ -7,12 +7,14 @@ own memory through ``/proc/PID/mem`` at the host addresses ``gpa2hva`` gives.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from vmshield.errors import HypervisorError, VmshieldError
+from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.memory import GuestMemory
 from vmshield.hv.qmp import Qmp, socket_peer_pid
 from vmshield.paths import run_dir
@@ -147,3 +149,24 @@ class Target:
 
     def cpus(self) -> list[CpuState]:
         return parse_info_registers(self.qmp.hmp("info registers -a"))
+
+    def gdb_path(self) -> Path:
+        """The gdbstub socket of this target: a lab VM's own, or one vmshield opens through
+        QMP (``gdbserver``) for a QEMU started without ``-gdb``."""
+        lab = self.qmp_path.parent / "gdb.sock"
+        if self.qmp_path.name == "qmp.sock" and lab.exists():
+            return lab
+        tag = hashlib.sha256(str(self.qmp_path.resolve()).encode()).hexdigest()[:16]
+        path = run_dir() / "attach" / f"{tag}.gdb.sock"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.qmp.start_gdbserver(path)
+        if not path.exists():
+            raise HypervisorError(f"QEMU did not open a gdbstub at {path}")
+        return path
+
+    def gdbstub(self, timeout: float = 5.0) -> GdbStub:
+        """A connected gdbstub client (the VM stops while it is connected)."""
+        stub = GdbStub()
+        stub.connect(str(self.gdb_path()), timeout=timeout)
+        return stub
