@@ -119,9 +119,7 @@ def vm_stop(name: str) -> None:
     out.print(f"VM {name} {'stopped' if was_running else 'was not running; cleaned up'}")
 
 
-@vm_app.command(
-    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@vm_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def vm_run(
     name: str,
     command: Annotated[list[str], typer.Argument(help="Shell command (after --).")],

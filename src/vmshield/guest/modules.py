@@ -39,7 +39,7 @@ def modules(k: Kernel) -> list[ModuleInfo]:
         off_size = mem + k.member_offset("module_memory", "size")
     head = k.symbols.address("modules")
     seen = {head}
-    out = []
+    out: list[ModuleInfo] = []
     cur = k.u64(head)
     while cur != head:
         if cur in seen:
@@ -53,7 +53,11 @@ def modules(k: Kernel) -> list[ModuleInfo]:
         state = k.u32(mod + off_state)
         out.append(
             ModuleInfo(
-                mod, name, STATES.get(state, str(state)), k.u64(mod + off_base), k.u32(mod + off_size)
+                mod,
+                name,
+                STATES.get(state, str(state)),
+                k.u64(mod + off_base),
+                k.u32(mod + off_size),
             )
         )
         cur = k.u64(cur)

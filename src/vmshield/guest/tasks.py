@@ -53,7 +53,7 @@ class TaskReader:
         self.off_gid = k.member_offset("cred", "gid")
         self.off_flags = k.member_offset("task_struct", "flags")
         self._worker: tuple[int, int, int, int, int] | None = None
-        self._full_name: int | None | bool = False
+        self._full_name: int | bool | None = False
 
     def _worker_offsets(self) -> tuple[int, int, int, int, int]:
         """(kthread pointer field in task, kthread.data, worker.desc, worker.current_work,
@@ -149,7 +149,7 @@ class TaskReader:
         k = self.k
         head = k.symbols.address("init_task") + self.off_tasks
         seen = {head}
-        out = []
+        out: list[int] = []
         cur = k.u64(head)
         while cur != head:
             if cur in seen:

@@ -9,6 +9,7 @@ hardware virtualization (vmx/svm); everywhere else TCG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -67,9 +68,7 @@ class LabVM:
 
     def __init__(self, name: str) -> None:
         if not NAME_RE.match(name):
-            raise LabError(
-                f"bad VM name {name!r}: use 1-32 letters, digits, '_', '-' or '.'"
-            )
+            raise LabError(f"bad VM name {name!r}: use 1-32 letters, digits, '_', '-' or '.'")
         self.name = name
         self.dir = run_dir() / name
 
@@ -85,7 +84,9 @@ class LabVM:
             data = json.loads(self.meta_path.read_text())
             return VmInfo(**data)
         except FileNotFoundError:
-            raise LabError(f"unknown VM {self.name!r} (vmshield vm list shows the lab VMs)") from None
+            raise LabError(
+                f"unknown VM {self.name!r} (vmshield vm list shows the lab VMs)"
+            ) from None
         except (ValueError, TypeError) as e:
             raise LabError(f"VM {self.name!r}: corrupt {self.meta_path}: {e}") from e
 
@@ -216,10 +217,8 @@ def stop(name: str, timeout: float = 10.0) -> bool:
     if not vm.dir.exists():
         raise LabError(f"unknown VM {name!r} (vmshield vm list shows the lab VMs)")
     ram = None
-    try:
+    with contextlib.suppress(LabError):
         ram = vm.info().ram_path
-    except LabError:
-        pass
     pid = vm.pid()
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
@@ -235,7 +234,7 @@ def stop(name: str, timeout: float = 10.0) -> bool:
 
 
 def list_vms() -> list[tuple[VmInfo, bool]]:
-    out = []
+    out: list[tuple[VmInfo, bool]] = []
     base = run_dir()
     if not base.exists():
         return out
