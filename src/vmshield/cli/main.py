@@ -242,5 +242,102 @@ def modules(target: VmArg, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command()
+def monitor(
+    target: VmArg,
+    objects: Annotated[
+        list[str], typer.Option("--object", "-o", help="Isolation object (repeatable).")
+    ],
+    filters: Annotated[
+        list[str] | None, typer.Option("--filter", "-f", help="KEY=VALUE (repeatable).")
+    ] = None,
+    action: Annotated[str, typer.Option(help="log, deny, kill, pause or dump.")] = "log",
+    as_json: JsonOpt = False,
+    duration: Annotated[float | None, typer.Option(help="Stop after S seconds.")] = None,
+    engine: Annotated[str, typer.Option(help="exit (space: not built yet).")] = "exit",
+) -> None:
+    """Arm monitoring points for isolation objects and stream their events.
+
+    Every --object gets the same --filter set and --action. Writes 'armed' to stderr
+    when the points are in place; detaches cleanly on exit, Ctrl-C or SIGTERM.
+    """
+    import signal as _signal
+
+    from vmshield.monitor.engine import ExitEngine
+    from vmshield.monitor.events import Event
+    from vmshield.monitor.request import IsolationRequest, parse_filters, resolve
+
+    if engine not in ("exit", "auto"):
+        _fail(VmshieldError(f"engine {engine!r} is not available yet (use exit)"))
+    stop = {"now": False}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    _signal.signal(_signal.SIGTERM, _on_signal)
+    _signal.signal(_signal.SIGINT, _on_signal)
+    with attached(target) as (t, k), _errors():
+        flt = parse_filters(filters or [])
+        try:
+            reqs = [
+                resolve(IsolationRequest(vm=target, object=o, filters=flt, action=action), k)
+                for o in objects
+            ]
+        except ValueError as e:  # pydantic wraps our RequestError
+            raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
+        table_console = Console(highlight=False)
+
+        def emit(ev: Event) -> None:
+            if as_json:
+                sys.stdout.write(ev.to_json() + "\n")
+                sys.stdout.flush()
+                return
+            p = ev.process
+            who = f"{p.comm}[{p.pid}] uid={p.uid}" if p else "?"
+            what = " ".join(f"{k}={v}" for k, v in ev.fields.items())
+            table_console.print(
+                f"{time.strftime('%H:%M:%S', time.localtime(ev.time))} "
+                f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}"
+            )
+
+        eng = ExitEngine(t, k, reqs, emit)
+        eng.arm()
+        try:
+            points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
+            err.print(f"armed {len(reqs)} point(s): {points}", highlight=False)
+            eng.run(duration, lambda: stop["now"])
+        finally:
+            eng.detach()
+            s = eng.stats
+            err.print(
+                f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered",
+                highlight=False,
+            )
+
+
+@app.command()
+def detach(target: VmArg) -> None:
+    """Clear vmshield's monitoring points from a VM (after a monitor was killed)."""
+    with _errors(), Target(target) as t:
+        state = t.gdb_path().with_suffix(".armed.json")
+        stub = t.gdbstub()
+        try:
+            stub.detach()  # QEMU removes every breakpoint and resumes the guest
+        finally:
+            stub.close()
+        state.unlink(missing_ok=True)
+        if not t.qmp.running():
+            t.qmp.cont()
+    out.print(f"{target}: monitoring points cleared, guest running")
+
+
+@app.command()
+def resume(target: VmArg) -> None:
+    """Resume a VM that a pause action stopped."""
+    with _errors(), Target(target) as t:
+        t.qmp.cont()
+    out.print(f"{target}: running")
+
+
 def main() -> None:
     app()

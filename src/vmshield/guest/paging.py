@@ -63,6 +63,7 @@ class PageWalker:
 
     def __init__(self, read_phys: ReadPhys, cr3: int, la57: bool = False) -> None:
         self._read = read_phys
+        self.read_phys = read_phys  # for walkers of other address spaces
         self.root = cr3 & CR3_ADDR_MASK
         self.levels = FIVE_LEVEL if la57 else FOUR_LEVEL
         self.va_bits = 57 if la57 else 48

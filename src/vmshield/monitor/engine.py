@@ -1,0 +1,228 @@
+"""The exit-based engine: breakpoint exits as switch gate, this process as security space.
+
+Per event: one stop, one ``g`` (registers), one ``P rip`` (or one ``G`` for deny), one
+``c``; guest memory is read through the shared RAM mapping with no round trip. The
+breakpoints stay inserted for the whole session (toggling them makes TCG retranslate).
+Armed points are recorded in a state file so that ``vmshield detach`` can clear them
+if this process dies (QEMU keeps breakpoints of a vanished gdb client, and would stop
+the guest at the next hit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmshield.errors import HypervisorError, VmshieldError
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.tasks import TaskReader
+from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
+from vmshield.hv.gdbstub import GdbStub
+from vmshield.hv.target import Target
+from vmshield.monitor.catalog import match_filter
+from vmshield.monitor.context import HitContext
+from vmshield.monitor.events import Event, PointInfo
+from vmshield.monitor.request import ResolvedRequest
+
+EPERM = 1
+SIGKILL = 9
+TIF_SIGPENDING = 2
+
+
+@dataclass
+class Stats:
+    hits: int = 0
+    events: int = 0
+    filtered: int = 0
+    decode_errors: int = 0
+    other_stops: int = 0
+    by_object: dict[str, int] = field(default_factory=dict)
+
+
+class ExitEngine:
+    def __init__(
+        self,
+        target: Target,
+        kernel: Kernel,
+        requests: list[ResolvedRequest],
+        emit: Callable[[Event], None],
+        dump_dir: Path | None = None,
+    ) -> None:
+        self.t = target
+        self.k = kernel
+        self.requests = requests
+        self.emit = emit
+        self.dump_dir = dump_dir or Path.cwd()
+        self.tasks = TaskReader(kernel)
+        self.by_addr: dict[int, list[ResolvedRequest]] = {}
+        for r in requests:
+            self.by_addr.setdefault(r.point.address, []).append(r)
+        self.stub: GdbStub | None = None
+        self.stats = Stats()
+        self.paused = False
+        self._state = target.gdb_path().with_suffix(".armed.json")
+
+    # -- arm / detach -------------------------------------------------------------------
+
+    def arm(self) -> None:
+        self.stub = self.t.gdbstub()
+        self._state.write_text(
+            json.dumps({"points": {f"{a:#x}": [r.request.id for r in rs]
+                                   for a, rs in self.by_addr.items()}})
+        )  # fmt: skip
+        try:
+            for addr in self.by_addr:
+                self.stub.insert_breakpoint(addr)
+        except BaseException:
+            self.detach()
+            raise
+        self.stub.cont()
+
+    def detach(self) -> None:
+        """Remove every breakpoint and let the guest run; idempotent."""
+        stub, self.stub = self.stub, None
+        if stub is None:
+            return
+        try:
+            if stub.running:
+                stub.interrupt()
+                stub.wait_stop(5)
+            for addr in self.by_addr:
+                with contextlib.suppress(VmshieldError):
+                    stub.remove_breakpoint(addr)
+            stub.detach()  # QEMU also drops all breakpoints and resumes on detach
+        finally:
+            stub.close()
+            self._state.unlink(missing_ok=True)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
+        assert self.stub is not None
+        end = time.monotonic() + duration if duration else None
+        while not should_stop() and (end is None or time.monotonic() < end):
+            if self.paused:
+                time.sleep(0.1)
+                continue
+            try:
+                self.stub.wait_stop(0.2)
+            except GdbTimeout:
+                continue
+            self.on_stop()
+
+    def on_stop(self) -> None:
+        stub = self.stub
+        assert stub is not None
+        regs = stub.read_registers()
+        reqs = self.by_addr.get(regs.rip)
+        if reqs is None:
+            self.stats.other_stops += 1
+            stub.cont()
+            return
+        self.stats.hits += 1
+        verdict = self.handle(regs, reqs)
+        if verdict == "deny":
+            self._return_eperm(regs)
+        else:
+            stub.write_register("rip", reqs[0].point.resume)
+        stub.cont()
+        if verdict == "pause":
+            self.t.qmp.stop()
+            self.paused = True
+
+    def handle(self, regs: X86Registers, reqs: list[ResolvedRequest]) -> str:
+        """Decode, filter and act for every request on the point; the strongest verdict
+        wins (deny > kill > pause > dump > log)."""
+        cpu = 0
+        if stub_stop := (self.stub.stop_reply if self.stub else None):
+            cpu = max(0, (stub_stop.thread.tid - 1) if stub_stop.thread else 0)
+        ctx = HitContext(self.k, self.tasks, regs, cpu)
+        proc = ctx.process()
+        proc_d: dict[str, Any] = proc.model_dump() if proc else {}
+        verdict = "log"
+        decoded: dict[str, Any] | None = None
+        for r in reqs:
+            flt = r.request.filters
+            if any(k in ("pid", "comm", "uid") and not match_filter(k, v, {}, proc_d)
+                   for k, v in flt.items()):  # fmt: skip
+                self.stats.filtered += 1
+                continue
+            if decoded is None:
+                try:
+                    decoded = r.obj.decoder(ctx)
+                except VmshieldError as e:
+                    ctx.errors.append(f"decode: {e}")
+                    decoded = {}
+            if not all(match_filter(k, v, decoded, proc_d) for k, v in flt.items()):
+                self.stats.filtered += 1
+                continue
+            action = r.request.action
+            detail = self._act(action, ctx)
+            verdict = max(verdict, action, key=_RANK.__getitem__)
+            self.stats.events += 1
+            self.stats.by_object[r.request.object] = (
+                self.stats.by_object.get(r.request.object, 0) + 1
+            )
+            self.stats.decode_errors += bool(ctx.errors)
+            self.emit(
+                Event(
+                    time=time.time(), vm=self.t.name, request=r.request.id,
+                    object=r.request.object, action=action, process=proc, fields=decoded,
+                    point=PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                                    kind="kernel-function", engine="exit", cpu=cpu),
+                    decode_errors=list(ctx.errors), detail=detail,
+                )
+            )  # fmt: skip
+        return verdict
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _act(self, action: str, ctx: HitContext) -> dict[str, Any]:
+        if action == "kill":
+            self._kill(ctx.current)
+            return {"signal": "SIGKILL"}
+        if action == "dump":
+            path = self.dump_dir / f"vmshield-{self.t.name}-{int(time.time() * 1000)}.elf"
+            self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            return {"dump": str(path)}
+        if action == "pause":
+            return {"paused": True}
+        return {}
+
+    def _kill(self, task: int) -> None:
+        """Queue SIGKILL for the whole thread group and flag the task, as the kernel's
+        own send_signal would: a data write (shared RAM), no code runs in the guest.
+        The task dies on its way back to user mode."""
+        k = self.k
+        sig = k.u64(task + k.member_offset("task_struct", "signal"))
+        pend = sig + k.member_offset("signal_struct", "shared_pending.signal")
+        self._or_u64(pend, 1 << (SIGKILL - 1))
+        self._or_u64(
+            task + k.member_offset("task_struct", "thread_info.flags"), 1 << TIF_SIGPENDING
+        )
+
+    def _or_u64(self, va: int, bits: int) -> None:
+        pa = self.k.walker.translate(va)
+        mem = self.t.mem
+        val = int.from_bytes(mem.read(pa, 8), "little") | bits
+        mem.write(pa, val.to_bytes(8, "little"))
+
+    def _return_eperm(self, regs: X86Registers) -> None:
+        """Make the function return -EPERM to its caller at once (its first instruction
+        has not run: the return address is at rsp)."""
+        assert self.stub is not None
+        ret = self.k.walker.read_u64(regs.rsp) if regs.rsp >> 63 else None
+        if ret is None:
+            raise HypervisorError("deny: stack pointer is not a kernel address")
+        regs.rax = (-EPERM) & ((1 << 64) - 1)
+        regs.rip = ret
+        regs.rsp = regs.rsp + 8
+        self.stub.write_registers(regs, use_g=True)
+
+
+_RANK = {"log": 0, "dump": 1, "pause": 2, "kill": 3, "deny": 4}

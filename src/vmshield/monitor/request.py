@@ -1,0 +1,89 @@
+"""Isolation requests: ``{vm, object, filters, action}``, validated before anything is armed.
+
+Validation happens in two steps, both before the guest is touched: against the catalog
+(unknown object, a filter the object does not have, an action it cannot take) and
+against the kernel (a symbol this kernel lacks). A bad request changes nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field, field_validator
+
+from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest.kernel import Kernel
+from vmshield.monitor.catalog import CATALOG, KFUNC, CatalogObject, kfunc_object
+from vmshield.monitor.points import MonitoringPoint, place_point
+
+
+class RequestError(VmshieldError):
+    """An isolation request that cannot be carried out as asked."""
+
+
+class IsolationRequest(BaseModel):
+    vm: str
+    object: str
+    filters: dict[str, str] = Field(default_factory=dict)
+    action: str = "log"
+    id: str = Field(default_factory=lambda: "req-" + secrets.token_hex(4))
+
+    @field_validator("object")
+    @classmethod
+    def _known_object(cls, v: str) -> str:
+        catalog_object(v)
+        return v
+
+
+def catalog_object(name: str) -> CatalogObject:
+    if name.startswith(KFUNC):
+        sym = name[len(KFUNC) :]
+        if not sym or not sym.replace("_", "a").replace(".", "a").isalnum():
+            raise RequestError(f"bad kernel function name in {name!r}")
+        return kfunc_object(sym)
+    obj = CATALOG.get(name)
+    if obj is None:
+        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL"
+        raise RequestError(f"unknown isolation object {name!r} (known: {known})")
+    return obj
+
+
+@dataclass
+class ResolvedRequest:
+    request: IsolationRequest
+    obj: CatalogObject
+    point: MonitoringPoint
+
+
+def parse_filters(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key or not val:
+            raise RequestError(f"bad filter {it!r}: use KEY=VALUE, e.g. comm=sshd")
+        out[key] = val
+    return out
+
+
+def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
+    obj = catalog_object(req.object)
+    for key in req.filters:
+        if key not in obj.filters:
+            raise RequestError(
+                f"{req.object} has no filter {key!r} (it has: {', '.join(obj.filters)})"
+            )
+    if req.action not in obj.actions:
+        raise RequestError(
+            f"{req.object} cannot take action {req.action!r} (it can: {', '.join(obj.actions)})"
+        )
+    for sym in obj.candidates:
+        if sym in kernel.symbols:
+            try:
+                point = place_point(kernel, sym)
+            except SymbolError as e:
+                raise RequestError(f"{req.object}: {e}") from e
+            return ResolvedRequest(req, obj, point)
+    raise RequestError(
+        f"{req.object}: this kernel ({kernel.release}) has none of {', '.join(obj.candidates)}"
+    )
