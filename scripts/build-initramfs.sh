@@ -14,6 +14,7 @@ fi
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,root,home/user,usr/bin,usr/sbin}
+chmod 755 "$stage"
 cp "$BUSYBOX" "$stage/bin/busybox"
 cp "$root/guest/init" "$stage/init"
 chmod 755 "$stage/init"
@@ -26,6 +27,9 @@ for src in "$root"/guest/progs/*.c; do
   gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/$name" "$src"
   strip "$stage/bin/$name"
 done
+# A setuid-root copy: the privilege-escalation path of the tests and the demo.
+cp "$stage/bin/vmstest" "$stage/bin/vmstest-suid"
+chmod 4755 "$stage/bin/vmstest-suid"
 mkdir -p "$(dirname "$out")"
 (cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --owner=0:0 --quiet) \
   | gzip -9n > "$out.part"

@@ -12,11 +12,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/ptrace.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <linux/bpf.h>
 
 /* Print the identity every line starts with: who did it. */
 static void ident(const char *what)
@@ -51,6 +54,95 @@ static int do_connect(int port)
 	ident("connect");
 	printf(" addr=127.0.0.1 port=%d rc=%d errno=%d\n", port, rc, err);
 	close(s);
+	return 0;
+}
+
+static int do_bind(int port, int listen_too)
+{
+	struct sockaddr_in sa;
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	int rc, err;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sin_family = AF_INET;
+	sa.sin_port = htons((unsigned short)port);
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	rc = bind(s, (struct sockaddr *)&sa, sizeof(sa));
+	if (rc == 0 && listen_too)
+		rc = listen(s, 7);
+	err = rc < 0 ? errno : 0;
+	ident(listen_too ? "listen" : "bind");
+	printf(" addr=127.0.0.1 port=%d backlog=7 rc=%d errno=%d\n", port, rc, err);
+	close(s);
+	return err ? 1 : 0;
+}
+
+static int do_unlink(const char *path)
+{
+	int rc = unlink(path);
+	ident("unlink");
+	printf(" path=%s rc=%d errno=%d\n", path, rc, rc < 0 ? errno : 0);
+	return rc < 0;
+}
+
+static int do_rename(const char *a, const char *b)
+{
+	int rc = rename(a, b);
+	ident("rename");
+	printf(" path=%s new_path=%s rc=%d errno=%d\n", a, b, rc, rc < 0 ? errno : 0);
+	return rc < 0;
+}
+
+/* Fork a child that exits at once with a known code; print both pids. */
+static int do_fork(int code)
+{
+	int status = 0;
+	pid_t child = fork();
+	if (child == 0)
+		_exit(code);
+	waitpid(child, &status, 0);
+	ident("fork");
+	printf(" child_pid=%d exit_code=%d\n", child, WEXITSTATUS(status));
+	return 0;
+}
+
+static int do_ptrace(void)
+{
+	int status = 0;
+	long rc;
+	pid_t child = fork();
+	if (child == 0) {
+		pause();
+		_exit(0);
+	}
+	rc = ptrace(PTRACE_ATTACH, child, 0, 0);
+	int err = rc < 0 ? errno : 0;
+	if (rc == 0) {
+		waitpid(child, &status, 0);
+		ptrace(PTRACE_DETACH, child, 0, 0);
+	}
+	kill(child, SIGKILL);
+	waitpid(child, &status, 0);
+	ident("ptrace");
+	printf(" tracee_pid=%d rc=%ld errno=%d\n", child, rc, err);
+	return 0;
+}
+
+/* bpf(BPF_MAP_CREATE) of a tiny array: enough to reach the kernel's security_bpf(). */
+static int do_bpf(void)
+{
+	union bpf_attr attr;
+	long fd;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 4;
+	attr.max_entries = 1;
+	fd = syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof(attr));
+	ident("bpf");
+	printf(" cmd=%d rc=%ld errno=%d\n", BPF_MAP_CREATE, fd, fd < 0 ? errno : 0);
+	if (fd >= 0)
+		close((int)fd);
 	return 0;
 }
 
@@ -96,11 +188,41 @@ int main(int argc, char **argv)
 		return do_loop(atol(argv[2]));
 	if (argc >= 3 && strcmp(argv[1], "sleep") == 0)
 		return do_sleep(atoi(argv[2]));
+	if (argc >= 3 && strcmp(argv[1], "bind") == 0)
+		return do_bind(atoi(argv[2]), 0);
+	if (argc >= 3 && strcmp(argv[1], "listen") == 0)
+		return do_bind(atoi(argv[2]), 1);
+	if (argc >= 3 && strcmp(argv[1], "unlink") == 0)
+		return do_unlink(argv[2]);
+	if (argc >= 4 && strcmp(argv[1], "rename") == 0)
+		return do_rename(argv[2], argv[3]);
+	if (argc >= 3 && strcmp(argv[1], "fork") == 0)
+		return do_fork(atoi(argv[2]));
+	if (argc >= 3 && strcmp(argv[1], "exit") == 0) {
+		ident("exit");
+		printf(" exit_code=%d\n", atoi(argv[2]));
+		fflush(stdout);
+		_exit(atoi(argv[2]));
+	}
+	if (argc >= 2 && strcmp(argv[1], "ptrace") == 0)
+		return do_ptrace();
+	if (argc >= 2 && strcmp(argv[1], "bpf") == 0)
+		return do_bpf();
+	if (argc >= 3 && strcmp(argv[1], "exec") == 0) {
+		ident("exec");
+		printf(" filename=%s\n", argv[2]);
+		fflush(stdout);
+		execv(argv[2], argv + 2);
+		printf("vmstest exec errno=%d\n", errno);
+		return 1;
+	}
 	if (argc >= 2 && strcmp(argv[1], "id") == 0) {
 		ident("id");
 		printf("\n");
 		return 0;
 	}
-	fprintf(stderr, "usage: vmstest [as UID] open PATH | connect PORT | loop N | sleep S | id\n");
+	fprintf(stderr, "usage: vmstest [as UID] open PATH | connect PORT | bind PORT | "
+		"listen PORT | unlink PATH | rename A B | fork CODE | exit CODE | ptrace | bpf | "
+		"exec PATH ARGS... | loop N | sleep S | id\n");
 	return 2;
 }
