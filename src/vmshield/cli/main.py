@@ -265,7 +265,7 @@ def monitor(
 
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
-    from vmshield.monitor.request import IsolationRequest, parse_filters, resolve
+    from vmshield.monitor.request import IsolationRequest, parse_filters, resolve_all
 
     if engine not in ("exit", "auto"):
         _fail(VmshieldError(f"engine {engine!r} is not available yet (use exit)"))
@@ -280,8 +280,11 @@ def monitor(
         flt = parse_filters(filters or [])
         try:
             reqs = [
-                resolve(IsolationRequest(vm=target, object=o, filters=flt, action=action), k)
+                r
                 for o in objects
+                for r in resolve_all(
+                    IsolationRequest(vm=target, object=o, filters=flt, action=action), k
+                )
             ]
         except ValueError as e:  # pydantic wraps our RequestError
             raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None

@@ -16,8 +16,7 @@ import capstone
 from vmshield.errors import SymbolError
 from vmshield.guest.kernel import Kernel
 
-FTRACE_NOP = bytes.fromhex("0f1f440000")
-ENDBR64 = bytes.fromhex("f30f1efa")
+ENDBR64 = bytes.fromhex("f30f1efa")  # IBT landing pad (6.12)
 SEALED_ENDBR = bytes.fromhex("660f1f00")
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -39,12 +38,14 @@ def place_point(kernel: Kernel, symbol: str) -> MonitoringPoint:
     if not insns:
         raise SymbolError(f"cannot decode the entry of {symbol}")
     first = insns[0]
-    offset = 0
-    if bytes(first.bytes) in (ENDBR64, SEALED_ENDBR):
-        offset = first.size
-    at = code[offset : offset + 5]
-    if at == FTRACE_NOP:
-        return MonitoringPoint(symbol, fn, fn + offset, fn + offset + 5, True)
+    nop = first
+    if bytes(first.bytes) in (ENDBR64, SEALED_ENDBR) and len(insns) > 1:
+        nop = insns[1]
+    # The boot-time NOP differs by CPU: 0f 1f 44 00 00 (P6) or 66 66 66 66 90 (K8, seen
+    # on 5.10 under TCG). Any one-instruction 5-byte NOP is a patch site.
+    if nop.mnemonic == "nop" and nop.size == 5:
+        return MonitoringPoint(symbol, fn, nop.address, nop.address + 5, True)
+    at = code[nop.address - fn : nop.address - fn + 5]
     # A live ftrace user may have turned the NOP into a call: do not stack on it.
     raise SymbolError(
         f"{symbol} has no ftrace NOP at its entry (found {at.hex()}); is another tracer using it?"

@@ -37,6 +37,11 @@ class IsolationRequest(BaseModel):
 
 
 def catalog_object(name: str) -> CatalogObject:
+    if name.startswith("process:"):
+        who = name[len("process:") :]
+        if not who or len(who) > 15 or not all(ch.isprintable() for ch in who):
+            raise RequestError(f"bad process in {name!r}: give a pid or a comm")
+        return CATALOG["process.exec"]
     if name.startswith(KFUNC):
         sym = name[len(KFUNC) :]
         if not sym or not sym.replace("_", "a").replace(".", "a").isalnum():
@@ -44,7 +49,7 @@ def catalog_object(name: str) -> CatalogObject:
         return kfunc_object(sym)
     obj = CATALOG.get(name)
     if obj is None:
-        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL"
+        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL, process:PID|COMM"
         raise RequestError(f"unknown isolation object {name!r} (known: {known})")
     return obj
 
@@ -63,6 +68,35 @@ def parse_filters(items: list[str]) -> dict[str, str]:
         if not sep or not key or not val:
             raise RequestError(f"bad filter {it!r}: use KEY=VALUE, e.g. comm=sshd")
         out[key] = val
+    return out
+
+
+PROCESS = "process:"
+PROCESS_OBJECTS = (
+    "process.exec", "process.exit", "process.fork", "file.open", "file.unlink",
+    "file.rename", "net.connect", "net.bind", "net.listen", "cred.change",
+    "ptrace.attach", "bpf.load", "module.load",
+)  # fmt: skip
+
+
+def resolve_all(req: IsolationRequest, kernel: Kernel) -> list[ResolvedRequest]:
+    """A request as the points it needs: ``process:PID|COMM`` is every behaviour of the
+    catalog for that process (a pid or comm filter on each); others are one point."""
+    if not req.object.startswith(PROCESS):
+        return [resolve(req, kernel)]
+    who = req.object[len(PROCESS) :]
+    key = "pid" if who.isdigit() else "comm"
+    out = []
+    for name in PROCESS_OBJECTS:
+        sub = req.model_copy(update={"object": name, "filters": {**req.filters, key: who}})
+        if req.action not in catalog_object(name).actions:
+            sub = sub.model_copy(update={"action": "log"})
+        try:
+            out.append(resolve(sub, kernel))
+        except RequestError:
+            if name == "module.load":
+                continue
+            raise
     return out
 
 
