@@ -29,9 +29,12 @@ class MonitorRun:
         self._armed = threading.Event()
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
-        if not self._armed.wait(90):
-            self.stop()
-            pytest.fail(f"monitor did not arm: {''.join(self.stderr)}")
+        deadline = time.monotonic() + 90
+        while not self._armed.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                time.sleep(0.2)
+                pytest.fail(f"monitor did not arm: {''.join(self.stderr)}")
 
     def _read_out(self) -> None:
         assert self.proc.stdout is not None

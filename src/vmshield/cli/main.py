@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
@@ -36,7 +37,9 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-VmArg = Annotated[str, typer.Argument(help="Lab VM name, or a QEMU QMP socket path.")]
+VmArg = Annotated[
+    str, typer.Argument(help="Lab VM name, a QEMU QMP socket path, or a QEMU ELF dump.")
+]
 
 
 def _fail(e: Exception) -> None:
@@ -53,11 +56,26 @@ def _errors() -> Iterator[None]:
 
 
 @contextmanager
-def attached(target: str) -> Iterator[tuple[Target, Kernel]]:
-    """Open a target and build its kernel model (cached per build); close on exit."""
+def attached(target: str) -> Iterator[tuple[Target | None, Kernel]]:
+    """Open a target (a live VM, or a QEMU memory dump file) and build its kernel model
+    (cached per build); close on exit."""
+    cache = SymbolCache(cache_dir() / "symtab")
+    if Path(target).is_file():
+        from vmshield.hv.dumpfile import GuestDump
+
+        with _errors():
+            dump = GuestDump(Path(target))
+            try:
+                if not dump.cpus:
+                    raise VmshieldError(f"{target}: no vCPU state in the dump (QEMU note)")
+                dcpu = dump.cpus[0]
+                k = Kernel.attach(dump.read, dcpu.cr3, dcpu.cr4, cache)
+                yield None, k
+            finally:
+                dump.close()
+        return
     with _errors(), Target(target) as t:
         cpu = t.cpus()[0]
-        cache = SymbolCache(cache_dir() / "symtab")
         k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, cache)
         try:
             yield t, k
@@ -154,7 +172,7 @@ def kernel(target: VmArg, as_json: JsonOpt = False) -> None:
             "text": f"{k.text:#x}",
             "symbols": len(k.symbols),
             "btf_types": btf_types,
-            "memory_access": t.memory_kind,
+            "memory_access": t.memory_kind if t else "dump",
             "cached": k.stats.cached,
             "attach_seconds": round(attach_s, 4),
             "total_seconds": round(time.perf_counter() - t0, 4),
@@ -199,12 +217,15 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
     from vmshield.guest.tasks import tasks
 
     with attached(target) as (t, k):
-        t.qmp.stop()  # a consistent list: the guest does not run while we walk it
+        was_running = t is not None and t.qmp.running()
+        if t and was_running:
+            t.qmp.stop()  # a consistent list: the guest does not run while we walk it
         try:
             with _errors():
                 ts = tasks(k)
         finally:
-            t.qmp.cont()
+            if t and was_running:
+                t.qmp.cont()
     if as_json:
         _print_json(
             [
@@ -255,6 +276,7 @@ def monitor(
     as_json: JsonOpt = False,
     duration: Annotated[float | None, typer.Option(help="Stop after S seconds.")] = None,
     engine: Annotated[str, typer.Option(help="exit (space: not built yet).")] = "exit",
+    dump_dir: Annotated[Path, typer.Option(help="Where the dump action writes.")] = Path("."),
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
 
@@ -277,6 +299,8 @@ def monitor(
     _signal.signal(_signal.SIGTERM, _on_signal)
     _signal.signal(_signal.SIGINT, _on_signal)
     with attached(target) as (t, k), _errors():
+        if t is None:
+            raise VmshieldError("monitor needs a running VM, not a dump file")
         flt = parse_filters(filters or [])
         try:
             reqs = [
@@ -303,8 +327,9 @@ def monitor(
                 f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}"
             )
 
-        eng = ExitEngine(t, k, reqs, emit)
+        eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
         eng.arm()
+        t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
         try:
             points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
             err.print(f"armed {len(reqs)} point(s): {points}", highlight=False)

@@ -98,9 +98,14 @@ class Qmp:
         self.close()
 
     def execute(self, command: str, **args: Any) -> Any:
-        """Run one QMP command; its ``return`` value, or a HypervisorError naming it."""
+        """Run one QMP command; its ``return`` value, or a HypervisorError naming it.
+
+        Connects on demand: a long-running monitor releases QMP between uses, since
+        QEMU serves one client per QMP socket and others (tests, operators) need it too.
+        """
         if self._mon is None:
-            raise HypervisorError("QMP is not connected")
+            self.connect()
+            assert self._mon is not None
         try:
             reply = self._mon.cmd_raw(command, args or None)
         except Exception as e:

@@ -132,7 +132,10 @@ class ExitEngine:
             stub.write_register("rip", reqs[0].point.resume)
         stub.cont()
         if verdict == "pause":
-            self.t.qmp.stop()
+            try:
+                self.t.qmp.stop()
+            finally:
+                self.t.qmp.close()
             self.paused = True
 
     def handle(self, regs: X86Registers, reqs: list[ResolvedRequest]) -> str:
@@ -187,8 +190,12 @@ class ExitEngine:
             self._kill(ctx.current)
             return {"signal": "SIGKILL"}
         if action == "dump":
-            path = self.dump_dir / f"vmshield-{self.t.name}-{int(time.time() * 1000)}.elf"
-            self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            name = f"vmshield-{Path(self.t.name).name}-{int(time.time() * 1000)}.elf"
+            path = (self.dump_dir / name).resolve()
+            try:
+                self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            finally:
+                self.t.qmp.close()
             return {"dump": str(path)}
         if action == "pause":
             return {"paused": True}

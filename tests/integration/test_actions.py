@@ -1,0 +1,154 @@
+"""Actions and their contracts, on each kernel: deny fails the operation with EPERM and
+the guest stays healthy; kill ends the process; pause stops the VM until resumed; dump
+writes a dump vmshield reads back. Bad requests change nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.tasks import tasks
+from vmshield.hv.dumpfile import GuestDump
+from vmshield.hv.target import Target
+
+from .conftest import Lab
+from .monitorlib import MonitorRun, kv
+
+VMSHIELD = [sys.executable, "-m", "vmshield"]
+EPERM = 1
+
+
+def test_deny_open_and_connect(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "deny"])
+    try:
+        g = kv(lab.sh("vmstest open /etc/shadow", check=False))
+        assert int(g["errno"]) == EPERM and int(g["fd"]) == -1
+        ev = mon.wait_for(lambda e: e["object"] == "file.open")
+        assert ev["action"] == "deny" and ev["process"]["pid"] == int(g["pid"])
+        # Only what the filter names is denied; the guest stays healthy.
+        assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"
+    finally:
+        assert mon.stop() == 0
+    mon = MonitorRun(lab.name, ["-o", "net.connect", "-f", "port=5601", "--action", "deny"])
+    try:
+        c = kv(lab.sh("vmstest connect 5601", check=False))
+        assert int(c["errno"]) == EPERM
+        assert mon.wait_for(lambda e: e["object"] == "net.connect")["action"] == "deny"
+    finally:
+        assert mon.stop() == 0
+    assert kv(lab.sh("vmstest connect 5601", check=False))["errno"] != str(EPERM)
+    assert kv(lab.sh("vmstest open /etc/shadow"))["errno"] == "0"
+
+
+def test_kill(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "kill"])
+    try:
+        res = lab.vm.run("vmstest open /etc/shadow; echo status=$?")
+        ev = mon.wait_for(lambda e: e["object"] == "file.open")
+        assert ev["action"] == "kill"
+        assert "vmstest open" not in res.output  # it died before printing
+        assert "status=137" in res.output  # 128 + SIGKILL
+        pid = ev["process"]["pid"]
+        assert f"/proc/{pid}" not in lab.sh("ls -d /proc/[0-9]*")
+    finally:
+        assert mon.stop() == 0
+    assert lab.sh("echo alive").strip() == "alive"
+
+
+def test_pause_then_resume(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "pause"])
+    result: dict[str, str] = {}
+    worker = threading.Thread(
+        target=lambda: result.update(out=lab.sh("vmstest open /etc/shadow", timeout=120))
+    )
+    try:
+        worker.start()
+        ev = mon.wait_for(lambda e: e["object"] == "file.open")
+        assert ev["action"] == "pause"
+        with Target(lab.name) as t:
+            assert not t.qmp.running()
+        subprocess.run([*VMSHIELD, "resume", lab.name], check=True, capture_output=True)
+        worker.join(60)
+        assert kv(result["out"])["errno"] == "0"
+    finally:
+        assert mon.stop() == 0
+        worker.join(5)
+    assert lab.sh("echo alive").strip() == "alive"
+
+
+def test_dump_is_readable_by_vmshield(lab: Lab, tmp_path: Path) -> None:
+    mon = MonitorRun(
+        lab.name,
+        ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "dump",
+         "--dump-dir", str(tmp_path)],
+    )  # fmt: skip
+    try:
+        g = kv(lab.sh("vmstest open /etc/shadow"))
+        ev = mon.wait_for(lambda e: e["object"] == "file.open")
+        path = Path(ev["detail"]["dump"])
+        assert path.parent == tmp_path and path.exists()
+    finally:
+        assert mon.stop() == 0
+    assert lab.sh("echo alive").strip() == "alive"
+    dump = GuestDump(path)
+    try:
+        cpu = dump.cpus[0]
+        k = Kernel.attach(dump.read, cpu.cr3, cpu.cr4)
+        assert k.release == lab.sh("uname -r").strip()
+        # The process that triggered the dump is in it, caught in the act.
+        assert any(t.pid == int(g["pid"]) and t.comm == "vmstest" for t in tasks(k))
+    finally:
+        dump.close()
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-o", "file.nope"], "unknown isolation object 'file.nope'"),
+        (["-o", "file.open", "-f", "port=22"], "file.open has no filter 'port'"),
+        (["-o", "file.open", "-f", "path"], "bad filter 'path'"),
+        (["-o", "process.exec", "--action", "deny"], "cannot take action 'deny'"),
+        (["-o", "kfunc:no_such_function_xyz"], "none of no_such_function_xyz"),
+    ],
+)
+def test_bad_requests_change_nothing(lab: Lab, args: list[str], message: str) -> None:
+    res = subprocess.run(
+        [*VMSHIELD, "monitor", lab.name, *args, "--duration", "5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert message in " ".join(res.stderr.split()), res.stderr
+    assert "armed" not in res.stderr
+    with Target(lab.name) as t:
+        assert t.qmp.running()
+        assert not t.gdb_path().with_suffix(".armed.json").exists()
+    assert lab.sh("echo alive").strip() == "alive"
+
+
+def test_unknown_vm(lab: Lab) -> None:
+    res = subprocess.run(
+        [*VMSHIELD, "monitor", "no-such-vm", "-o", "file.open"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "unknown VM 'no-such-vm'" in res.stderr
+
+
+def test_sigkilled_monitor_then_detach(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "file.open"])
+    os.kill(mon.proc.pid, signal.SIGKILL)
+    mon.proc.wait(10)
+    # What is left: the breakpoints in QEMU (guest memory is untouched) and the state
+    # file naming them. `vmshield detach` clears both.
+    res = subprocess.run([*VMSHIELD, "detach", lab.name], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    with Target(lab.name) as t:
+        assert t.qmp.running()
+        assert not t.gdb_path().with_suffix(".armed.json").exists()
+    assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"

@@ -1,0 +1,650 @@
+"""Tests of the kallsyms decoder against tables built here the way ``scripts/kallsyms.c``
+lays them out, and against the real Debian kernels.
+
+The encoder below writes the token table (every byte value used in a name is its own
+one-character token, the rest are multi-character tokens), the compressed names with
+their length bytes, the markers, the token index and the ``ABSOLUTE_PERCPU`` offsets with
+their relative base, 8-byte aligned, in the three orders the supported kernels use:
+
+- ``5.10``: offsets, relative_base, num_syms, names, markers, token_table, token_index
+- ``6.1``: like 5.10 but with ``kallsyms_seqs_of_names`` between markers and token table
+  (the Debian 6.1 build)
+- ``6.12``: num_syms, names, markers, token_table, token_index, offsets, relative_base
+
+The tables are dropped at a random aligned spot of random filler; hypothesis then checks
+that the decoder gives back exactly what was encoded, and that corrupting the bytes
+gives the original result, a GuestFormatError, or (when only bytes without redundancy
+were hit) a well-formed table, and nothing else.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmshield.errors import GuestFormatError
+from vmshield.guest import kallsyms
+from vmshield.guest.kallsyms import Decoded, KallsymsTables
+from vmshield.guest.vmlinuz import elf_sections, section_bytes
+from vmshield.paths import kernels_dir
+
+LAYOUTS = ("5.10", "6.1", "6.12")
+NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_."
+TYPES = "TtDdRrBbA"
+KERNEL_BASE = 0xFFFF_FFFF_8100_0000
+
+# --------------------------------------------------------------------------- encoder
+
+
+@dataclass(frozen=True)
+class Sym:
+    type: str
+    name: str
+    address: int
+    absolute: bool = False  # a per-cpu symbol: its offset is the address itself
+
+
+@dataclass
+class Encoded:
+    """A blob holding kallsyms tables, with what a correct decoder must find in it."""
+
+    blob: bytes
+    base_va: int
+    layout: str
+    symbols: list[Sym]
+    relative_base: int
+    # blob offsets of each table (keys: offsets, relative_base, num_syms, names, markers,
+    # seqs, token_table, token_index) and of the end of the last table
+    at: dict[str, int]
+    end: int
+    # 1 where a byte carries content without redundancy (name payload, token text,
+    # offsets, relative base): changing it may change the result without any error
+    payload: bytearray
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.symbols]
+
+    @property
+    def types(self) -> str:
+        return "".join(s.type for s in self.symbols)
+
+    @property
+    def addresses(self) -> list[int]:
+        return [s.address for s in self.symbols]
+
+
+def build_tokens(texts: list[str]) -> list[str]:
+    """256 tokens: used bytes (and the digits, the decoder's anchor) map to themselves,
+    every other byte value is a multi-character token (frequent substrings first)."""
+    used = {ord(c) for t in texts for c in t} | set(range(0x30, 0x3A))
+    counts: Counter[str] = Counter()
+    for t in texts[:150]:  # a sample is enough to pick useful tokens
+        for size in (2, 3, 4):
+            counts.update(t[i : i + size] for i in range(len(t) - size + 1))
+    multi = [s for s, c in counts.most_common() if c > 1]
+    filler = (f"~{i:02x}" for i in range(1000))  # never matched: names have no "~"
+    tokens = []
+    pick = iter(multi)
+    for b in range(256):
+        if b in used:
+            tokens.append(chr(b))
+        else:
+            tokens.append(next(pick, None) or next(filler))
+    return tokens
+
+
+def compressor(tokens: list[str]) -> Callable[[str], bytes]:
+    """Greedy longest-match compression with ``tokens``."""
+    by_text = {t: i for i, t in enumerate(tokens) if not t.startswith("~")}
+    longest = max(map(len, by_text))
+
+    def compress(text: str) -> bytes:
+        out = bytearray()
+        i = 0
+        while i < len(text):
+            for size in range(min(longest, len(text) - i), 0, -1):
+                code = by_text.get(text[i : i + size])
+                if code is not None:
+                    out.append(code)
+                    i += size
+                    break
+            else:  # pragma: no cover - every used character has its own token
+                raise AssertionError(f"no token for {text[i]!r}")
+        return bytes(out)
+
+    return compress
+
+
+def name_entry(data: bytes) -> bytes:
+    """Length prefix (one byte, or the 6.1+ two-byte ULEB128 form) and the data."""
+    n = len(data)
+    if n < 0x80:
+        return bytes([n]) + data
+    return bytes([0x80 | (n & 0x7F), n >> 7]) + data
+
+
+def kallsyms_offset(sym: Sym, relative_base: int) -> int:
+    """The ``kallsyms_offsets`` value of a symbol under ABSOLUTE_PERCPU."""
+    if sym.absolute:
+        assert 0 <= sym.address <= 0x7FFF_FFFF
+        return sym.address
+    off = relative_base - 1 - sym.address
+    assert -(1 << 31) <= off < 0, "relative symbol out of int32 reach of the base"
+    return off
+
+
+def encode(
+    symbols: list[Sym],
+    relative_base: int,
+    layout: str,
+    *,
+    seed: int = 0,
+    base_va: int = 0xFFFF_FFFF_8200_0000,
+    prefix: int = 64,
+    suffix: int = 64,
+    avoid_ff: bool = True,
+) -> Encoded:
+    """Lay the tables out as ``layout`` at the first 8-aligned VA from ``prefix`` bytes of
+    random filler, followed by ``suffix`` bytes of filler."""
+    assert layout in LAYOUTS
+    rng = random.Random(seed)
+    texts = [s.type + s.name for s in symbols]
+    tokens = build_tokens(texts)
+    n = len(symbols)
+
+    compress = compressor(tokens)
+    names = bytearray()
+    markers = []
+    payload_rel: list[tuple[int, int]] = []  # (start, end) inside the names table
+    for i, text in enumerate(texts):
+        if i % 256 == 0:
+            markers.append(len(names))
+        entry = name_entry(compress(text))
+        head = 1 if entry[0] < 0x80 else 2
+        payload_rel.append((len(names) + head, len(names) + len(entry)))
+        names += entry
+
+    token_table = b"".join(t.encode() + b"\0" for t in tokens)
+    index = []
+    pos = 0
+    for t in tokens:
+        index.append(pos)
+        pos += len(t) + 1
+    # kallsyms_seqs_of_names: symbol indices sorted by name (then address), as 3-byte BE
+    by_name = sorted(range(n), key=lambda i: (symbols[i].name, symbols[i].address, i))
+    seqs = b"".join(i.to_bytes(3, "big") for i in by_name)
+    offsets = struct.pack(f"<{n}i", *(kallsyms_offset(s, relative_base) for s in symbols))
+
+    parts = {
+        "offsets": offsets,
+        "relative_base": struct.pack("<Q", relative_base),
+        "num_syms": struct.pack("<II", n, 0),
+        "names": bytes(names),
+        "markers": struct.pack(f"<{len(markers)}I", *markers),
+        "seqs": seqs,
+        "token_table": token_table,
+        "token_index": struct.pack("<256H", *index),
+    }
+    order = {
+        "5.10": [
+            "offsets",
+            "relative_base",
+            "num_syms",
+            "names",
+            "markers",
+            "token_table",
+            "token_index",
+        ],
+        "6.1": [
+            "offsets",
+            "relative_base",
+            "num_syms",
+            "names",
+            "markers",
+            "seqs",
+            "token_table",
+            "token_index",
+        ],
+        "6.12": [
+            "num_syms",
+            "names",
+            "markers",
+            "token_table",
+            "token_index",
+            "offsets",
+            "relative_base",
+        ],
+    }[layout]
+
+    lead = prefix + (-(base_va + prefix) % 8)
+    blob = bytearray(rng.randbytes(lead))
+    at: dict[str, int] = {}
+    for key in order:
+        assert (base_va + len(blob)) % 8 == 0
+        at[key] = len(blob)
+        blob += parts[key]
+        blob += bytes(-(base_va + len(blob)) % 8)
+    end = len(blob)
+    blob += rng.randbytes(suffix)
+    if avoid_ff:
+        # Random filler that happens to hold an upper-half address right before
+        # num_syms would be read as a 5.10-style relative base (see the layout test).
+        head = at[order[0]]
+        blob[:head] = blob[:head].replace(b"\xff", b"\xfe")
+        blob[end:] = blob[end:].replace(b"\xff", b"\xfe")
+
+    mask = bytearray(len(blob))
+    for lo, hi in payload_rel:
+        mask[at["names"] + lo : at["names"] + hi] = b"\1" * (hi - lo)
+    for lo, size in ((at["offsets"], len(offsets)), (at["relative_base"], 8)):
+        mask[lo : lo + size] = b"\1" * size
+    for i, b in enumerate(token_table):
+        if b:
+            mask[at["token_table"] + i] = 1
+    return Encoded(bytes(blob), base_va, layout, list(symbols), relative_base, at, end, mask)
+
+
+# ------------------------------------------------------------------ symbol strategies
+
+
+def make_symbols(rng: random.Random, count: int, relative_base: int) -> list[Sym]:
+    """``count`` symbols: a few per-cpu (absolute) ones first, then address order."""
+    syms = [Sym("T", "_text", relative_base)]
+    n_abs = min(count - 1, rng.randrange(4))
+    for i in range(n_abs):
+        syms.append(Sym(rng.choice("DdA"), f"pcpu_{i}", i * 0x40, absolute=True))
+    addr = relative_base
+    for _ in range(count - 1 - n_abs):
+        addr += rng.randrange(0, 0x4000)
+        length = rng.choice((rng.randint(1, 12), rng.randint(1, 40), rng.randint(1, 120)))
+        name = "".join(rng.choices(NAME_CHARS, k=length))
+        syms.append(Sym(rng.choice(TYPES), name, addr))
+    return syms
+
+
+def random_encoded(seed: int, count: int, layout: str, **kw: Any) -> Encoded:
+    rng = random.Random(seed)
+    rb = KERNEL_BASE + rng.randrange(0, 0x1F0) * 0x20_0000  # a KASLR slide
+    syms = make_symbols(rng, count, rb)
+    base_va = 0xFFFF_FFFF_8200_0000 + rng.randrange(8)
+    return encode(
+        syms,
+        rb,
+        layout,
+        seed=seed,
+        base_va=base_va,
+        prefix=rng.randrange(0, 3000),
+        suffix=rng.randrange(0, 3000),
+        **kw,
+    )
+
+
+def decode_all(blob: bytes, base_va: int) -> tuple[KallsymsTables, Decoded, list[int]]:
+    t = kallsyms.find_tables(blob, base_va)
+    d = kallsyms.decode(blob, t)
+    return t, d, kallsyms.addresses(d.offsets, t.relative_base)
+
+
+def assert_round_trip(enc: Encoded) -> None:
+    t, d, addrs = decode_all(enc.blob, enc.base_va)
+    assert d.names == enc.names
+    assert d.types == enc.types
+    assert addrs == enc.addresses
+    assert t.num_syms == len(enc.symbols)
+    assert t.relative_base == enc.relative_base
+    assert t.names == enc.at["names"]
+    assert t.markers == enc.at["markers"]
+    assert t.token_table == enc.at["token_table"]
+    assert t.token_index == enc.at["token_index"]
+    assert t.offsets == enc.at["offsets"]
+    assert t.relative_base_at == enc.at["relative_base"]
+    lo, hi = t.span()
+    assert (lo, hi) == (min(enc.at.values()), enc.end)
+
+
+counts = st.one_of(st.integers(1, 40), st.integers(200, 320), st.integers(500, 800), st.just(256))
+
+
+# ------------------------------------------------------------------------ round trips
+
+explicit_symbols = st.lists(
+    st.tuples(st.sampled_from(TYPES), st.text(alphabet=NAME_CHARS, min_size=1, max_size=120)),
+    max_size=12,
+)
+
+
+def symbols_for(explicit: list[tuple[str, str]], bulk: int, seed: int) -> tuple[list[Sym], int]:
+    """The hypothesis-drawn symbols after ``bulk`` seeded random ones; (symbols, base)."""
+    rng = random.Random(seed)
+    rb = KERNEL_BASE + rng.randrange(0, 0x1F0) * 0x20_0000
+    syms = make_symbols(rng, bulk, rb) if bulk else []
+    addr = max((s.address for s in syms if not s.absolute), default=rb)
+    for typ, name in explicit:
+        syms.append(Sym(typ, name, addr))
+        addr += rng.randrange(0x100)
+    return syms, rb
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    explicit=explicit_symbols,
+    bulk=st.one_of(st.just(0), counts),
+    seed=st.integers(0, 2**32),
+    base_mod=st.integers(0, 7),
+    prefix=st.integers(0, 4000),
+)
+def test_round_trip(
+    layout: str,
+    explicit: list[tuple[str, str]],
+    bulk: int,
+    seed: int,
+    base_mod: int,
+    prefix: int,
+) -> None:
+    # For the 6.1 layout this fails while the kallsyms_seqs_of_names bug (see
+    # test_seqs_layout_any_marker_count) is there.
+    syms, rb = symbols_for(explicit, bulk, seed)
+    if not syms:
+        syms = [Sym("T", "_text", rb)]
+    enc = encode(
+        syms, rb, layout, seed=seed, base_va=0xFFFF_FFFF_8200_0000 + base_mod, prefix=prefix
+    )
+    t0 = time.perf_counter()
+    assert_round_trip(enc)
+    assert time.perf_counter() - t0 < 2
+
+
+@pytest.mark.parametrize(
+    ("layout", "count"),
+    [(layout, count) for layout in ("5.10", "6.12") for count in (1, 255, 256, 257, 600, 1400)]
+    # 6.1 only with an odd number (>= 3) of markers: test_seqs_layout_any_marker_count
+    + [("6.1", 513), ("6.1", 600), ("6.1", 1100), ("6.1", 1792)],
+)
+def test_round_trip_fixed_sizes(layout: str, count: int) -> None:
+    assert_round_trip(random_encoded(count, count, layout))
+
+
+@pytest.mark.parametrize("layout", ["6.1", "6.12"])
+def test_long_names_use_two_byte_lengths(layout: str) -> None:
+    rng = random.Random(5)
+    long_name = "".join(rng.choice(NAME_CHARS) for _ in range(300))
+    syms = make_symbols(rng, 600, KERNEL_BASE)  # 3 markers: see the 6.1 layout bug
+    syms[400] = Sym("t", long_name, syms[400].address)
+    enc = encode(syms, KERNEL_BASE, layout)
+    t = kallsyms.find_tables(enc.blob, enc.base_va)
+    entry = enc.blob[t.names :]
+    pos = 0
+    for _ in range(400):
+        pos += (
+            (entry[pos] & 0x7F | entry[pos + 1] << 7) + 2 if entry[pos] & 0x80 else entry[pos] + 1
+        )
+    assert entry[pos] & 0x80, "the long name did not get a two-byte length"
+    assert_round_trip(enc)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_locate_token_table(layout: str) -> None:
+    enc = random_encoded(11, 700, layout)
+    loc = kallsyms.locate_token_table(enc.blob, enc.base_va)
+    assert loc == kallsyms.TokenLocation(enc.at["token_table"], enc.at["token_index"])
+    assert kallsyms.locate_token_table(enc.blob[: enc.at["token_table"]], enc.base_va) is None
+    assert kallsyms.locate_token_table(bytes(4096), 0) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32), count=counts, layout=st.sampled_from(LAYOUTS))
+def test_locate_token_table_property(seed: int, count: int, layout: str) -> None:
+    enc = random_encoded(seed, count, layout)
+    loc = kallsyms.locate_token_table(enc.blob, enc.base_va)
+    assert loc == kallsyms.TokenLocation(enc.at["token_table"], enc.at["token_index"])
+
+
+def test_tables_not_found_messages() -> None:
+    with pytest.raises(GuestFormatError, match="no token table anchor"):
+        kallsyms.find_tables(bytes(range(256)) * 16, KERNEL_BASE)
+    with pytest.raises(GuestFormatError, match="not found"):
+        kallsyms.find_tables(kallsyms.ANCHOR * 3, KERNEL_BASE)
+    with pytest.raises(GuestFormatError):
+        kallsyms.find_tables(b"", KERNEL_BASE)
+
+
+def test_addresses() -> None:
+    rb = 0xFFFF_FFFF_9A00_0000
+    offs = [0, 0x1_2340, -1, -2, -0x8000_0000, 0x7FFF_FFFF]
+    assert kallsyms.addresses(offs, rb) == [
+        0,
+        0x1_2340,
+        rb,
+        rb + 1,
+        rb + 0x7FFF_FFFF,
+        0x7FFF_FFFF,
+    ]
+    assert kallsyms.addresses(offs, rb, absolute_percpu=False) == [
+        rb,
+        rb + 0x1_2340,
+        rb + 0xFFFF_FFFF,
+        rb + 0xFFFF_FFFE,
+        rb + 0x8000_0000,
+        rb + 0x7FFF_FFFF,
+    ]
+
+
+# ------------------------------------------------------------------------ corruption
+
+
+def corrupt(enc: Encoded, kind: str, rng: random.Random) -> tuple[bytes, int, set[int]]:
+    """A damaged copy of the blob: (bytes, base_va, blob offsets of the changed bytes)."""
+    blob = bytearray(enc.blob)
+    touched: set[int] = set()
+    base_va = enc.base_va
+    if kind == "flip":
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(blob))
+            blob[i] ^= 1 << rng.randrange(8)
+            touched.add(i)
+    elif kind in ("zero", "random"):
+        i = rng.randrange(len(blob))
+        j = min(len(blob), i + rng.choice((1, 4, 8, 64, 700)))
+        blob[i:j] = bytes(j - i) if kind == "zero" else rng.randbytes(j - i)
+        touched.update(range(i, j))
+    elif kind == "truncate":
+        i = rng.randrange(len(blob))
+        touched.update(range(i, len(blob)))
+        del blob[i:]
+    else:  # "drop-front": the blob starts later (a read of .rodata from some offset on)
+        i = rng.randrange(len(blob))
+        touched.update(range(i))
+        del blob[:i]
+        base_va += i
+    return bytes(blob), base_va, touched
+
+
+def outcome(blob: bytes, base_va: int) -> tuple[list[str], str, list[int]] | None:
+    try:
+        _, d, addrs = decode_all(blob, base_va)
+    except GuestFormatError:
+        return None
+    return d.names, d.types, addrs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    layout=st.sampled_from(LAYOUTS),
+    count=st.one_of(st.integers(1, 60), st.integers(513, 640)),
+    kind=st.sampled_from(["flip", "zero", "random", "truncate", "drop-front"]),
+)
+def test_corruption_gives_original_or_error(seed: int, layout: str, count: int, kind: str) -> None:
+    if layout == "6.1":
+        count = max(count, 513)  # an odd number of markers (see the 6.1 layout bug)
+    enc = random_encoded(seed, count, layout)
+    original = (enc.names, enc.types, enc.addresses)
+    assert outcome(enc.blob, enc.base_va) == original
+    blob, base_va, touched = corrupt(enc, kind, random.Random(seed))
+    t0 = time.perf_counter()
+    got = outcome(blob, base_va)
+    assert time.perf_counter() - t0 < 2
+    if got is None or got == original:
+        return
+    # Only bytes without redundancy (name text, token text, offsets, the relative base)
+    # can change the result without an error, and the table stays well formed.
+    assert any(enc.payload[i] for i in touched), f"{kind} of structure bytes changed the table"
+    names, types, addrs = got
+    assert len(names) == len(types) == len(addrs) == count
+    for name in names:
+        assert name and name.isascii() and name.isprintable() and " " not in name
+
+
+def test_every_structural_byte_is_checked() -> None:
+    """Flipping any single bit of markers, token index, num_syms or a name's length byte
+    gives the original table or a GuestFormatError."""
+    enc = random_encoded(21, 300, "6.12")
+    original = (enc.names, enc.types, enc.addresses)
+    starts = {k: v for k, v in enc.at.items() if k in ("num_syms", "markers", "token_index")}
+    sizes = {"num_syms": 8, "markers": 8, "token_index": 512}
+    positions = [i for k, lo in starts.items() for i in range(lo, lo + sizes[k])]
+    positions += [i for i in range(enc.at["names"], enc.at["markers"]) if not enc.payload[i]]
+    for i in positions[::3]:
+        blob = bytearray(enc.blob)
+        blob[i] ^= 1 << (i % 8)
+        assert outcome(bytes(blob), enc.base_va) in (None, original), f"offset {i:#x}"
+
+
+# ------------------------------------------------------------------- found bugs
+
+
+@pytest.mark.parametrize("count", [1, 200, 256, 400, 1400, 2000])
+def test_seqs_layout_any_marker_count(count: int) -> None:
+    # BUG (src/vmshield/guest/kallsyms.py, _markers_before / _markers_before_seqs): the
+    # 6.1 layout (kallsyms_seqs_of_names between markers and token table) is only found
+    # when the number of markers is odd and at least 3, as in the Debian 6.1 build (341):
+    # - with one marker (<= 256 symbols) _markers_before_seqs never tries m = 1 (its
+    #   range stops at max(1, ...)) and needs three increasing u32s to start; worse,
+    #   _markers_before already "finds" the zero u32 of the seqs array/padding before the
+    #   token table, so the seqs scan is not even tried;
+    # - with an even number of markers there is no zero padding after them, the scan for
+    #   increasing values runs on into the seqs bytes (3-byte big-endian indices read as
+    #   u32 are usually larger), and only the two longest candidate lengths are tried, so
+    #   the real marker count is skipped.
+    # find_tables then raises GuestFormatError on a valid table.
+    assert_round_trip(random_encoded(count, count, "6.1"))
+
+
+def test_upper_half_value_before_num_syms_in_6x_layout() -> None:
+    # BUG (src/vmshield/guest/kallsyms.py, _tables_from_anchor/_offsets_candidates): the
+    # 5.10 placement (offsets, relative_base just before num_syms) is tried first and
+    # accepted as soon as the 8 bytes at names-16 look like an upper-half address. In a
+    # 6.x layout those bytes belong to whatever precedes kallsyms_num_syms in .rodata; if
+    # that is a kernel pointer, find_tables silently returns the wrong offsets and
+    # relative base (wrong addresses for every symbol) instead of the real tables that
+    # follow the token index. Nothing checks the chosen candidate (for instance that the
+    # smallest relative offset is -1, i.e. relative_base is the lowest relative address,
+    # as scripts/kallsyms.c makes it).
+    rng = random.Random(3)
+    syms = make_symbols(rng, 300, KERNEL_BASE)
+    enc = encode(syms, KERNEL_BASE, "6.12", prefix=8192)  # room for 300 offsets before
+    blob = bytearray(enc.blob)
+    at = enc.at["num_syms"] - 8
+    blob[at : at + 8] = struct.pack("<Q", 0xFFFF_FFFF_8234_5678)  # e.g. a function pointer
+    got = outcome(bytes(blob), enc.base_va)
+    assert got in (None, (enc.names, enc.types, enc.addresses))
+
+
+def _find_tables_in_child(blob: bytes, base_va: int, conn: Any) -> None:
+    try:
+        kallsyms.find_tables(blob, base_va)
+        conn.send("ok")
+    except GuestFormatError:
+        conn.send("GuestFormatError")
+    except Exception as e:  # reported to the parent, which fails the test
+        conn.send(f"{type(e).__name__}: {e}")
+
+
+def run_bounded(target: Callable[..., None], args: tuple[Any, ...], seconds: float) -> str | None:
+    """Run ``target(*args, conn)`` in a forked child; its message, or None on timeout."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(*args, child))
+    proc.start()
+    try:
+        if parent.poll(seconds):
+            return str(parent.recv())
+        return None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+def test_forged_names_region_does_not_hang() -> None:
+    # BUG (src/vmshield/guest/kallsyms.py, _find_names): every 8-aligned candidate start
+    # in the 131 kB window below the last marker whose preceding 8 bytes look like
+    # (num_syms, 0) is walked with _walk_names, each walk up to num_syms entries. A
+    # guest that fills that window with the 8-byte unit (07 ff ?? 00 00 00 00 00) - a
+    # plausible num_syms that also reads as one 7-byte name - next to a forged marker
+    # array and token table makes find_tables do ~16k walks of ~16-32k entries each:
+    # quadratic, minutes of CPU for this 262 kB blob (hours with MB-sized markers).
+    m, step = 128, 1024
+    tokens = build_tokens(["Tforged"])
+    table = b"".join(t.encode() + b"\0" for t in tokens)
+    index, pos = [], 0
+    for t in tokens:
+        index.append(pos)
+        pos += len(t) + 1
+    unit = struct.pack("<II", 256 * (m - 1) + 7, 0)
+    region = (m - 1) * step + 256 * 514 + 64
+    blob = unit * (region // 8) + struct.pack(f"<{m}I", *(k * step for k in range(m)))
+    blob += bytes(-len(blob) % 8) + table + bytes(-len(table) % 8)
+    blob += struct.pack("<256H", *index)
+    result = run_bounded(_find_tables_in_child, (blob, KERNEL_BASE), 5.0)
+    assert result is not None, "find_tables ran for more than 5 s on a 262 kB blob"
+    assert result in ("ok", "GuestFormatError")
+
+
+# ------------------------------------------------------------------- real kernels
+
+REAL_COUNTS = {"5.10": 96995, "6.1": 87182, "6.12": 157881}
+
+
+def real_rodata(spec: str) -> tuple[bytes, int]:
+    path: Path = kernels_dir() / spec / "vmlinux"
+    if not path.is_file():
+        pytest.fail(
+            f"the decompressed kernel {path} is missing: run `make setup` to fetch the "
+            "test kernels",
+            pytrace=False,
+        )
+    elf = path.read_bytes()
+    return section_bytes(elf, ".rodata"), elf_sections(elf)[".rodata"].addr
+
+
+@pytest.mark.parametrize("spec", sorted(REAL_COUNTS))
+def test_real_kernel(spec: str) -> None:
+    rodata, base = real_rodata(spec)
+    t, d, addrs = decode_all(rodata, base)
+    assert t.num_syms == len(d.names) == len(addrs) == REAL_COUNTS[spec]
+    assert t.relative_base == KERNEL_BASE  # vmlinux is linked at the default base
+    by_name = dict(zip(d.names, addrs, strict=True))
+    assert by_name["_text"] == KERNEL_BASE
+    assert d.types[d.names.index("_text")] == "T"
+    banner = by_name["linux_banner"]
+    assert base <= banner < base + len(rodata)
+    assert rodata[banner - base :].startswith(b"Linux version " + spec.encode())
+    assert by_name["_stext"] < by_name["schedule"] < by_name["_etext"]
+    assert by_name["_sinittext"] <= by_name["start_kernel"] < by_name["_einittext"]
+    assert set(d.types) <= set("AaBbDdRrTtVvWw")
+    loc = kallsyms.locate_token_table(rodata, base)
+    assert loc == kallsyms.TokenLocation(t.token_table, t.token_index)
