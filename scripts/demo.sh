@@ -1,26 +1,45 @@
 #!/usr/bin/env bash
-# The main job on a VM the demo boots itself: attach to a running guest with nothing
-# but its memory and QMP, and read its kernel without debug symbols.
+# The main job, on a VM the demo boots itself: vmshield finds the guest kernel in raw
+# memory (no debug symbols, no agent, no login), arms isolation objects, and a
+# suspicious scenario runs in the guest while its behaviour streams out live.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VMS=.venv/bin/vmshield
 NAME="demo-$$"
 KERNEL="${DEMO_KERNEL:-6.1}"
-trap '$VMS vm stop "$NAME" >/dev/null 2>&1 || true' EXIT
+MON_PID=""
+cleanup() {
+  [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null && wait "$MON_PID" 2>/dev/null || true
+  $VMS vm stop "$NAME" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 
-echo "== booting a lab VM ($KERNEL, TCG unless real hardware virtualization is present)"
+echo "== booting a lab VM (Debian $KERNEL cloud kernel; TCG unless the CPU has vmx/svm)"
 $VMS vm start "$NAME" --kernel "$KERNEL"
-echo "== the guest runs a workload of its own"
-$VMS vm run "$NAME" -- 'vmstest sleep 300 >/dev/null & echo started pid $!'
-echo "== vmshield kernel: version, KASLR slide, symbols and BTF read from guest memory"
+echo
+echo "== the kernel, read from guest memory"
 $VMS kernel "$NAME"
-echo "== a second attach uses the per-build symbol table library"
-$VMS kernel "$NAME" --json | grep -E '"(cached|attach_seconds)"'
-echo "== vmshield symbols: LSM hooks vmshield can monitor"
-$VMS symbols "$NAME" '^security_(file_open|bprm_check|socket_connect)$'
-echo "== vmshield ps: tasks walked from init_task (no guest agent, no login)"
-$VMS ps "$NAME"
-echo "== the guest's own ps, for comparison"
-$VMS vm run "$NAME" -- 'ps -o pid,ppid,user,comm | grep -v "\[" | head -20'
-echo "== vmshield modules"
-$VMS modules "$NAME"
+echo
+$VMS vm run "$NAME" -- 'echo "api-key-123" > /etc/secret-keys'
+echo "== arming isolation objects"
+$VMS monitor "$NAME" \
+  -o process.exec \
+  -o 'file.open,path=/etc/shadow' \
+  -o 'file.open,path=/etc/secret*,action=deny' \
+  -o net.connect \
+  -o cred.change \
+  -o process.exit,comm=vmstest* &
+MON_PID=$!
+sleep 8
+echo
+echo "== the suspicious scenario runs in the guest"
+$VMS vm run "$NAME" -- 'head -c 20 /etc/shadow >/dev/null'                     # read /etc/shadow
+$VMS vm run "$NAME" -- 'vmstest connect 4444'                                  # loopback connect
+$VMS vm run "$NAME" -- 'vmstest as 1000 exec /bin/vmstest-suid id'             # setuid escalation
+$VMS vm run "$NAME" -- 'vmstest open /etc/secret-keys' || true                 # denied: errno=1
+sleep 2
+kill -INT "$MON_PID"; wait "$MON_PID" || true; MON_PID=""
+echo
+echo "== the guest is healthy after detach"
+$VMS vm run "$NAME" -- 'vmstest open /etc/secret-keys'
+$VMS ps "$NAME" | head -5

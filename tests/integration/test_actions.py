@@ -140,15 +140,18 @@ def test_unknown_vm(lab: Lab) -> None:
     assert res.returncode == 2 and "unknown VM 'no-such-vm'" in res.stderr
 
 
-def test_sigkilled_monitor_then_detach(lab: Lab) -> None:
+def test_sigkilled_monitor_leaves_a_running_guest(lab: Lab) -> None:
     mon = MonitorRun(lab.name, ["-o", "file.open"])
-    os.kill(mon.proc.pid, signal.SIGKILL)
+    os.killpg(mon.proc.pid, signal.SIGKILL)
     mon.proc.wait(10)
-    # What is left: the breakpoints in QEMU (guest memory is untouched) and the state
-    # file naming them. `vmshield detach` clears both.
-    res = subprocess.run([*VMSHIELD, "detach", lab.name], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    # The guard (its own session) saw the monitor die: it detached, so QEMU dropped the
+    # breakpoints and the guest goes on, opening files as before.
+    assert kv(lab.sh("vmstest open /etc/passwd", timeout=30))["errno"] == "0"
     with Target(lab.name) as t:
         assert t.qmp.running()
         assert not t.gdb_path().with_suffix(".armed.json").exists()
-    assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"
+    # `vmshield detach` is the manual way to clear points (e.g. if the guard was killed
+    # too); on a clean VM it is a no-op that leaves the guest running.
+    res = subprocess.run([*VMSHIELD, "detach", lab.name], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert lab.sh("echo alive").strip() == "alive"

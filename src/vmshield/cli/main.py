@@ -13,8 +13,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -267,7 +267,13 @@ def modules(target: VmArg, as_json: JsonOpt = False) -> None:
 def monitor(
     target: VmArg,
     objects: Annotated[
-        list[str], typer.Option("--object", "-o", help="Isolation object (repeatable).")
+        list[str],
+        typer.Option(
+            "--object",
+            "-o",
+            help="Isolation object, optionally with its own filters and action: "
+            "OBJ[,KEY=VALUE...][,action=A] (repeatable).",
+        ),
     ],
     filters: Annotated[
         list[str] | None, typer.Option("--filter", "-f", help="KEY=VALUE (repeatable).")
@@ -280,14 +286,21 @@ def monitor(
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
 
-    Every --object gets the same --filter set and --action. Writes 'armed' to stderr
-    when the points are in place; detaches cleanly on exit, Ctrl-C or SIGTERM.
+    --filter and --action apply to every --object; an object's own KEY=VALUE and
+    action=A (after commas) add to or override them. Writes 'armed' to stderr when the
+    points are in place; detaches cleanly on exit, Ctrl-C or SIGTERM, then prints a
+    summary.
     """
     import signal as _signal
 
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
-    from vmshield.monitor.request import IsolationRequest, parse_filters, resolve_all
+    from vmshield.monitor.request import (
+        IsolationRequest,
+        parse_filters,
+        parse_object_spec,
+        resolve_all,
+    )
 
     if engine not in ("exit", "auto"):
         _fail(VmshieldError(f"engine {engine!r} is not available yet (use exit)"))
@@ -303,13 +316,13 @@ def monitor(
             raise VmshieldError("monitor needs a running VM, not a dump file")
         flt = parse_filters(filters or [])
         try:
-            reqs = [
-                r
-                for o in objects
-                for r in resolve_all(
-                    IsolationRequest(vm=target, object=o, filters=flt, action=action), k
+            reqs = []
+            for spec in objects:
+                name, o_flt, o_action = parse_object_spec(spec)
+                req = IsolationRequest(
+                    vm=target, object=name, filters={**flt, **o_flt}, action=o_action or action
                 )
-            ]
+                reqs.extend(resolve_all(req, k))
         except ValueError as e:  # pydantic wraps our RequestError
             raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
         table_console = Console(highlight=False)
@@ -324,7 +337,8 @@ def monitor(
             what = " ".join(f"{k}={v}" for k, v in ev.fields.items())
             table_console.print(
                 f"{time.strftime('%H:%M:%S', time.localtime(ev.time))} "
-                f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}"
+                f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}",
+                soft_wrap=True,
             )
 
         eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
@@ -332,13 +346,21 @@ def monitor(
         t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
         try:
             points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
-            err.print(f"armed {len(reqs)} point(s): {points}", highlight=False)
+            err.print(f"armed {len(reqs)} point(s): {points}", highlight=False, soft_wrap=True)
             eng.run(duration, lambda: stop["now"])
         finally:
             eng.detach()
             s = eng.stats
+            summary = Table(title="summary", box=None)
+            summary.add_column("object")
+            summary.add_column("events", justify="right")
+            for name, count in sorted(s.by_object.items()):
+                summary.add_row(escape(name), str(count))
+            if not as_json:
+                err.print(summary)
             err.print(
-                f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered",
+                f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
+                f"{s.decode_errors} with decode errors",
                 highlight=False,
             )
 

@@ -55,6 +55,14 @@ class Mapping:
 
 
 CR3_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+_TLB_MAX = 1 << 16
+
+
+def hit_size(m: Mapping, va: int) -> int:
+    """``m.size`` if ``m`` really covers ``va`` (a 4K key can collide with a 2M start)."""
+    return m.size if m.va <= va < m.va + m.size else -1
+
+
 PTI_USER_BIT = 1 << 12
 
 
@@ -84,13 +92,14 @@ class PageWalker:
         """The leaf mapping of ``va``; TranslationError if unmapped or malformed."""
         if not 0 <= va < 1 << 64 or not self.canonical(va):
             raise TranslationError(f"{va:#x} is not a canonical address")
-        page = va & ~(PAGE - 1)
-        hit = self._tlb.get(page)
-        if hit is not None:
+        tlb = self._tlb
+        hit = tlb.get(va & ~0xFFF) or tlb.get(va & ~0x1FFFFF) or tlb.get(va & ~0x3FFFFFFF)
+        if hit is not None and hit.size == hit_size(hit, va):
             return hit
         m = self._walk(va)
-        if m.size == PAGE:
-            self._tlb[page] = m
+        if len(tlb) > _TLB_MAX:
+            tlb.clear()
+        tlb[m.va] = m
         return m
 
     def _walk(self, va: int) -> Mapping:
@@ -105,9 +114,9 @@ class PageWalker:
             writable = writable and bool(e & _RW)
             user = user and bool(e & _USER)
             nx = nx or bool(e & _NX)
-            if lvl.shift == 12 or (lvl.large and lvl.shift != 12 and e & _PS):
-                if e & _PS and not lvl.large:
-                    raise TranslationError(f"{va:#x}: large page bit at shift {lvl.shift}")
+            if lvl.shift != 12 and e & _PS and not lvl.large:
+                raise TranslationError(f"{va:#x}: page-size bit set at level shift {lvl.shift}")
+            if lvl.shift == 12 or e & _PS:
                 size = 1 << lvl.shift
                 base = e & _ADDR_MASK & ~(size - 1)
                 start = va & ~(size - 1)
@@ -120,7 +129,11 @@ class PageWalker:
         return m.pa + (va - m.va)
 
     def flush(self) -> None:
-        """Forget cached translations (after the guest may have changed its tables)."""
+        """Forget cached translations (after the guest may have changed its tables).
+
+        Translations of every page size are cached: kernel reads mostly hit the direct
+        map's 2M/1G pages, and a full 5-level walk per read would dominate event cost.
+        Long-lived users flush periodically."""
         self._tlb.clear()
 
     def read(self, va: int, size: int) -> bytes:
@@ -149,10 +162,12 @@ class PageWalker:
     def mappings(self, start: int, end: int, limit: int = 1 << 20) -> Iterator[Mapping]:
         """Leaf mappings in ``[start, end)`` in address order, skipping absent subtrees.
 
-        Bounded by ``limit`` leaves, so a guest with a huge forged table tree cannot keep
-        the monitor busy.
+        Bounded by ``limit`` leaves and by ``max(limit, 4096)`` page-table pages read, so
+        a guest with a huge (or leafless, or looping) forged table tree cannot keep the
+        monitor busy. Permissions combine every level, as :meth:`lookup`'s do.
         """
-        yield from self._iter(self.root, 0, 0, start, end, [0], limit)
+        budget = [limit, max(limit, 4096), limit]
+        yield from self._iter(self.root, 0, 0, start, end, budget, (True, True, False))
 
     def _sign(self, va: int) -> int:
         """Sign-extend a VA of ``va_bits`` bits to its canonical 64-bit form."""
@@ -161,10 +176,20 @@ class PageWalker:
         return va
 
     def _iter(
-        self, table: int, depth: int, base: int, start: int, end: int, count: list[int], limit: int
+        self,
+        table: int,
+        depth: int,
+        base: int,
+        start: int,
+        end: int,
+        budget: list[int],
+        perms: tuple[bool, bool, bool],
     ) -> Iterator[Mapping]:
         lvl = self.levels[depth]
         span = 1 << lvl.shift
+        budget[1] -= 1
+        if budget[1] < 0:
+            raise TranslationError(f"too many page tables under {start:#x}-{end:#x}")
         try:
             raw = self._read(table, PAGE)
         except MemoryAccessError:
@@ -174,11 +199,18 @@ class PageWalker:
             va = base + index * span if depth else self._sign(index * span)
             if va + span <= start or va >= end or not e & _PRESENT:
                 continue
-            if lvl.shift == 12 or (lvl.large and e & _PS):
-                count[0] += 1
-                if count[0] > limit:
-                    raise TranslationError(f"more than {limit} mappings in {start:#x}-{end:#x}")
+            rw = perms[0] and bool(e & _RW)
+            user = perms[1] and bool(e & _USER)
+            nx = perms[2] or bool(e & _NX)
+            if lvl.shift != 12 and e & _PS and not lvl.large:
+                continue  # reserved: not a mapping
+            if lvl.shift == 12 or e & _PS:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise TranslationError(f"more than {budget[2]} mappings in {start:#x}-{end:#x}")
                 pa = e & _ADDR_MASK & ~(span - 1)
-                yield Mapping(va, pa, span, bool(e & _RW), bool(e & _USER), bool(e & _NX))
+                yield Mapping(va, pa, span, rw, user, nx)
             else:
-                yield from self._iter(e & _ADDR_MASK, depth + 1, va, start, end, count, limit)
+                yield from self._iter(
+                    e & _ADDR_MASK, depth + 1, va, start, end, budget, (rw, user, nx)
+                )

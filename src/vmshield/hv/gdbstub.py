@@ -292,6 +292,12 @@ class GdbStub:
         self._pending_stop = None
         self._watch_hangover = False
 
+    def fileno(self) -> int:
+        """The connected socket's descriptor (for :mod:`vmshield.hv.gdbguard` to hold)."""
+        if self._sock is None:
+            raise GdbConnectionError("not connected")
+        return self._sock.fileno()
+
     def close(self) -> None:
         """Close the socket (idempotent). The VM stays as it is."""
         sock, self._sock = self._sock, None

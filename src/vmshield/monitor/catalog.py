@@ -32,6 +32,8 @@ class CatalogObject:
     filters: tuple[str, ...]
     actions: tuple[str, ...]
     decoder: Decoder = field(repr=False)
+    # Filters applied unless the request sets the key itself (``changed=*`` to see all).
+    default_filters: tuple[tuple[str, str], ...] = ()
 
 
 def _exec(c: HitContext) -> dict[str, Any]:
@@ -151,6 +153,10 @@ def _creds(c: HitContext) -> dict[str, Any]:
             out[f"{tag}_{f}"] = k.u32(cred + c.off("cred", f))
         out[f"{tag}_cap_effective"] = f"{k.u64(cred + c.off('cred', 'cap_effective')):#x}"
     out["escalation"] = out["new_euid"] == 0 and out["old_euid"] != 0
+    out["changed"] = any(
+        out[f"old_{f}"] != out[f"new_{f}"]
+        for f in ("uid", "euid", "gid", "egid", "fsuid", "cap_effective")
+    )
     return out
 
 
@@ -204,8 +210,9 @@ CATALOG: dict[str, CatalogObject] = {
         CatalogObject("cred.change", "a process changes identity (privilege change)",
                       ("commit_creds",),
                       ("old_uid", "new_uid", "old_euid", "new_euid", "old_gid", "new_gid",
-                       "old_cap_effective", "new_cap_effective", "escalation"),
-                      COMMON_FILTERS, NON_DENY, _creds),
+                       "old_cap_effective", "new_cap_effective", "escalation", "changed"),
+                      (*COMMON_FILTERS, "escalation", "changed"), NON_DENY, _creds,
+                      (("changed", "True"),)),
         CatalogObject("module.load", "a kernel module is initialised", ("do_init_module",),
                       ("name",), COMMON_FILTERS, NON_DENY, _module),
         CatalogObject("ptrace.attach", "a process asks to trace another",
@@ -237,4 +244,4 @@ def match_filter(key: str, want: str, ev_fields: dict[str, Any], proc: dict[str,
     if key == "path":
         path = ev_fields.get("path", ev_fields.get("filename", ""))
         return fnmatch.fnmatchcase(str(path), want)
-    return str(ev_fields.get(key)) == want
+    return fnmatch.fnmatchcase(str(ev_fields.get(key)), want)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,12 +68,15 @@ class ExitEngine:
         self.stub: GdbStub | None = None
         self.stats = Stats()
         self.paused = False
+        self._guard: subprocess.Popen[bytes] | None = None
+        self._guard_pipe: int | None = None
         self._state = target.gdb_path().with_suffix(".armed.json")
 
     # -- arm / detach -------------------------------------------------------------------
 
     def arm(self) -> None:
         self.stub = self.t.gdbstub()
+        self._start_guard(self.stub.fileno())
         self._state.write_text(
             json.dumps({"points": {f"{a:#x}": [r.request.id for r in rs]
                                    for a, rs in self.by_addr.items()}})
@@ -83,11 +89,37 @@ class ExitEngine:
             raise
         self.stub.cont()
 
+    def _start_guard(self, fd: int) -> None:
+        """See :mod:`vmshield.hv.gdbguard`: if this process dies, the guest goes on."""
+        r, w = os.pipe()
+        try:
+            self._guard = subprocess.Popen(
+                [sys.executable, "-m", "vmshield.hv.gdbguard", str(fd), str(r), str(self._state)],
+                pass_fds=(fd, r),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(r)
+        self._guard_pipe = w
+
+    def _stop_guard(self) -> None:
+        if self._guard_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._guard_pipe, b"x")
+            os.close(self._guard_pipe)
+            self._guard_pipe = None
+        if self._guard is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._guard.wait(5)
+            self._guard = None
+
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run; idempotent."""
         stub, self.stub = self.stub, None
         if stub is None:
             return
+        self._stop_guard()
         try:
             if stub.running:
                 stub.interrupt()
@@ -105,7 +137,11 @@ class ExitEngine:
     def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
         assert self.stub is not None
         end = time.monotonic() + duration if duration else None
+        next_flush = time.monotonic() + 1.0
         while not should_stop() and (end is None or time.monotonic() < end):
+            if time.monotonic() > next_flush:  # the guest may remap kernel memory
+                self.k.walker.flush()
+                next_flush = time.monotonic() + 1.0
             if self.paused:
                 time.sleep(0.1)
                 continue

@@ -61,6 +61,14 @@ class ResolvedRequest:
     point: MonitoringPoint
 
 
+def parse_object_spec(spec: str) -> tuple[str, dict[str, str], str | None]:
+    """``OBJ[,KEY=VALUE...][,action=A]`` -> (object, filters, action or None)."""
+    name, *rest = spec.split(",")
+    flt = parse_filters(rest)
+    action = flt.pop("action", None)
+    return name, flt, action
+
+
 def parse_filters(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for it in items:
@@ -107,6 +115,8 @@ def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
             raise RequestError(
                 f"{req.object} has no filter {key!r} (it has: {', '.join(obj.filters)})"
             )
+    if obj.default_filters:
+        req.filters = {**dict(obj.default_filters), **req.filters}
     if req.action not in obj.actions:
         raise RequestError(
             f"{req.object} cannot take action {req.action!r} (it can: {', '.join(obj.actions)})"
