@@ -28,7 +28,7 @@ kernels: | $(STAMPS)/apt
 	bash scripts/fetch-kernels.sh
 
 initramfs: $(INITRAMFS)
-$(INITRAMFS): $(GUEST_SOURCES) | $(STAMPS)/apt
+$(INITRAMFS): $(GUEST_SOURCES) $(wildcard $(HOME)/.cache/vmshield/kernels/*/release) | $(STAMPS)/apt kernels
 	bash scripts/build-initramfs.sh $@
 
 demo: setup

@@ -27,6 +27,14 @@ for src in "$root"/guest/progs/*.c; do
   gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/$name" "$src"
   strip "$stage/bin/$name"
 done
+# The lab kernels' own test module, each under /lib/modules/RELEASE (see fetch-kernels).
+KDIR="${VMSHIELD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmshield}/kernels"
+for rel in "$KDIR"/*/release; do
+  [ -f "$rel" ] || continue
+  d="$(dirname "$rel")"
+  mkdir -p "$stage/lib/modules/$(cat "$rel")"
+  cp "$d"/modules/*.ko "$stage/lib/modules/$(cat "$rel")/"
+done
 # A setuid-root copy: the privilege-escalation path of the tests and the demo.
 cp "$stage/bin/vmstest" "$stage/bin/vmstest-suid"
 chmod 4755 "$stage/bin/vmstest-suid"

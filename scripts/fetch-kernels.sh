@@ -36,9 +36,13 @@ extract_reference() {
   mv "$out.part" "$out"
 }
 
+# One small, dependency-free module of each kernel goes into the guest initramfs, so the
+# lab can load a real, Debian-signed module (module.load tests, vmshield modules).
+MODULE=crc-itu-t
+
 need=()
 for v in 5.10 6.1 6.12; do
-  [ -s "$KDIR/$v/vmlinuz" ] || need+=("$v")
+  { [ -s "$KDIR/$v/vmlinuz" ] && [ -s "$KDIR/$v/modules/$MODULE.ko" ]; } || need+=("$v")
 done
 if [ ${#need[@]} -eq 0 ]; then
   for v in 5.10 6.1 6.12; do
@@ -70,6 +74,15 @@ for v in "${need[@]}"; do
   (cd "$tmp" && apt-get "${APT[@]}" -q download "$pkg" >/dev/null)
   dpkg -x "$tmp"/*.deb "$tmp/x"
   mkdir -p "$KDIR/$v"
+  mod=$(find "$tmp/x" -name "$MODULE.ko*" | head -1)
+  [ -n "$mod" ] || { echo "kernels: $pkg has no $MODULE module" >&2; exit 1; }
+  mkdir -p "$KDIR/$v/modules"
+  case "$mod" in
+    *.xz) xz -dc "$mod" > "$KDIR/$v/modules/$MODULE.ko" ;;
+    *.zst) zstd -dc "$mod" > "$KDIR/$v/modules/$MODULE.ko" ;;
+    *) cp "$mod" "$KDIR/$v/modules/$MODULE.ko" ;;
+  esac
+  basename "$(dirname "$(dirname "$(dirname "$mod")")")" > "$KDIR/$v/release"
   cp "$tmp"/x/boot/vmlinuz-* "$KDIR/$v/vmlinuz.part"
   cp "$tmp"/x/boot/config-* "$KDIR/$v/config" 2>/dev/null || true
   echo "$pkg" > "$KDIR/$v/package"

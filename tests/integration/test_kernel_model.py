@@ -109,7 +109,9 @@ def test_ps_lists_the_tasks_the_guest_lists(lab: Lab) -> None:
 
 
 def test_modules_match_the_guest(lab: Lab) -> None:
+    lab.sh("insmod /lib/modules/$(uname -r)/crc-itu-t.ko")
     guest = [line.split()[0] for line in lab.sh("cat /proc/modules").splitlines() if line]
+    assert guest == ["crc_itu_t"]
     t, k = attach(lab)
     try:
         mine = [m.name for m in modules(k)]

@@ -591,12 +591,13 @@ def run_bounded(target: Callable[..., None], args: tuple[Any, ...], seconds: flo
 
 def test_forged_names_region_does_not_hang() -> None:
     # BUG (src/vmshield/guest/kallsyms.py, _find_names): every 8-aligned candidate start
-    # in the 131 kB window below the last marker whose preceding 8 bytes look like
-    # (num_syms, 0) is walked with _walk_names, each walk up to num_syms entries. A
-    # guest that fills that window with the 8-byte unit (07 ff ?? 00 00 00 00 00) - a
-    # plausible num_syms that also reads as one 7-byte name - next to a forged marker
-    # array and token table makes find_tables do ~16k walks of ~16-32k entries each:
-    # quadratic, minutes of CPU for this 262 kB blob (hours with MB-sized markers).
+    # in the ~131 kB window below the last marker whose preceding 8 bytes look like
+    # (num_syms, 0) is walked with _walk_names, each walk up to num_syms entries or up to
+    # the markers. A guest that fills that window with the 8-byte unit
+    # 07 7f 00 00 00 00 00 00 (num_syms 32519 for 128 markers, which also reads as one
+    # 7-byte name) next to a forged marker array and token table makes find_tables do
+    # ~16k walks of 16-32k entries each: about 100 s of CPU for this 264 kB blob, and the
+    # cost grows with window x names size (hours for a few MB of forged .rodata).
     m, step = 128, 1024
     tokens = build_tokens(["Tforged"])
     table = b"".join(t.encode() + b"\0" for t in tokens)
@@ -610,7 +611,7 @@ def test_forged_names_region_does_not_hang() -> None:
     blob += bytes(-len(blob) % 8) + table + bytes(-len(table) % 8)
     blob += struct.pack("<256H", *index)
     result = run_bounded(_find_tables_in_child, (blob, KERNEL_BASE), 5.0)
-    assert result is not None, "find_tables ran for more than 5 s on a 262 kB blob"
+    assert result is not None, "find_tables ran for more than 5 s on a 264 kB blob"
     assert result in ("ok", "GuestFormatError")
 
 

@@ -21,6 +21,7 @@ which ends exactly where the markers begin), so forged or corrupt tables give a
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vmshield.errors import GuestFormatError
@@ -28,7 +29,7 @@ from vmshield.errors import GuestFormatError
 ANCHOR = b"".join(bytes([c, 0]) for c in b"0123456789")
 MAX_SYMS = 2_000_000
 KSYM_NAME_LEN = 512
-_MAX_ANCHORS = 64
+_MAX_ANCHORS = 16
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,13 @@ def _find_names(
     hi = markers_at - last
     lo = max(8, hi - 256 * (KSYM_NAME_LEN + 2) - 8)
     s = hi - ((base_va + hi) % 8)
+    walked = 0  # entries decoded over all candidates: forged data must not go quadratic
     while s >= lo:
         n = _u32(blob, s - 8)
         if 256 * (m - 1) < n <= 256 * m and _u32(blob, s - 4) == 0:
+            walked += n
+            if walked > 4 * MAX_SYMS:
+                raise GuestFormatError("kallsyms_names search exceeded its work bound")
             try:
                 offs = _walk_names(blob, s, n, markers_at)
             except (GuestFormatError, IndexError):
@@ -172,11 +177,11 @@ def _offsets_candidates(
 ) -> list[tuple[int, int]]:
     """(offsets position, relative_base position) pairs, both layouts."""
     size = _align8(4 * n, 0)
-    cands = []
-    rb_before = names - 16  # 5.10: offsets, relative_base, num_syms, names
-    cands.append((rb_before - size, rb_before))
+    # 6.x first: there the bytes before num_syms are not offsets, and a forged kernel
+    # pointer in them must not win over the real table after the token index.
     after = _align8(index_at + 512, base_va)  # 6.x: ..., token_index, offsets, relative_base
-    cands.append((after, after + size))
+    rb_before = names - 16  # 5.10: offsets, relative_base, num_syms, names
+    cands = [(after, after + size), (rb_before - size, rb_before)]
     return [(o, r) for o, r in cands if o >= 0 and r + 8 <= len(blob)]
 
 
@@ -199,41 +204,50 @@ def find_tables(blob: bytes, base_va: int) -> KallsymsTables:
 
 def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> list[tuple[int, list[int]]]:
     """Marker arrays followed by ``kallsyms_seqs_of_names`` (3 bytes a symbol), then the
-    token table: the layout of some 6.1 builds. The symbol count is not known yet, so
-    scan back for a marker array whose length agrees with the gap it leaves."""
+    token table: the layout of some 6.1 builds.
+
+    A marker array of m entries at p leaves room for n symbols' seqs before the table,
+    and n must be in (256(m-1), 256m]: so each candidate start p admits one or two m,
+    checked in constant time (bounded scan, no quadratic search on forged data)."""
     found: list[tuple[int, list[int]]] = []
     lo = max(0, table - 3 * MAX_SYMS - 4 * (MAX_SYMS // 256 + 1) - 16)
     p = table - ((base_va + table) % 8) - 8
     while p >= lo and len(found) < 4:
-        if _u32(blob, p) == 0 and 0 < _u32(blob, p + 4) < _u32(blob, p + 8):
-            vals = [0]
-            q = p + 4
-            while q + 4 <= table and len(vals) < MAX_SYMS // 256 + 2:
-                v = _u32(blob, q)
-                if v <= vals[-1]:
-                    break
-                vals.append(v)
-                q += 4
-            for m in range(len(vals), max(1, len(vals) - 2), -1):
+        if _u32(blob, p) == 0:
+            gap = table - p
+            for m in range(max(1, (gap - 8) // 772), (gap + 768) // 772 + 2):
                 seqs = _align8(p + 4 * m, base_va)
                 rest = table - seqs
-                n_hi = rest // 3
-                if any(256 * (m - 1) < n <= 256 * m for n in range(max(1, n_hi - 2), n_hi + 1)):
-                    found.append((p, vals[:m]))
+                if rest < 0:
                     break
+                n_lo, n_hi = max(1, -(-(rest - 7) // 3)), rest // 3
+                if max(n_lo, 256 * (m - 1) + 1) > min(n_hi, 256 * m):
+                    continue
+                vals = [_u32(blob, p + 4 * i) for i in range(m)]
+                if all(vals[i] < vals[i + 1] for i in range(m - 1)):
+                    found.append((p, vals))
         p -= 8
     return found
+
+
+def _offsets_plausible(blob: bytes, off_at: int, n: int) -> bool:
+    """kallsyms_offsets of an x86-64 kernel: most entries relative (negative), and the
+    symbol at the relative base itself (_text) encoded as -1."""
+    offs = struct.unpack_from(f"<{n}i", blob, off_at)
+    negative = sum(1 for o in offs if o < 0)
+    return negative * 2 >= n and -1 in offs
 
 
 def _tables_from_anchor(blob: bytes, anchor: int, base_va: int) -> KallsymsTables:
     table, index_at, _tokens = _check_token_table(blob, anchor, base_va)
     # Markers end at the token table (5.10, 6.12), or before a kallsyms_seqs_of_names
     # array of 3 bytes per symbol (some 6.1 builds).
-    candidates = _markers_before(blob, table, base_va)
-    if not candidates:
-        candidates = _markers_before_seqs(blob, table, base_va)
+    def candidates() -> Iterator[tuple[int, list[int]]]:
+        yield from _markers_before(blob, table, base_va)
+        yield from _markers_before_seqs(blob, table, base_va)
+
     last_err = "no marker array before the token table"
-    for markers_at, markers in candidates:
+    for markers_at, markers in candidates():
         try:
             names, n, offs = _find_names(blob, markers_at, markers, base_va)
         except GuestFormatError as e:

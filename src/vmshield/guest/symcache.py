@@ -145,8 +145,9 @@ class SymbolCache:
         try:
             data = json.loads(self._path(key).read_text())
             build = CachedBuild.from_json(data)
-        except (OSError, ValueError, KeyError, TypeError, GuestFormatError):
-            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                GuestFormatError):  # fmt: skip
+            return None  # a damaged or foreign entry is a cache miss, never an error
         return build if build.key == key and build.matches(blob) else None
 
     def store(self, build: CachedBuild) -> None:

@@ -62,6 +62,8 @@ def parse_flatview(text: str) -> list[RamRange]:
         if not _is_main_ram(name):
             continue
         start, end = int(m["start"], 16), int(m["end"], 16) + 1
+        if end <= start:
+            continue
         off = int(m["off"], 16) if m["off"] else 0
         if (
             ranges

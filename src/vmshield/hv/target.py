@@ -53,7 +53,7 @@ class CpuState:
 
 def parse_info_registers(text: str) -> list[CpuState]:
     """Per-vCPU state from ``info registers`` (all CPUs: ``info registers -a``)."""
-    blocks = re.split(r"^CPU#(\d+)", text, flags=re.M)
+    blocks = re.split(r"^CPU#(\d{1,6})", text, flags=re.M)
     cpus = []
     pairs = list(zip(blocks[1::2], blocks[2::2], strict=False)) or [("0", text)]
     for idx, body in pairs:
