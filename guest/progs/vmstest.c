@@ -14,6 +14,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <sys/syscall.h>
 #include <sys/ptrace.h>
 #include <sys/wait.h>
@@ -151,10 +152,14 @@ static int do_bpf(void)
 static int do_loop(long n)
 {
 	long i;
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
 	for (i = 0; i < n; i++)
 		syscall(SYS_getpid);
+	clock_gettime(CLOCK_MONOTONIC, &b);
 	ident("loop");
-	printf(" n=%ld\n", n);
+	printf(" n=%ld ns=%ld\n", n,
+	       (long)(b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec));
 	return 0;
 }
 

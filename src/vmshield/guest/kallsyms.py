@@ -240,6 +240,7 @@ def _offsets_plausible(blob: bytes, off_at: int, n: int) -> bool:
 
 def _tables_from_anchor(blob: bytes, anchor: int, base_va: int) -> KallsymsTables:
     table, index_at, _tokens = _check_token_table(blob, anchor, base_va)
+
     # Markers end at the token table (5.10, 6.12), or before a kallsyms_seqs_of_names
     # array of 3 bytes per symbol (some 6.1 builds).
     def candidates() -> Iterator[tuple[int, list[int]]]:
