@@ -155,3 +155,16 @@ def test_sigkilled_monitor_leaves_a_running_guest(lab: Lab) -> None:
     res = subprocess.run([*VMSHIELD, "detach", lab.name], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert lab.sh("echo alive").strip() == "alive"
+
+
+def test_process_object_follows_one_process(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "process:vmstest"])
+    try:
+        g = kv(lab.sh("vmstest open /etc/passwd"))
+        pid = int(g["pid"])
+        mon.wait_for(lambda e: e["object"] == "file.open" and e["process"]["pid"] == pid)
+        mon.wait_for(lambda e: e["object"] == "process.exit" and e["process"]["pid"] == pid)
+        lab.sh("cat /etc/group >/dev/null")
+    finally:
+        assert mon.stop() == 0
+    assert all(e["process"]["comm"] == "vmstest" for e in mon.events)

@@ -366,6 +366,41 @@ def monitor(
 
 
 @app.command()
+def catalog(as_json: JsonOpt = False) -> None:
+    """The isolation objects: points, fields, filters and allowed actions."""
+    from vmshield.monitor.catalog import CATALOG
+
+    rows = [
+        {
+            "object": o.name, "summary": o.summary, "points": list(o.candidates),
+            "fields": list(o.fields), "filters": list(o.filters), "actions": list(o.actions),
+        }
+        for o in CATALOG.values()
+    ]  # fmt: skip
+    rows.append(
+        {
+            "object": "kfunc:SYMBOL", "summary": "any traceable kernel function",
+            "points": ["SYMBOL"], "fields": ["args"], "filters": ["pid", "comm", "uid"],
+            "actions": ["log", "kill", "pause", "dump", "deny (security_* only)"],
+        }
+    )  # fmt: skip
+    rows.append(
+        {
+            "object": "process:PID|COMM", "summary": "every behaviour above, of one process",
+            "points": [], "fields": [], "filters": [], "actions": ["per object"],
+        }
+    )  # fmt: skip
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("object", "points", "fields", "filters", "actions")
+    for r in rows:
+        table.add_row(*(escape(", ".join(r[k]) if isinstance(r[k], list) else str(r[k]))
+                        for k in ("object", "points", "fields", "filters", "actions")))  # fmt: skip
+    out.print(table)
+
+
+@app.command()
 def detach(target: VmArg) -> None:
     """Clear vmshield's monitoring points from a VM (after a monitor was killed)."""
     with _errors(), Target(target) as t:
