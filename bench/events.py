@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,12 +49,19 @@ class Monitor:
             raise SystemExit("monitor did not arm")
         self._t = threading.Thread(target=self.lines.extend, args=(self.proc.stdout,))
         self._t.start()
+        self.summary = ""
 
     def stop(self) -> list[dict[str, Any]]:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
         self._t.join(10)
+        assert self.proc.stderr is not None
+        self.summary = " ".join(self.proc.stderr.read().split())
         return [json.loads(x) for x in self.lines]
+
+    def round_trips(self) -> str:
+        m = re.search(r"([0-9.]+) gdbstub round trips per hit", self.summary)
+        return m[1] if m else "?"
 
 
 def guest_loop(vm: labvm.LabVM, n: int) -> tuple[int, float]:
@@ -76,28 +84,31 @@ def main() -> None:
     try:
         guest_loop(vm, 1000)  # warm up: TCG translates the loop once
         _, base = guest_loop(vm, n)
-        rows.append(("no monitoring", base, 0, 0))
+        rows.append(("no monitoring", base, 0, 0, "-"))
         mon = Monitor(name, ["-o", POINT, "-f", "comm=no-such-comm"])
         _, miss = guest_loop(vm, n)
         mon.stop()
-        rows.append(("point, filter never matches", miss, 0, 0))
+        rows.append(("point, filter never matches", miss, 0, 0, mon.round_trips()))
         mon = Monitor(name, ["-o", POINT, "-f", "comm=vmstest"])
         pid, hit = guest_loop(vm, n)
         events = mon.stop()
         got = sum(1 for e in events if e["process"]["pid"] == pid)
-        rows.append(("point hit on every call", hit, n, got))
+        # vmstest calls getpid() once more itself (to print its pid): n + 1 expected.
+        rows.append(("point hit on every call", hit, n + 1, got, mon.round_trips()))
     finally:
         labvm.stop(name)
     table = Table(title=f"exit engine, {n} getpid() calls in the guest ({args.kernel}, TCG)")
-    for col in ("run", "guest s", "slowdown", "per call us", "events", "lost", "events/s"):
+    cols = ("run", "guest s", "slowdown", "per call us", "events", "lost", "events/s", "RT/hit")
+    for col in cols:
         table.add_column(col, justify="right")
-    for label, secs, want, got in rows:
+    for label, secs, want, got, rt in rows:
         per = (secs - base) / n * 1e6
         per_s = f"{per:.0f}" if secs > base else "-"
         rate = f"{got / secs:.0f}" if got else "-"
         table.add_row(
-            label, f"{secs:.3f}", f"{secs / base:.1f}x", per_s, str(got), str(want - got), rate
-        )
+            label, f"{secs:.3f}", f"{secs / base:.1f}x", per_s, str(got), str(want - got), rate,
+            rt,
+        )  # fmt: skip
     Console().print(table)
 
 

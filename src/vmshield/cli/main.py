@@ -358,10 +358,12 @@ def monitor(
                 summary.add_row(escape(name), str(count))
             if not as_json:
                 err.print(summary)
+            rt = s.round_trips / s.hits if s.hits else 0.0
             err.print(
                 f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
-                f"{s.decode_errors} with decode errors",
+                f"{s.decode_errors} with decode errors, {rt:.1f} gdbstub round trips per hit",
                 highlight=False,
+                soft_wrap=True,
             )
 
 

@@ -44,6 +44,7 @@ class Stats:
     filtered: int = 0
     decode_errors: int = 0
     other_stops: int = 0
+    round_trips: int = 0  # gdbstub requests answered while handling hits (g, P, G)
     by_object: dict[str, int] = field(default_factory=dict)
 
 
@@ -155,6 +156,7 @@ class ExitEngine:
         stub = self.stub
         assert stub is not None
         regs = stub.read_registers()
+        self.stats.round_trips += 1
         reqs = self.by_addr.get(regs.rip)
         if reqs is None:
             self.stats.other_stops += 1
@@ -166,6 +168,7 @@ class ExitEngine:
             self._return_eperm(regs)
         else:
             stub.write_register("rip", reqs[0].point.resume)
+        self.stats.round_trips += 1
         stub.cont()
         if verdict == "pause":
             try:
