@@ -25,6 +25,9 @@ chmod 600 "$stage/etc/shadow"
 for src in "$root"/guest/progs/*.c; do
   name="$(basename "$src" .c)"
   gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/$name" "$src"
+  # The unstripped copy stays on the host: tests find user-space functions in it.
+  mkdir -p "$(dirname "$out")/guest"
+  cp "$stage/bin/$name" "$(dirname "$out")/guest/$name"
   strip "$stage/bin/$name"
 done
 # The lab kernels' own test module, each under /lib/modules/RELEASE (see fetch-kernels).

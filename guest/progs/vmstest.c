@@ -147,6 +147,13 @@ static int do_bpf(void)
 	return 0;
 }
 
+/* A user-space function for ufunc points: not inlined, so it has its own address. */
+__attribute__((noinline)) long vms_ufunc_target(long a, long b)
+{
+	__asm__ volatile("" ::: "memory");
+	return a * 1000 + b;
+}
+
 /* A syscall-heavy loop for benchmarks: N getpid calls, made as raw syscalls so that
  * no libc caching hides them. */
 static int do_loop(long n)
@@ -211,6 +218,12 @@ int main(int argc, char **argv)
 	}
 	if (argc >= 2 && strcmp(argv[1], "ptrace") == 0)
 		return do_ptrace();
+	if (argc >= 4 && strcmp(argv[1], "ufunc") == 0) {
+		long r = vms_ufunc_target(atol(argv[2]), atol(argv[3]));
+		ident("ufunc");
+		printf(" a=%s b=%s result=%ld\n", argv[2], argv[3], r);
+		return 0;
+	}
 	if (argc >= 2 && strcmp(argv[1], "bpf") == 0)
 		return do_bpf();
 	if (argc >= 3 && strcmp(argv[1], "exec") == 0) {

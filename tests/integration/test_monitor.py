@@ -131,3 +131,41 @@ def test_module_load(session: tuple[Lab, MonitorRun]) -> None:
     g = kv(lab.sh("sh -c 'echo pid=$$; exec insmod /lib/modules/$(uname -r)/crc-itu-t.ko'"))
     ev_of(mon, "module.load", int(g["pid"]), name="crc_itu_t")
     assert "crc_itu_t" in lab.sh("cat /proc/modules")
+
+
+def _file_offset(binary: str, symbol: str) -> int:
+    """File offset of a symbol in the unstripped host copy of a guest program."""
+    import struct
+    import subprocess as sp
+
+    va = int(sp.run(["nm", binary], capture_output=True, text=True, check=True).stdout
+             .split(f" T {symbol}\n")[0].rsplit("\n", 1)[-1].split()[0], 16)  # fmt: skip
+    elf = open(binary, "rb").read()  # noqa: SIM115
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    (phnum,) = struct.unpack_from("<H", elf, 0x38)
+    for i in range(phnum):
+        t, _f, off, vaddr, _p, filesz, _m, _a = struct.unpack_from("<IIQQQQQQ", elf, phoff + 56 * i)
+        if t == 1 and vaddr <= va < vaddr + filesz:
+            return off + va - vaddr
+    raise AssertionError(f"{symbol} is in no PT_LOAD of {binary}")
+
+
+def test_user_space_function(lab: Lab) -> None:
+    from pathlib import Path
+
+    binary = str(Path(__file__).resolve().parents[2] / "build" / "guest" / "vmstest")
+    off = _file_offset(binary, "vms_ufunc_target")
+    lab.sh("vmstest sleep 300 >/dev/null 2>&1 &")  # a process running the file now
+    mon = MonitorRun(lab.name, ["-o", f"ufunc:/bin/vmstest:{off:#x}"])
+    try:
+        g = kv(lab.sh("vmstest ufunc 7 9"))
+        ev = mon.wait_for(lambda e: e["process"]["pid"] == int(g["pid"]))
+        assert ev["fields"]["args"][:2] == ["0x7", "0x9"]
+        assert ev["fields"]["path"] == "/bin/vmstest" and ev["fields"]["offset"] == off
+        assert ev["point"]["kind"] == "user-function"
+        assert g["result"] == "7009"  # the program ran on, unharmed
+        lab.sh("vmstest-suid ufunc 1 2")  # same code, another file: no event
+    finally:
+        assert mon.stop() == 0
+        lab.sh("killall vmstest", check=False)
+    assert all(e["process"]["comm"] == "vmstest" for e in mon.events)

@@ -17,7 +17,7 @@ from typing import Any
 from vmshield.errors import VmshieldError
 from vmshield.monitor.context import HitContext
 
-Decoder = Callable[[HitContext], dict[str, Any]]
+Decoder = Callable[[HitContext], dict[str, Any] | None]  # None: not this behaviour
 COMMON_FILTERS = ("pid", "comm", "uid")
 NON_DENY = ("log", "kill", "pause", "dump")
 ALL_ACTIONS = ("log", "deny", "kill", "pause", "dump")
@@ -232,6 +232,18 @@ def kfunc_object(symbol: str) -> CatalogObject:
     return CatalogObject(
         f"{KFUNC}{symbol}", f"kernel function {symbol}", (symbol,), ("args",),
         COMMON_FILTERS, actions, _raw,
+    )  # fmt: skip
+
+
+def ufunc_object(name: str) -> CatalogObject:
+    """``ufunc:PATH:OFFSET``: a user-space point in the processes running PATH."""
+
+    def unbound(c: HitContext) -> dict[str, Any] | None:
+        raise VmshieldError(f"{name} was not resolved against a process")
+
+    return CatalogObject(
+        name, "user-space function", (), ("path", "offset", "address", "args"),
+        COMMON_FILTERS, NON_DENY, unbound,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 from vmshield.errors import VmshieldError
+from vmshield.guest import files
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import TaskReader
@@ -19,8 +20,6 @@ from vmshield.hv.gdbpackets import X86Registers
 from vmshield.monitor.events import ProcessContext
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
-MAX_PATH_DEPTH = 64
-MAX_NAME = 255
 AF_INET, AF_INET6, AF_UNIX = 2, 10, 1
 
 
@@ -42,11 +41,14 @@ class HitContext:
 
     @property
     def current(self) -> int:
-        """``current``: the per-cpu current task, found through the vCPU's GS base."""
+        """``current``: the per-cpu current task, found through the vCPU's GS base (in
+        user mode the kernel's per-cpu base waits in KERNEL_GS_BASE until swapgs)."""
         if self._current is None:
             k = self.kernel
             var = _current_var(k)
-            self._current = k.u64(self.regs.gs_base + var)
+            user = self.regs.cs & 3 == 3
+            base = self.regs.k_gs_base if user else self.regs.gs_base
+            self._current = k.u64(base + var)
         return self._current
 
     def process(self) -> ProcessContext | None:
@@ -69,44 +71,14 @@ class HitContext:
         return self.kernel.u64(va)
 
     def dentry_name(self, dentry: int) -> str:
-        name_ptr = self.u64(dentry + self.off("dentry", "d_name.name"))
-        return self.kernel.cstring(name_ptr, MAX_NAME + 1)
+        return files.dentry_name(self.kernel, dentry)
 
     def path_of(self, path_va: int) -> str:
         """Full path of a ``struct path *`` across mounts, like the kernel's d_path()."""
-        mnt = self.u64(path_va + self.off("path", "mnt"))
-        dentry = self.u64(path_va + self.off("path", "dentry"))
-        return self.dentry_path(mnt, dentry)
-
-    def dentry_path(self, mnt: int, dentry: int) -> str:
-        off_parent = self.off("dentry", "d_parent")
-        off_root = self.off("vfsmount", "mnt_root")
-        off_mnt = self.off("mount", "mnt")
-        off_mp = self.off("mount", "mnt_mountpoint")
-        off_mparent = self.off("mount", "mnt_parent")
-        parts: list[str] = []
-        for _ in range(MAX_PATH_DEPTH * 4):
-            root = self.u64(mnt + off_root) if mnt else 0
-            if dentry == root:
-                mount = mnt - off_mnt
-                parent = self.u64(mount + off_mparent)
-                if not mnt or parent == mount:
-                    break
-                dentry = self.u64(mount + off_mp)
-                mnt = parent + off_mnt
-                continue
-            parent_dentry = self.u64(dentry + off_parent)
-            if parent_dentry == dentry:
-                break
-            parts.append(self.dentry_name(dentry))
-            dentry = parent_dentry
-            if len(parts) > MAX_PATH_DEPTH:
-                self.errors.append("path: deeper than the walk bound")
-                break
-        return "/" + "/".join(reversed(parts))
+        return files.path_of(self.kernel, path_va)
 
     def file_path(self, file: int) -> str:
-        return self.path_of(file + self.off("file", "f_path"))
+        return files.file_path(self.kernel, file)
 
     def sockaddr(self, va: int, length: int) -> dict[str, object]:
         """Family, address and port of a ``struct sockaddr *`` (kernel copy)."""

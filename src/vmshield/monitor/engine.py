@@ -166,8 +166,9 @@ class ExitEngine:
         verdict = self.handle(regs, reqs)
         if verdict == "deny":
             self._return_eperm(regs)
-        else:
+        elif reqs[0].point.on_nop:
             stub.write_register("rip", reqs[0].point.resume)
+        # else: no NOP to skip (user code); cont() steps over the instruction first.
         self.stats.round_trips += 1
         stub.cont()
         if verdict == "pause":
@@ -196,10 +197,14 @@ class ExitEngine:
                 continue
             if decoded is None:
                 try:
-                    decoded = r.obj.decoder(ctx)
+                    got = r.obj.decoder(ctx)
                 except VmshieldError as e:
                     ctx.errors.append(f"decode: {e}")
-                    decoded = {}
+                    got = {}
+                if got is None:  # e.g. another program at a user-space point's address
+                    self.stats.filtered += 1
+                    continue
+                decoded = got
             if not all(match_filter(k, v, decoded, proc_d) for k, v in flt.items()):
                 self.stats.filtered += 1
                 continue
@@ -216,7 +221,9 @@ class ExitEngine:
                     time=time.time(), vm=self.t.name, request=r.request.id,
                     object=r.request.object, action=action, process=proc, fields=decoded,
                     point=PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
-                                    kind="kernel-function", engine="exit", cpu=cpu),
+                                    kind="kernel-function" if r.point.on_nop or
+                                    r.point.address >> 63 else "user-function",
+                                    engine="exit", cpu=cpu),
                     decode_errors=list(ctx.errors), detail=detail,
                 )
             )  # fmt: skip

@@ -14,7 +14,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.kernel import Kernel
-from vmshield.monitor.catalog import CATALOG, KFUNC, CatalogObject, kfunc_object
+from vmshield.monitor import ufunc
+from vmshield.monitor.catalog import CATALOG, KFUNC, CatalogObject, kfunc_object, ufunc_object
 from vmshield.monitor.points import MonitoringPoint, place_point
 
 
@@ -36,7 +37,30 @@ class IsolationRequest(BaseModel):
         return v
 
 
+UFUNC = "ufunc:"
+
+
+def parse_ufunc(name: str) -> tuple[str, int]:
+    """``ufunc:PATH:OFFSET`` -> (PATH, OFFSET); OFFSET is a file offset (0x.. or decimal)."""
+    body = name[len(UFUNC) :]
+    path, sep, off = body.rpartition(":")
+    if not sep or not path.startswith("/"):
+        raise RequestError(f"bad user-space point {name!r}: use ufunc:/ABS/PATH:OFFSET")
+    try:
+        offset = int(off, 0)
+    except ValueError:
+        raise RequestError(
+            f"bad offset {off!r} in {name!r}: give a file offset (symbols are not resolved yet)"
+        ) from None
+    if offset < 0:
+        raise RequestError(f"negative offset in {name!r}")
+    return path, offset
+
+
 def catalog_object(name: str) -> CatalogObject:
+    if name.startswith(UFUNC):
+        parse_ufunc(name)
+        return ufunc_object(name)
     if name.startswith("process:"):
         who = name[len("process:") :]
         if not who or len(who) > 15 or not all(ch.isprintable() for ch in who):
@@ -49,7 +73,7 @@ def catalog_object(name: str) -> CatalogObject:
         return kfunc_object(sym)
     obj = CATALOG.get(name)
     if obj is None:
-        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL, process:PID|COMM"
+        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL, ufunc:PATH:OFFSET, process:PID|COMM"
         raise RequestError(f"unknown isolation object {name!r} (known: {known})")
     return obj
 
@@ -121,6 +145,8 @@ def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
         raise RequestError(
             f"{req.object} cannot take action {req.action!r} (it can: {', '.join(obj.actions)})"
         )
+    if req.object.startswith(UFUNC):
+        return _resolve_ufunc(req, obj, kernel)
     for sym in obj.candidates:
         if sym in kernel.symbols:
             try:
@@ -131,3 +157,17 @@ def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
     raise RequestError(
         f"{req.object}: this kernel ({kernel.release}) has none of {', '.join(obj.candidates)}"
     )
+
+
+def _resolve_ufunc(req: IsolationRequest, obj: CatalogObject, kernel: Kernel) -> ResolvedRequest:
+    path, offset = parse_ufunc(req.object)
+    try:
+        up = ufunc.locate(kernel, path, offset)
+    except VmshieldError as e:
+        raise RequestError(f"{req.object}: {e}") from e
+    point = MonitoringPoint(f"{path}+{offset:#x}", up.address, up.address, up.address, False)
+    bound = CatalogObject(
+        obj.name, obj.summary, obj.candidates, obj.fields, obj.filters, obj.actions,
+        lambda c: ufunc.decode(c, up),
+    )  # fmt: skip
+    return ResolvedRequest(req, bound, point)
