@@ -38,6 +38,10 @@ for rel in "$KDIR"/*/release; do
   mkdir -p "$stage/lib/modules/$(cat "$rel")"
   cp "$d"/modules/*.ko "$stage/lib/modules/$(cat "$rel")/"
 done
+# A PIE build exporting its ufunc target (.dynsym): user-space points by symbol,
+# with a load bias that changes every run.
+gcc -static-pie -O2 -Wall -Wextra -Werror -Wl,--export-dynamic-symbol=vms_ufunc_target -o "$stage/bin/vmstest-pie" "$root/guest/progs/vmstest.c"
+strip "$stage/bin/vmstest-pie"
 # A setuid-root copy: the privilege-escalation path of the tests and the demo.
 cp "$stage/bin/vmstest" "$stage/bin/vmstest-suid"
 chmod 4755 "$stage/bin/vmstest-suid"

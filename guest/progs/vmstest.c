@@ -224,6 +224,19 @@ int main(int argc, char **argv)
 		printf(" a=%s b=%s result=%ld\n", argv[2], argv[3], r);
 		return 0;
 	}
+	if (argc >= 3 && strcmp(argv[1], "ufunc-loop") == 0) {
+		/* Call the target every 200 ms, N times: a long-running process for points
+		 * that must be placed in a process that already runs. */
+		long i, n = atol(argv[2]);
+		ident("ufunc-loop");
+		printf(" n=%ld\n", n);
+		fflush(stdout);
+		for (i = 0; i < n; i++) {
+			vms_ufunc_target(i, 42);
+			usleep(200000);
+		}
+		return 0;
+	}
 	if (argc >= 2 && strcmp(argv[1], "bpf") == 0)
 		return do_bpf();
 	if (argc >= 3 && strcmp(argv[1], "exec") == 0) {

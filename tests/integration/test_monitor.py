@@ -169,3 +169,20 @@ def test_user_space_function(lab: Lab) -> None:
         assert mon.stop() == 0
         lab.sh("killall vmstest", check=False)
     assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
+
+
+def test_user_space_function_by_symbol_in_a_pie(lab: Lab) -> None:
+    # vmstest-pie is stripped but exports its target (.dynsym); its load address changes
+    # every run (PIE), so the point's address comes from the running process itself.
+    out = lab.sh("vmstest-pie ufunc-loop 40 > /tmp/pie.out 2>&1 & sleep 1; cat /tmp/pie.out")
+    pid = int(kv(out)["pid"])
+    mon = MonitorRun(lab.name, ["-o", "ufunc:/bin/vmstest-pie:vms_ufunc_target"])
+    try:
+        ev = mon.wait_for(lambda e: e["process"]["pid"] == pid)
+        i = int(ev["fields"]["args"][0], 16)
+        assert 0 <= i < 40 and ev["fields"]["args"][1] == "0x2a"
+        assert ev["fields"]["symbol"] == "vms_ufunc_target"
+        assert int(ev["fields"]["address"], 16) >> 40 != 0  # a randomised PIE address
+    finally:
+        assert mon.stop() == 0
+        lab.sh("killall vmstest-pie", check=False)

@@ -236,13 +236,13 @@ def kfunc_object(symbol: str) -> CatalogObject:
 
 
 def ufunc_object(name: str) -> CatalogObject:
-    """``ufunc:PATH:OFFSET``: a user-space point in the processes running PATH."""
+    """``ufunc:PATH:SYMBOL|OFFSET``: a user-space point in the processes running PATH."""
 
     def unbound(c: HitContext) -> dict[str, Any] | None:
         raise VmshieldError(f"{name} was not resolved against a process")
 
     return CatalogObject(
-        name, "user-space function", (), ("path", "offset", "address", "args"),
+        name, "user-space function", (), ("path", "offset", "symbol", "address", "args"),
         COMMON_FILTERS, NON_DENY, unbound,
     )  # fmt: skip
 

@@ -40,21 +40,21 @@ class IsolationRequest(BaseModel):
 UFUNC = "ufunc:"
 
 
-def parse_ufunc(name: str) -> tuple[str, int]:
-    """``ufunc:PATH:OFFSET`` -> (PATH, OFFSET); OFFSET is a file offset (0x.. or decimal)."""
+def parse_ufunc(name: str) -> tuple[str, int | None, str | None]:
+    """``ufunc:PATH:SYMBOL|OFFSET`` -> (PATH, OFFSET or None, SYMBOL or None)."""
     body = name[len(UFUNC) :]
-    path, sep, off = body.rpartition(":")
-    if not sep or not path.startswith("/"):
-        raise RequestError(f"bad user-space point {name!r}: use ufunc:/ABS/PATH:OFFSET")
-    try:
-        offset = int(off, 0)
-    except ValueError:
-        raise RequestError(
-            f"bad offset {off!r} in {name!r}: give a file offset (symbols are not resolved yet)"
-        ) from None
-    if offset < 0:
-        raise RequestError(f"negative offset in {name!r}")
-    return path, offset
+    path, sep, what = body.rpartition(":")
+    if not sep or not path.startswith("/") or not what:
+        raise RequestError(f"bad user-space point {name!r}: use ufunc:/ABS/PATH:SYMBOL|OFFSET")
+    if what[0].isdigit():
+        try:
+            offset = int(what, 0)
+        except ValueError:
+            raise RequestError(f"bad offset {what!r} in {name!r}") from None
+        return path, offset, None
+    if len(what) > 255 or not what.replace("_", "a").replace(".", "a").isalnum():
+        raise RequestError(f"bad symbol {what!r} in {name!r}")
+    return path, None, what
 
 
 def catalog_object(name: str) -> CatalogObject:
@@ -73,7 +73,10 @@ def catalog_object(name: str) -> CatalogObject:
         return kfunc_object(sym)
     obj = CATALOG.get(name)
     if obj is None:
-        known = ", ".join(sorted(CATALOG)) + ", kfunc:SYMBOL, ufunc:PATH:OFFSET, process:PID|COMM"
+        known = (
+            ", ".join(sorted(CATALOG))
+            + ", kfunc:SYMBOL, ufunc:PATH:SYMBOL|OFFSET, process:PID|COMM"
+        )
         raise RequestError(f"unknown isolation object {name!r} (known: {known})")
     return obj
 
@@ -160,12 +163,13 @@ def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
 
 
 def _resolve_ufunc(req: IsolationRequest, obj: CatalogObject, kernel: Kernel) -> ResolvedRequest:
-    path, offset = parse_ufunc(req.object)
+    path, offset, symbol = parse_ufunc(req.object)
     try:
-        up = ufunc.locate(kernel, path, offset)
+        up = ufunc.locate(kernel, path, offset, symbol)
     except VmshieldError as e:
         raise RequestError(f"{req.object}: {e}") from e
-    point = MonitoringPoint(f"{path}+{offset:#x}", up.address, up.address, up.address, False)
+    label = f"{path}:{symbol}" if symbol else f"{path}+{up.offset:#x}"
+    point = MonitoringPoint(label, up.address, up.address, up.address, False)
     bound = CatalogObject(
         obj.name, obj.summary, obj.candidates, obj.fields, obj.filters, obj.actions,
         lambda c: ufunc.decode(c, up),

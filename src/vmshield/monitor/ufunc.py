@@ -1,4 +1,4 @@
-"""User-space monitoring points: ``ufunc:PATH:OFFSET`` (a file offset in an executable).
+"""User-space monitoring points: ``ufunc:PATH:SYMBOL|OFFSET`` in an executable.
 
 The point's virtual address comes from a process that runs PATH now: its ELF program
 headers are read from its own memory (``AT_PHDR``/``AT_PHNUM`` in ``mm->saved_auxv``
@@ -8,6 +8,11 @@ virtual address in every address space, so each hit is checked against the curre
 process's executable (``mm->exe_file``) and other programs that happen to run code at
 that address are ignored. There is no ftrace NOP in user code: a hit is resumed by
 stepping over the instruction (the gdbstub client does that on continue).
+
+A SYMBOL is looked up in the program's dynamic symbol table (``.dynsym``, found through
+PT_DYNAMIC in the process's memory): it survives ``strip``, and holds every global
+function of a dynamically linked or ``-static-pie -Wl,-E`` program. A fully static,
+stripped program has no symbols anywhere: give the file offset.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from vmshield.guest.tasks import TaskReader
 from vmshield.monitor.context import HitContext
 
 AT_PHDR, AT_PHNUM = 3, 5
-PT_LOAD, PT_PHDR = 1, 6
+PT_LOAD, PT_DYNAMIC, PT_PHDR = 1, 2, 6
+DT_NULL, DT_STRTAB, DT_SYMTAB = 0, 5, 6
+MAX_DYN = 512
+MAX_DYNSYM = 1 << 16
 ET_EXEC, ET_DYN = 2, 3
 MAX_AUXV = 64
 MAX_PHNUM = 128
@@ -35,6 +43,7 @@ class UserPoint:
     path: str
     offset: int
     address: int
+    symbol: str | None
     pie: bool
     pid: int  # the process the address was computed in
 
@@ -44,8 +53,38 @@ def _user_walker(k: Kernel, mm: int) -> PageWalker:
     return PageWalker(k.walker.read_phys, k.walker.translate(pgd), len(k.walker.levels) == 5)
 
 
-def locate(k: Kernel, path: str, offset: int) -> UserPoint:
-    """Where ``offset`` of the executable ``path`` is mapped, from a process running it."""
+def _dynsym(w: PageWalker, bias: int, dyn_va: int, name: str) -> int:
+    """File virtual address of ``name`` in the dynamic symbol table."""
+    raw = w.read(dyn_va, 16 * MAX_DYN)
+    tags: dict[int, int] = {}
+    for i in range(MAX_DYN):
+        tag, val = struct.unpack_from("<qQ", raw, 16 * i)
+        if tag == DT_NULL:
+            break
+        tags.setdefault(tag, val)
+    symtab, strtab = tags.get(DT_SYMTAB), tags.get(DT_STRTAB)
+    if not symtab or not strtab or strtab <= symtab:
+        raise VmshieldError("no dynamic symbol table (give the file offset instead)")
+    # The loader may have relocated the entries in place (PIE): unrelocated ones are
+    # below the load bias.
+    if bias and symtab < bias:
+        symtab, strtab = symtab + bias, strtab + bias
+    count = min((strtab - symtab) // 24, MAX_DYNSYM)
+    table = w.read(symtab, 24 * count)
+    want = name.encode()
+    for i in range(count):
+        st_name, info, _other, _shndx, value, _size = struct.unpack_from("<IBBHQQ", table, 24 * i)
+        if info & 0xF != 2 or not value:  # STT_FUNC, defined
+            continue
+        got = w.read(strtab + st_name, len(want) + 1)
+        if got == want + b"\0":
+            return int(value)
+    raise VmshieldError(f"no function {name!r} in the dynamic symbol table")
+
+
+def locate(k: Kernel, path: str, offset: int | None, symbol: str | None = None) -> UserPoint:
+    """Where ``offset`` (or ``symbol``) of the executable ``path`` is mapped, from a
+    process running it."""
     tr = TaskReader(k)
     for task in tr.walk():
         try:
@@ -71,12 +110,23 @@ def locate(k: Kernel, path: str, offset: int) -> UserPoint:
         else:
             first = min(loads, key=lambda p: p[3])
             bias = phdr - (first[3] + 64 - first[2])  # e_phoff is 64 in ELF64 executables
+        if symbol is not None:
+            dyn = next((p for p in phs if p[0] == PT_DYNAMIC), None)
+            if dyn is None:
+                raise VmshieldError(f"{path} has no dynamic section: give the file offset")
+            vaddr = _dynsym(w, bias, bias + dyn[3], symbol)
+            seg = next((p for p in loads if p[3] <= vaddr < p[3] + p[5]), None)
+            if seg is None:
+                raise VmshieldError(f"{path}: {symbol} is in no loaded segment")
+            offset = seg[2] + vaddr - seg[3]
+        assert offset is not None
         for _t, flags, p_off, p_va, _pa, filesz, _m, _a in loads:
             if p_off <= offset < p_off + filesz:
                 if not flags & 1:
                     raise VmshieldError(f"{path}: offset {offset:#x} is not in executable code")
                 pid = k.s32(task + k.member_offset("task_struct", "tgid"))
-                return UserPoint(path, offset, bias + p_va + offset - p_off, bias != 0, pid)
+                va = bias + p_va + offset - p_off
+                return UserPoint(path, offset, va, symbol, bias != 0, pid)
         raise VmshieldError(f"{path}: offset {offset:#x} is in no loaded segment")
     raise VmshieldError(f"no process runs {path} now (start it, then arm the ufunc point)")
 
@@ -88,6 +138,7 @@ def decode(c: HitContext, point: UserPoint) -> dict[str, Any] | None:
     return {
         "path": point.path,
         "offset": point.offset,
+        "symbol": point.symbol,
         "address": f"{point.address:#x}",
         "args": [f"{c.arg(i):#x}" for i in range(6)],
     }
