@@ -40,16 +40,22 @@ static int do_open(const char *path)
 	return err ? 1 : 0;
 }
 
+/* 127.0.0.1:port: tests never aim traffic off the guest. */
+static void loopback(struct sockaddr_in *sa, int port)
+{
+	memset(sa, 0, sizeof(*sa));
+	sa->sin_family = AF_INET;
+	sa->sin_port = htons((unsigned short)port);
+	sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+}
+
 static int do_connect(int port)
 {
 	struct sockaddr_in sa;
 	int s = socket(AF_INET, SOCK_STREAM, 0);
 	int rc, err;
 
-	memset(&sa, 0, sizeof(sa));
-	sa.sin_family = AF_INET;
-	sa.sin_port = htons((unsigned short)port);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	loopback(&sa, port);
 	rc = connect(s, (struct sockaddr *)&sa, sizeof(sa));
 	err = rc < 0 ? errno : 0;
 	ident("connect");
@@ -64,10 +70,7 @@ static int do_bind(int port, int listen_too)
 	int s = socket(AF_INET, SOCK_STREAM, 0);
 	int rc, err;
 
-	memset(&sa, 0, sizeof(sa));
-	sa.sin_family = AF_INET;
-	sa.sin_port = htons((unsigned short)port);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	loopback(&sa, port);
 	rc = bind(s, (struct sockaddr *)&sa, sizeof(sa));
 	if (rc == 0 && listen_too)
 		rc = listen(s, 7);

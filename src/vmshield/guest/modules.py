@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmshield.errors import GuestFormatError, SymbolError
+from vmshield.errors import SymbolError
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.lists import list_entries
 
 MAX_MODULES = 4096
 MODULE_NAME_LEN = 56
@@ -37,17 +38,8 @@ def modules(k: Kernel) -> list[ModuleInfo]:
         mem = k.member_offset("module", "mem")  # mem[MOD_TEXT], MOD_TEXT == 0
         off_base = mem + k.member_offset("module_memory", "base")
         off_size = mem + k.member_offset("module_memory", "size")
-    head = k.symbols.address("modules")
-    seen = {head}
     out: list[ModuleInfo] = []
-    cur = k.u64(head)
-    while cur != head:
-        if cur in seen:
-            raise GuestFormatError(f"module list loops back to {cur:#x}")
-        if len(out) >= MAX_MODULES:
-            raise GuestFormatError(f"module list is longer than {MAX_MODULES}")
-        seen.add(cur)
-        mod = cur - off_list
+    for mod in list_entries(k, k.symbols.address("modules"), off_list, MAX_MODULES, "module"):
         raw = k.read(mod + off_name, MODULE_NAME_LEN)
         name = raw.split(b"\0", 1)[0].decode("utf-8", errors="backslashreplace")
         state = k.u32(mod + off_state)
@@ -60,5 +52,4 @@ def modules(k: Kernel) -> list[ModuleInfo]:
                 k.u32(mod + off_size),
             )
         )
-        cur = k.u64(cur)
     return out

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmshield.errors import GuestFormatError, SymbolError, VmshieldError
+from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.lists import list_entries
 
 MAX_TASKS = 1 << 16
 TASK_COMM_LEN = 16
@@ -146,20 +147,8 @@ class TaskReader:
 
     def walk(self) -> list[int]:
         """Addresses of every task on ``init_task.tasks`` (init_task itself excluded)."""
-        k = self.k
-        head = k.symbols.address("init_task") + self.off_tasks
-        seen = {head}
-        out: list[int] = []
-        cur = k.u64(head)
-        while cur != head:
-            if cur in seen:
-                raise GuestFormatError(f"task list loops back to {cur:#x}")
-            if len(out) >= MAX_TASKS:
-                raise GuestFormatError(f"task list is longer than {MAX_TASKS}")
-            seen.add(cur)
-            out.append(cur - self.off_tasks)
-            cur = k.u64(cur)
-        return out
+        head = self.k.symbols.address("init_task") + self.off_tasks
+        return list_entries(self.k, head, self.off_tasks, MAX_TASKS, "task")
 
 
 def tasks(k: Kernel) -> list[TaskInfo]:

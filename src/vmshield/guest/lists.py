@@ -1,0 +1,28 @@
+"""Walking the kernel's circular doubly linked lists (``struct list_head``) safely.
+
+The lists live in guest memory: a forged ``next`` pointer can make a cycle that never
+returns to the head, or a list of millions of entries. Every walk here is bounded and
+cycle-checked, and says which list misbehaved.
+"""
+
+from __future__ import annotations
+
+from vmshield.errors import GuestFormatError
+from vmshield.guest.kernel import Kernel
+
+
+def list_entries(k: Kernel, head: int, member_offset: int, limit: int, what: str) -> list[int]:
+    """The containing structures of every node on the list at ``head`` (head excluded):
+    ``container_of(node, T, member)`` for each ``node`` in ``head->next ...``."""
+    seen = {head}
+    out: list[int] = []
+    cur = k.u64(head)
+    while cur != head:
+        if cur in seen:
+            raise GuestFormatError(f"{what} list loops back to {cur:#x}")
+        if len(out) >= limit:
+            raise GuestFormatError(f"{what} list is longer than {limit}")
+        seen.add(cur)
+        out.append(cur - member_offset)
+        cur = k.u64(cur)
+    return out
