@@ -63,9 +63,9 @@ class Lab:
         return gzip.decompress(base64.b64decode(out))
 
 
-def boot(kernel: str, name: str, memory: int = 512) -> Iterator[Lab]:
+def boot(kernel: str, name: str, memory: int = 512, cpus: int = 1) -> Iterator[Lab]:
     _require_prerequisites()
-    labvm.start(name, kernel, memory=memory)
+    labvm.start(name, kernel, memory=memory, cpus=cpus)
     try:
         yield Lab(name, kernel)
     finally:

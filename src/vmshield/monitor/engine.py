@@ -209,7 +209,11 @@ class ExitEngine:
                 self.stats.filtered += 1
                 continue
             action = r.request.action
-            detail = self._act(action, ctx)
+            try:
+                detail = self._act(action, ctx)
+            except VmshieldError as e:  # the event still goes out, saying what failed
+                detail = {"error": f"{action} failed: {e}"}
+                action = "log"
             verdict = max(verdict, action, key=_RANK.__getitem__)
             self.stats.events += 1
             self.stats.by_object[r.request.object] = (
