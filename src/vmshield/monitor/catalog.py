@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmshield.errors import VmshieldError
+from vmshield.guest.mm import mm_walker
 from vmshield.monitor.context import HitContext
 
 Decoder = Callable[[HitContext], dict[str, Any] | None]  # None: not this behaviour
@@ -50,39 +51,28 @@ def _exec(c: HitContext) -> dict[str, Any]:
     return out
 
 
+MAX_ARGV_BYTES = 64 << 10
+
+
 def _bprm_argv(c: HitContext, bprm: int) -> list[str]:
     """argv strings, already copied by the kernel to the new program's stack (bprm->p),
-    read through the new mm's page tables."""
-    from vmshield.guest.paging import PageWalker
-
+    read through the new mm's page tables, page by page, bounded."""
     k = c.kernel
     argc = k.s32(bprm + c.off("linux_binprm", "argc"))
     if not 0 <= argc <= 4096:
         raise VmshieldError(f"implausible argc {argc}")
     mm = c.u64(bprm + c.off("linux_binprm", "mm"))
-    p = c.u64(bprm + c.off("linux_binprm", "p"))
-    pgd = c.u64(mm + c.off("mm_struct", "pgd"))
-    w = PageWalker(k.walker.read_phys, k.walker.translate(pgd), len(k.walker.levels) == 5)
-    args: list[str] = []
-    pos = p
-    for _ in range(argc):
-        chunk = w.read(pos, min(4096, 0x1000 - (pos & 0xFFF)))
-        end = chunk.find(b"\0")
-        buf = bytearray()
-        while end < 0 and len(buf) < 4096:
-            buf += chunk
-            pos += len(chunk)
-            chunk = w.read(pos, 0x1000 - (pos & 0xFFF))
-            end = chunk.find(b"\0")
-        buf += chunk[: max(end, 0)]
-        pos += max(end, 0) + 1
-        args.append(bytes(buf).decode(errors="backslashreplace"))
-    return args
-
-
-def _bprm_check(c: HitContext) -> dict[str, Any]:
-    """security_bprm_check(struct linux_binprm *bprm)."""
-    return _exec(c)
+    pos = c.u64(bprm + c.off("linux_binprm", "p"))
+    w = mm_walker(k, mm)
+    buf = bytearray()
+    while buf.count(0) < argc and len(buf) < MAX_ARGV_BYTES:
+        n = 0x1000 - (pos & 0xFFF)
+        buf += w.read(pos, n)
+        pos += n
+    args = bytes(buf).split(b"\0")[:argc]
+    if buf.count(0) < argc:
+        c.errors.append(f"argv: longer than {MAX_ARGV_BYTES} bytes, truncated")
+    return [a.decode(errors="backslashreplace") for a in args]
 
 
 def _exit(c: HitContext) -> dict[str, Any]:

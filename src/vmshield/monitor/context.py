@@ -8,13 +8,13 @@ are bounded and every failure becomes a decode error on the event, not a dead mo
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass, field
 
 from vmshield.errors import VmshieldError
 from vmshield.guest import files
 from vmshield.guest.kernel import Kernel
-from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import TaskReader
 from vmshield.hv.gdbpackets import X86Registers
 from vmshield.monitor.events import ProcessContext
@@ -89,20 +89,11 @@ class HitContext:
             out["port"] = struct.unpack(">H", raw[2:4])[0]
             out["address"] = ".".join(str(b) for b in raw[4:8])
         elif family == AF_INET6 and len(raw) >= 24:
-            import ipaddress
-
             out["port"] = struct.unpack(">H", raw[2:4])[0]
             out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
         elif family == AF_UNIX:
             out["address"] = raw[2:].split(b"\0", 1)[0].decode(errors="backslashreplace")
         return out
-
-    def user_walker(self) -> PageWalker:
-        return PageWalker(
-            self.kernel.walker.read_phys,
-            self.regs.cr3 & ~(1 << 12),
-            bool(self.regs.cr4 & (1 << 12)),
-        )
 
 
 def _family(f: int) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from vmshield.errors import GuestFormatError, VmshieldError
 from vmshield.guest.files import exe_path
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.mm import mm_walker
 from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import TaskReader
 from vmshield.monitor.context import HitContext
@@ -46,11 +47,6 @@ class UserPoint:
     symbol: str | None
     pie: bool
     pid: int  # the process the address was computed in
-
-
-def _user_walker(k: Kernel, mm: int) -> PageWalker:
-    pgd = k.u64(mm + k.member_offset("mm_struct", "pgd"))
-    return PageWalker(k.walker.read_phys, k.walker.translate(pgd), len(k.walker.levels) == 5)
 
 
 def _dynsym(w: PageWalker, bias: int, dyn_va: int, name: str) -> int:
@@ -93,7 +89,7 @@ def locate(k: Kernel, path: str, offset: int | None, symbol: str | None = None) 
         except VmshieldError:
             continue
         mm = k.u64(task + k.member_offset("task_struct", "mm"))
-        w = _user_walker(k, mm)
+        w = mm_walker(k, mm)
         auxv_at = mm + k.member_offset("mm_struct", "saved_auxv")
         aux = struct.unpack(f"<{MAX_AUXV}Q", k.read(auxv_at, 8 * MAX_AUXV))
         vals = {aux[i]: aux[i + 1] for i in range(0, MAX_AUXV - 1, 2) if aux[i]}
