@@ -168,3 +168,61 @@ def test_process_object_follows_one_process(lab: Lab) -> None:
     finally:
         assert mon.stop() == 0
     assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
+
+
+# User-space points (each test arms its own monitor: one gdb client per VM).
+
+
+def _file_offset(binary: str, symbol: str) -> int:
+    """File offset of a symbol in the unstripped host copy of a guest program."""
+    import struct
+    import subprocess as sp
+
+    va = int(sp.run(["nm", binary], capture_output=True, text=True, check=True).stdout
+             .split(f" T {symbol}\n")[0].rsplit("\n", 1)[-1].split()[0], 16)  # fmt: skip
+    elf = open(binary, "rb").read()  # noqa: SIM115
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    (phnum,) = struct.unpack_from("<H", elf, 0x38)
+    for i in range(phnum):
+        t, _f, off, vaddr, _p, filesz, _m, _a = struct.unpack_from("<IIQQQQQQ", elf, phoff + 56 * i)
+        if t == 1 and vaddr <= va < vaddr + filesz:
+            return off + va - vaddr
+    raise AssertionError(f"{symbol} is in no PT_LOAD of {binary}")
+
+
+def test_user_space_function(lab: Lab) -> None:
+    from pathlib import Path
+
+    binary = str(Path(__file__).resolve().parents[2] / "build" / "guest" / "vmstest")
+    off = _file_offset(binary, "vms_ufunc_target")
+    lab.sh("vmstest sleep 300 >/dev/null 2>&1 &")  # a process running the file now
+    mon = MonitorRun(lab.name, ["-o", f"ufunc:/bin/vmstest:{off:#x}"])
+    try:
+        g = kv(lab.sh("vmstest ufunc 7 9"))
+        ev = mon.wait_for(lambda e: e["process"]["pid"] == int(g["pid"]))
+        assert ev["fields"]["args"][:2] == ["0x7", "0x9"]
+        assert ev["fields"]["path"] == "/bin/vmstest" and ev["fields"]["offset"] == off
+        assert ev["point"]["kind"] == "user-function"
+        assert g["result"] == "7009"  # the program ran on, unharmed
+        lab.sh("vmstest-suid ufunc 1 2")  # same code, another file: no event
+    finally:
+        assert mon.stop() == 0
+        lab.sh("killall vmstest", check=False)
+    assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
+
+
+def test_user_space_function_by_symbol_in_a_pie(lab: Lab) -> None:
+    # vmstest-pie is stripped but exports its target (.dynsym); its load address changes
+    # every run (PIE), so the point's address comes from the running process itself.
+    out = lab.sh("vmstest-pie ufunc-loop 40 > /tmp/pie.out 2>&1 & sleep 1; cat /tmp/pie.out")
+    pid = int(kv(out)["pid"])
+    mon = MonitorRun(lab.name, ["-o", "ufunc:/bin/vmstest-pie:vms_ufunc_target"])
+    try:
+        ev = mon.wait_for(lambda e: e["process"]["pid"] == pid)
+        i = int(ev["fields"]["args"][0], 16)
+        assert 0 <= i < 40 and ev["fields"]["args"][1] == "0x2a"
+        assert ev["fields"]["symbol"] == "vms_ufunc_target"
+        assert int(ev["fields"]["address"], 16) >> 40 != 0  # a randomised PIE address
+    finally:
+        assert mon.stop() == 0
+        lab.sh("killall vmstest-pie", check=False)
