@@ -58,11 +58,6 @@ CR3_ADDR_MASK = 0x000F_FFFF_FFFF_F000
 _TLB_MAX = 1 << 16
 
 
-def hit_size(m: Mapping, va: int) -> int:
-    """``m.size`` if ``m`` really covers ``va`` (a 4K key can collide with a 2M start)."""
-    return m.size if m.va <= va < m.va + m.size else -1
-
-
 PTI_USER_BIT = 1 << 12
 
 
@@ -94,7 +89,7 @@ class PageWalker:
             raise TranslationError(f"{va:#x} is not a canonical address")
         tlb = self._tlb
         hit = tlb.get(va & ~0xFFF) or tlb.get(va & ~0x1FFFFF) or tlb.get(va & ~0x3FFFFFFF)
-        if hit is not None and hit.size == hit_size(hit, va):
+        if hit is not None and hit.va <= va < hit.va + hit.size:
             return hit
         m = self._walk(va)
         if len(tlb) > _TLB_MAX:

@@ -53,6 +53,7 @@ class TaskReader:
         self.off_euid = k.member_offset("cred", "euid")
         self.off_gid = k.member_offset("cred", "gid")
         self.off_flags = k.member_offset("task_struct", "flags")
+        self.current_offset = current_task_offset(k)  # resolved once, used per event
         self._worker: tuple[int, int, int, int, int] | None = None
         self._full_name: int | bool | None = False
 
@@ -164,11 +165,15 @@ def current_task(k: Kernel, cpu: int = 0) -> int:
     The per-cpu base of each CPU is ``__per_cpu_offset[cpu]``.
     """
     base = k.u64(k.symbols.address("__per_cpu_offset") + 8 * cpu)
+    return k.u64(base + current_task_offset(k))
+
+
+def current_task_offset(k: Kernel) -> int:
+    """Offset of ``current`` in a CPU's per-cpu area: the per-cpu variable
+    ``current_task`` (5.10/6.1) or ``pcpu_hot.current_task`` (6.12)."""
     if "current_task" in k.symbols:
-        var = k.symbols.address("current_task")
-    else:
-        try:
-            var = k.symbols.address("pcpu_hot") + k.member_offset("pcpu_hot", "current_task")
-        except SymbolError as e:
-            raise VmshieldError(f"cannot find current task on this kernel: {e}") from e
-    return k.u64(base + var)
+        return k.symbols.address("current_task")
+    try:
+        return k.symbols.address("pcpu_hot") + k.member_offset("pcpu_hot", "current_task")
+    except SymbolError as e:
+        raise VmshieldError(f"cannot find current task on this kernel: {e}") from e

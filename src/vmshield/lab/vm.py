@@ -132,8 +132,13 @@ def initramfs_path() -> Path:
     return p
 
 
+def ram_path(vm: LabVM) -> str:
+    """The shared guest RAM file of a lab VM."""
+    return f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+
+
 def qemu_command(vm: LabVM, kernel: Path, memory: int, cpus: int, accel: str) -> list[str]:
-    ram = f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+    ram = ram_path(vm)
     cpu = "host" if accel == "kvm" else "max"
     return [
         "qemu-system-x86_64",
@@ -186,8 +191,7 @@ def start(
     pid = vm.pid()
     if pid is None:
         raise LabError("QEMU started but wrote no pid")
-    ram_path = cmd[cmd.index("-object") + 1].split("mem-path=")[1].split(",")[0]
-    info = VmInfo(name, kernel, str(kpath), memory, cpus, accel, pid, ram_path, time.time())
+    info = VmInfo(name, kernel, str(kpath), memory, cpus, accel, pid, ram_path(vm), time.time())
     vm.meta_path.write_text(json.dumps(asdict(info), indent=1))
     try:
         _wait_ready(vm, timeout)

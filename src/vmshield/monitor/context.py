@@ -45,7 +45,7 @@ class HitContext:
         user mode the kernel's per-cpu base waits in KERNEL_GS_BASE until swapgs)."""
         if self._current is None:
             k = self.kernel
-            var = _current_var(k)
+            var = self.tasks.current_offset
             user = self.regs.cs & 3 == 3
             base = self.regs.k_gs_base if user else self.regs.gs_base
             self._current = k.u64(base + var)
@@ -98,9 +98,3 @@ class HitContext:
 
 def _family(f: int) -> str:
     return {AF_INET: "inet", AF_INET6: "inet6", AF_UNIX: "unix"}.get(f, str(f))
-
-
-def _current_var(k: Kernel) -> int:
-    if "current_task" in k.symbols:
-        return k.symbols.address("current_task")
-    return k.symbols.address("pcpu_hot") + k.member_offset("pcpu_hot", "current_task")
