@@ -547,6 +547,7 @@ class GdbStub:
         """
         deadline = self._deadline(timeout)
         if use_g:
+            self._stop_pc = None
             self._write_g(regs, deadline)
             return
         base = regs.origin

@@ -1,0 +1,247 @@
+"""Calling the guest kernel's own functions from the hypervisor, on a borrowed vCPU.
+
+Why: executable memory must come from the guest kernel's allocator (so the kernel's
+bookkeeping, W^X accounting and direct-map aliases stay right), and only code running in
+the guest can call it. We wait until some task enters a syscall (process context, IRQs
+on, no locks, preemption allowed), park it, point its vCPU at the function with a forged
+return address, let the whole VM run, and catch the return on a breakpoint placed on a
+padding byte nothing executes. The allocator may sleep, so the task can come back on
+another vCPU: the return is recognised by address, stack pointer and task, and only the
+task's own registers (GPRs, rip, rflags) are put back; per-CPU state (GS base, CR3) is
+never copied between vCPUs.
+
+A :class:`Borrow` keeps the task parked (VM stopped) between calls, so a build can
+allocate, write code, change permissions and patch sites in one stop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from vmshield.errors import HypervisorError, SymbolError
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.tasks import current_task_offset
+from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
+from vmshield.hv.gdbstub import GdbStub
+from vmshield.monitor.points import place_point
+
+# Syscall entries that a live system reaches often; the first eligible hit is borrowed.
+BORROW_SITES = (
+    "__x64_sys_read", "__x64_sys_write", "__x64_sys_getpid", "__x64_sys_getppid",
+    "__x64_sys_clock_nanosleep", "__x64_sys_nanosleep", "__x64_sys_poll",
+    "__x64_sys_pselect6", "__x64_sys_wait4", "__x64_sys_ioctl", "__x64_sys_rt_sigaction",
+    "vmstat_update",
+)  # fmt: skip
+# Functions whose preceding padding byte may serve as the return breakpoint.
+RETURN_PAD_CANDIDATES = ("__x64_sys_getpid", "__x64_sys_getppid", "__x64_sys_sync", "vfree")
+EFLAGS_IF = 1 << 9
+WritePhys = Callable[[int, bytes], None]
+RED_ZONE = 256  # below the borrowed task's rsp, untouched
+MIN_STACK_LEFT = 8 << 10
+ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+RESTORED = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "eflags",
+)  # fmt: skip
+
+
+class BorrowError(HypervisorError):
+    """No vCPU could be borrowed, or a borrowed call failed."""
+
+
+@dataclass
+class _Parked:
+    regs: X86Registers  # the task's registers at the borrow site
+    task: int
+    site: int
+    tid: int  # gdbstub thread (vCPU index + 1) the task is parked on
+
+
+def preempt_count_offset(k: Kernel) -> int:
+    """Per-cpu offset of the preempt count: ``__preempt_count`` (5.10/6.1) or
+    ``pcpu_hot.preempt_count`` (6.12)."""
+    if "__preempt_count" in k.symbols:
+        return k.symbols.address("__preempt_count")
+    return k.symbols.address("pcpu_hot") + k.member_offset("pcpu_hot", "preempt_count")
+
+
+def return_pad(k: Kernel) -> int:
+    """A byte nothing executes: int3/nop padding just before a function's entry."""
+    for name in RETURN_PAD_CANDIDATES:
+        if name not in k.symbols:
+            continue
+        addr = k.symbols.address(name) - 1
+        if k.read(addr, 1) in (b"\xcc", b"\x90"):
+            return addr
+    raise BorrowError("no padding byte found for the return breakpoint")
+
+
+class Borrow:
+    """A task parked at a syscall entry whose vCPU runs kernel functions for us.
+
+    Use as a context manager: on exit the task resumes exactly where it was parked
+    (the stub is left stopped; the caller continues the VM).
+    """
+
+    def __init__(
+        self, stub: GdbStub, kernel: Kernel, write_phys: WritePhys, timeout: float = 30.0
+    ) -> None:
+        self.stub = stub
+        self.k = kernel
+        self.write_phys = write_phys
+        self.timeout = timeout
+        self._cur = current_task_offset(kernel)
+        self._preempt = preempt_count_offset(kernel)
+        self._pad = return_pad(kernel)
+        self._parked: _Parked | None = None
+        self.calls = 0
+
+    # -- parking --------------------------------------------------------------------------
+
+    def __enter__(self) -> Borrow:
+        self.park()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _current(self, regs: X86Registers) -> int:
+        base = regs.k_gs_base if regs.cs & 3 else regs.gs_base
+        return self.k.u64(base + self._cur)
+
+    def _eligible(self, regs: X86Registers) -> bool:
+        if regs.cs & 3 or not regs.eflags & EFLAGS_IF:
+            return False
+        if self.k.u32(regs.gs_base + self._preempt) & 0x7FFFFFFF:
+            return False
+        task = self._current(regs)
+        stack = self.k.u64(task + self.k.member_offset("task_struct", "stack"))
+        return stack + MIN_STACK_LEFT < regs.rsp - RED_ZONE < stack + (16 << 10)
+
+    def park(self, sites: Iterable[str] = BORROW_SITES) -> None:
+        """Stop the VM with a task parked at a syscall entry (waits for one)."""
+        stub = self.stub
+        if stub.running:
+            stub.interrupt()
+            stub.wait_stop(5)
+        addrs: list[int] = []
+        for name in sites:
+            try:
+                addrs.append(place_point(self.k, name).address)
+            except SymbolError:
+                continue
+        if not addrs:
+            raise BorrowError("none of the borrow sites exists in this kernel")
+        for a in addrs:
+            stub.insert_breakpoint(a)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                stub.cont()
+                try:
+                    stub.wait_stop(max(0.01, deadline - time.monotonic()))
+                except GdbTimeout:
+                    stub.interrupt()
+                    stub.wait_stop(5)
+                    raise BorrowError(
+                        f"no task entered a syscall within {self.timeout:.0f} s "
+                        "(an idle guest gives no vCPU to borrow)"
+                    ) from None
+                regs = stub.read_registers()
+                if regs.rip in addrs and self._eligible(regs):
+                    break
+        finally:
+            for a in addrs:
+                stub.remove_breakpoint(a)
+        self._parked = _Parked(regs, self._current(regs), regs.rip, self._stop_tid())
+
+    def _stop_tid(self) -> int:
+        stop = self.stub.stop_reply
+        if stop is None or stop.thread is None or stop.thread.tid <= 0:
+            raise BorrowError("the gdbstub did not say which vCPU stopped")
+        return stop.thread.tid
+
+    def release(self) -> None:
+        """Put the parked task back exactly as it was (the VM stays stopped)."""
+        p, self._parked = self._parked, None
+        if p is None:
+            return
+        self._restore(p)
+
+    def _restore(self, p: _Parked) -> None:
+        """The parked task's own registers back onto the vCPU it now sits on."""
+        saved = p.regs
+        self.stub.select_thread(p.tid)
+        cur = self.stub.read_registers()
+        for name in RESTORED:
+            setattr(cur, name, getattr(saved, name))
+        self.stub.write_registers(cur, use_g=True)
+
+    def select(self) -> None:
+        """Point register and memory access at the parked task's vCPU (kernel mode, so
+        kernel addresses translate even under PTI)."""
+        if self._parked is None:
+            raise BorrowError("no task is parked")
+        self.stub.select_thread(self._parked.tid)
+
+    @property
+    def parked_regs(self) -> X86Registers:
+        if self._parked is None:
+            raise BorrowError("no task is parked")
+        return self._parked.regs
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def call(self, function: int | str, *args: int, timeout: float | None = None) -> int:
+        """Run ``function(*args)`` (up to six integer arguments) on the parked task and
+        return its ``rax``. The VM runs during the call (other vCPUs too: the callee may
+        send IPIs); on return the VM is stopped again with the task parked."""
+        p = self._parked
+        if p is None:
+            raise BorrowError("call() needs a parked task (use the Borrow as a context)")
+        if len(args) > len(ARG_REGS):
+            raise BorrowError("at most six arguments")
+        target = self.k.symbols.address(function) if isinstance(function, str) else function
+        stub, k = self.stub, self.k
+        slot = ((p.regs.rsp - RED_ZONE) & ~0xF) - 8  # rsp % 16 == 8, as at a function entry
+        slot_pa = k.walker.translate(slot)
+        saved_slot = k.read(slot, 8)
+        stub.select_thread(p.tid)
+        regs = stub.read_registers()
+        for name in RESTORED:
+            setattr(regs, name, getattr(p.regs, name))
+        for name, value in zip(ARG_REGS, args, strict=False):
+            setattr(regs, name, value & ((1 << 64) - 1))
+        regs.rsp = slot
+        regs.rip = target
+        regs.rax = 0
+        self.write_phys(slot_pa, self._pad.to_bytes(8, "little"))
+        stub.insert_breakpoint(self._pad)
+        try:
+            stub.write_registers(regs, use_g=True)
+            result = self._wait_return(slot + 8, p.task, timeout or self.timeout)
+            p.tid = self._stop_tid()  # the callee may have slept and moved to another vCPU
+        finally:
+            stub.remove_breakpoint(self._pad)
+            self.write_phys(slot_pa, saved_slot)
+        self.calls += 1
+        self._restore(p)  # parked again at its site, on whichever vCPU it now is
+        return result
+
+    def _wait_return(self, rsp: int, task: int, timeout: float) -> int:
+        stub = self.stub
+        deadline = time.monotonic() + timeout
+        while True:
+            stub.cont()
+            try:
+                stub.wait_stop(max(0.01, deadline - time.monotonic()))
+            except GdbTimeout:
+                raise BorrowError(
+                    f"a borrowed call did not return within {timeout:.0f} s; the VM is "
+                    "still running the call"
+                ) from None
+            regs = stub.read_registers()
+            if regs.rip == self._pad and regs.rsp == rsp and self._current(regs) == task:
+                return int(regs.rax)

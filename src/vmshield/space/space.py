@@ -1,0 +1,557 @@
+"""The security space in one guest: build, patch sites, drain, check, tear down.
+
+Build (one parked task, see :mod:`vmshield.space.borrow`): the guest kernel's module
+allocator gives one region ``[agent text][config][per-CPU rings]``; the relocated agent
+is written into it through the gdbstub (QEMU invalidates translated code on such
+writes), the text is made read-only + executable and the config read-only with the
+kernel's own ``set_memory_*`` (which also fixes the direct-map alias and flushes every
+CPU's TLB). Patching turns each point's ftrace NOP into ``call vms_gate`` with every
+vCPU stopped, after marking the function's ftrace record DISABLED so that the guest's
+ftrace never tries to rewrite our call (it would find unexpected bytes and shut ftrace
+down). Draining and integrity checks read guest RAM directly: no VM exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as C
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.tasks import current_task_offset
+from vmshield.hv.gdbstub import GdbStub
+from vmshield.hv.target import Target
+from vmshield.space import agent as agentlib
+from vmshield.space import layout as L
+from vmshield.space.borrow import Borrow
+
+PAGE = 0x1000
+NOPS5 = (bytes.fromhex("0f1f440000"), bytes.fromhex("6666666690"))
+MAX_FTRACE_PAGES = 20000
+MAX_FTRACE_RECORDS = 200000
+SAMPLE_INTERVAL_NS = 200_000_000
+
+
+class SpaceError(VmshieldError):
+    """The security space cannot be built, patched or removed as asked."""
+
+
+class SpaceBusy(SpaceError):
+    """A vCPU is executing inside the security space."""
+
+
+@dataclass
+class SiteState:
+    """One patched point, with everything needed to put it back."""
+
+    index: int
+    symbol: str
+    address: int  # the NOP
+    original: str  # hex of the 5 bytes found there
+    patched: str  # hex of our call
+    ftrace_flags_va: int | None
+    ftrace_flags_before: int
+    ftrace_flags_after: int
+    live: bool = False
+
+
+@dataclass
+class Region:
+    base: int
+    text_pages: int
+    config_pages: int
+    ring_stride: int
+    ncpus: int
+    pages: list[int] = field(default_factory=list)  # PA of every page, in VA order
+
+    @property
+    def config_va(self) -> int:
+        return self.base + self.text_pages * PAGE
+
+    @property
+    def rings_va(self) -> int:
+        return self.config_va + self.config_pages * PAGE
+
+    @property
+    def size(self) -> int:
+        return (self.text_pages + self.config_pages) * PAGE + self.ncpus * self.ring_stride
+
+    def pa(self, va: int) -> int:
+        i = (va - self.base) // PAGE
+        if not 0 <= i < len(self.pages):
+            raise SpaceError(f"{va:#x} is outside the security space")
+        return self.pages[i] + (va & 0xFFF)
+
+
+@dataclass
+class Alert:
+    what: str  # agent-code, config, site, ftrace-flags, pte, cpu-state
+    where: str
+    address: int
+    expected: str
+    found: str
+
+
+def _pages(n: int) -> int:
+    return (n + PAGE - 1) // PAGE
+
+
+class SecuritySpace:
+    """The agent region and its sites in one guest (see the module docstring)."""
+
+    def __init__(self, target: Target, kernel: Kernel) -> None:
+        self.t = target
+        self.k = kernel
+        self.region: Region | None = None
+        self.image: agentlib.Image | None = None
+        self.config = L.Config()
+        self.sites: list[SiteState] = []
+        self.time_base: tuple[int, float] = (0, 0.0)  # (guest mono ns, host time)
+        self.baseline: dict[int, dict[str, int]] = {}  # cpu -> first CPU-state sample
+        self._hashes: dict[str, str] = {}
+        self._image_bytes = b""
+        self.state_path = target.gdb_path().with_suffix(".space.json")
+
+    # -- guest memory helpers ---------------------------------------------------------
+
+    def _write_data(self, va: int, data: bytes) -> None:
+        """Data writes (config, rings, ftrace flags) go straight to guest RAM."""
+        pos = 0
+        while pos < len(data):
+            a = va + pos
+            n = min(len(data) - pos, PAGE - (a & 0xFFF))
+            pa = self.region.pa(a) if self.region and self._inside(a) else (
+                self.k.walker.translate(a))  # fmt: skip
+            self.t.mem.write(pa, data[pos : pos + n])
+            pos += n
+
+    def _read(self, va: int, n: int) -> bytes:
+        if self.region and self._inside(va):
+            out = bytearray()
+            pos = 0
+            while pos < n:
+                a = va + pos
+                m = min(n - pos, PAGE - (a & 0xFFF))
+                out += self.t.mem.read(self.region.pa(a), m)
+                pos += m
+            return bytes(out)
+        return self.k.read(va, n)
+
+    def _inside(self, va: int) -> bool:
+        r = self.region
+        return r is not None and r.base <= va < r.base + r.size
+
+    # -- build ------------------------------------------------------------------------
+
+    def build(self, b: Borrow, ncpus: int) -> None:
+        """Allocate, write and protect the agent (a task must be parked in ``b``)."""
+        k = self.k
+        obj = agentlib.build().read_bytes()
+        # Link once at a stand-in module address to learn the size; then at the real base.
+        stand_in = 0xFFFFFFFFC0000000
+        probe = agentlib.link(obj, stand_in, stand_in + (1 << 24), lambda s: stand_in)
+        text_pages = _pages(len(probe.code))
+        config_pages = _pages(C.sizeof(L.Config))
+        stride = L.ring_bytes()
+        region = Region(0, text_pages, config_pages, stride, ncpus)
+        if "execmem_alloc" in k.symbols:
+            base = b.call("execmem_alloc", 0, region.size)  # EXECMEM_DEFAULT
+            free = "execmem_free"
+        else:
+            base = b.call("module_alloc", region.size)
+            free = "module_memfree"
+        if not base or base >> 63 == 0:
+            raise SpaceError(f"the guest allocator returned {base:#x} (out of memory?)")
+        region.base = base
+        k.walker.flush()
+        try:
+            region.pages = [k.walker.translate(base + i * PAGE) for i in range(region.size // PAGE)]
+            self.region = region
+            self.image = agentlib.link(obj, base, region.config_va, self._resolve)
+            code = self.image.code + b"\xcc" * (text_pages * PAGE - len(self.image.code))
+            self._fill_config(ncpus)
+            self._write_data(region.config_va, bytes(self.config))
+            zero = bytes(PAGE)
+            for i in range(ncpus * stride // PAGE):
+                self._write_data(region.rings_va + i * PAGE, zero)
+            b.stub.write_memory(base, code)  # through QEMU: stale translations go away
+            if self._read(base, len(code)) != code:
+                raise SpaceError("the agent code did not land in guest memory")
+            self._image_bytes = code
+            self._protect(b, region)
+            ns = b.call("ktime_get_mono_fast_ns")
+            self.time_base = (ns, time.time())
+        except BaseException:
+            with contextlib.suppress(VmshieldError):
+                b.call(free, base)
+            self.region = None
+            raise
+        self._rehash()
+
+    def _resolve(self, name: str) -> int:
+        try:
+            return self.k.symbols.address(name)
+        except SymbolError as e:
+            raise SpaceError(f"the agent needs {name}, which this kernel lacks") from e
+
+    def _protect(self, b: Borrow, r: Region) -> None:
+        k = self.k
+        if "set_memory_rox" in k.symbols:
+            rc = [b.call("set_memory_rox", r.base, r.text_pages)]
+        else:
+            rc = [b.call("set_memory_ro", r.base, r.text_pages),
+                  b.call("set_memory_x", r.base, r.text_pages)]  # fmt: skip
+        rc.append(b.call("set_memory_ro", r.config_va, r.config_pages))
+        if any(v & 0xFFFFFFFF for v in rc):
+            raise SpaceError(f"set_memory_* failed in the guest: {[hex(v) for v in rc]}")
+        k.walker.flush()
+        text = k.walker.lookup(r.base)
+        conf = k.walker.lookup(r.config_va)
+        if text.writable or text.nx or conf.writable or not conf.nx:
+            raise SpaceError("the guest did not apply the page protections asked for")
+
+    def _fill_config(self, ncpus: int) -> None:
+        k, r, c = self.k, self.region, self.config
+        assert r is not None
+        off = k.member_offset
+        c.magic = L.CONFIG_MAGIC
+        c.ncpus = ncpus
+        c.slot_size, c.nslots = L.SLOT_SIZE, L.NSLOTS
+        c.rings, c.ring_stride = r.rings_va, r.ring_stride
+        c.page_offset_base = k.u64(k.symbols.address("page_offset_base"))
+        c.la57 = int(k.walker.va_bits == 57)
+        c.msr_mask = L.M_EFER | L.M_STAR | L.M_LSTAR | L.M_SYSENTER
+        c.sample_interval_ns = SAMPLE_INTERVAL_NS
+        c.pc_current = current_task_offset(k)
+        if "cpu_number" in k.symbols:
+            c.pc_cpu = k.symbols.address("cpu_number")
+        else:
+            c.pc_cpu = k.symbols.address("pcpu_hot") + off("pcpu_hot", "cpu_number")
+        c.t_pid, c.t_tgid = off("task_struct", "pid"), off("task_struct", "tgid")
+        c.t_parent, c.t_cred = off("task_struct", "real_parent"), off("task_struct", "cred")
+        c.t_comm, c.t_signal = off("task_struct", "comm"), off("task_struct", "signal")
+        c.t_tiflags = off("task_struct", "thread_info.flags")
+        c.sig_pending = off("signal_struct", "shared_pending.signal")
+        c.c_uid, c.c_euid, c.c_gid = off("cred", "uid"), off("cred", "euid"), off("cred", "gid")
+
+    def write_config(self) -> None:
+        """Publish the host's copy of the config (sites, rules) to the guest."""
+        assert self.region is not None
+        self._write_data(self.region.config_va, bytes(self.config))
+        self._hashes["config"] = _sha(bytes(self.config))
+
+    # -- sites --------------------------------------------------------------------------
+
+    def add_site(self, symbol: str, address: int) -> int:
+        """Reserve a config slot for a point (not yet live; see :meth:`patch`)."""
+        for s in self.sites:
+            if s.address == address:
+                return s.index
+        i = len(self.sites)
+        if i >= L.MAX_SITES:
+            raise SpaceError(f"at most {L.MAX_SITES} monitoring points in the security space")
+        assert self.image is not None
+        found = self.k.read(address, 5)
+        if found not in NOPS5:
+            raise SpaceError(f"{symbol}: no ftrace NOP at {address:#x} (found {found.hex()})")
+        disp = self.image.gate - (address + 5)
+        if not -(1 << 31) <= disp < 1 << 31:
+            raise SpaceError(f"{symbol}: the gate is out of rel32 reach")
+        call = b"\xe8" + disp.to_bytes(4, "little", signed=True)
+        rec = self._ftrace_record(address)
+        flags = self.k.u32(rec + 8) if rec else 0
+        disabled = self.k.btf.enum_value(None, "FTRACE_FL_DISABLED")
+        if flags & ~disabled & 0xFFFFFFFF and flags & (1 << 31 | 0x7FFFFF):
+            raise SpaceError(f"{symbol} is in use by the guest's ftrace (flags {flags:#x})")
+        st = SiteState(i, symbol, address, found.hex(), call.hex(),
+                       rec + 8 if rec else None, flags, flags | disabled)  # fmt: skip
+        self.sites.append(st)
+        s = self.config.sites[i]
+        s.ret = address + 5
+        s.path_item = s.port_item = -1
+        self.config.nsites = len(self.sites)
+        return i
+
+    def _ftrace_record(self, ip: int) -> int | None:
+        """``struct dyn_ftrace *`` for ``ip`` (bounded walk of ``ftrace_pages_start``)."""
+        k = self.k
+        if "ftrace_pages_start" not in k.symbols:
+            return None
+        off = k.member_offset
+        o_next, o_recs = off("ftrace_page", "next"), off("ftrace_page", "records")
+        o_index = off("ftrace_page", "index")
+        size = k.sizeof("dyn_ftrace")
+        pg = k.u64(k.symbols.address("ftrace_pages_start"))
+        seen = set()
+        for _ in range(MAX_FTRACE_PAGES):
+            if not pg or pg in seen:
+                return None
+            seen.add(pg)
+            recs, n = k.u64(pg + o_recs), k.s32(pg + o_index)
+            if 0 < n <= MAX_FTRACE_RECORDS and recs:
+                first, last = k.u64(recs), k.u64(recs + (n - 1) * size)
+                if first <= ip <= last:
+                    lo, hi = 0, n - 1
+                    while lo <= hi:
+                        mid = (lo + hi) // 2
+                        v = k.u64(recs + mid * size)
+                        if v == ip:
+                            return recs + mid * size
+                        lo, hi = (mid + 1, hi) if v < ip else (lo, mid - 1)
+            pg = k.u64(pg + o_next)
+        return None
+
+    def _locks_free(self) -> bool:
+        k = self.k
+        for lock in ("ftrace_lock", "text_mutex"):
+            if lock in k.symbols and k.u64(k.symbols.address(lock)):
+                return False
+        return True
+
+    def patch(self, stub: GdbStub) -> None:
+        """Make every site live (VM stopped, a kernel-mode vCPU selected)."""
+        if not self._locks_free():
+            raise SpaceBusy("the guest holds ftrace_lock or text_mutex")
+        self.write_config()
+        for s in self.sites:
+            if s.live:
+                continue
+            if s.ftrace_flags_va is not None:
+                self._write_data(s.ftrace_flags_va, s.ftrace_flags_after.to_bytes(4, "little"))
+            stub.write_memory(s.address, bytes.fromhex(s.patched))
+            s.live = True
+        self.save_state()
+
+    def unpatch(self, stub: GdbStub) -> None:
+        """Put every site's bytes and ftrace flags back (VM stopped, kernel-mode vCPU)."""
+        for s in self.sites:
+            if not s.live:
+                continue
+            stub.write_memory(s.address, bytes.fromhex(s.original))
+            if s.ftrace_flags_va is not None:
+                self._write_data(s.ftrace_flags_va, s.ftrace_flags_before.to_bytes(4, "little"))
+            s.live = False
+        self.save_state()
+
+    # -- teardown ---------------------------------------------------------------------
+
+    def inside(self, stub: GdbStub) -> list[tuple[int, int]]:
+        """(vCPU, rip) of every vCPU executing agent code right now (VM stopped)."""
+        r = self.region
+        if r is None:
+            return []
+        out = []
+        for tid in stub.threads():
+            stub.select_thread(tid)
+            rip = stub.read_register("rip")
+            if r.base <= rip < r.base + r.text_pages * PAGE:
+                out.append((tid - 1, rip))
+        return out
+
+    def busy(self) -> list[str]:
+        """Why the space cannot be freed now (in-flight agent runs per ring)."""
+        r = self.region
+        if r is None:
+            return []
+        out = []
+        for cpu in range(r.ncpus):
+            h = self.ring_header(cpu)
+            if h.inflight:
+                out.append(f"cpu {cpu} is inside the agent")
+        return out
+
+    def destroy(self, b: Borrow) -> None:
+        """Unpatch, wait out RCU-tasks, scrub, restore permissions, free."""
+        r = self.region
+        if r is None:
+            return
+        inside = self.inside(b.stub)
+        if inside:
+            raise SpaceBusy(
+                "refusing to detach: vCPU "
+                + ", ".join(f"{c} (rip {rip:#x})" for c, rip in inside)
+                + " is executing inside the security space; try again"
+            )
+        b.select()
+        self.unpatch(b.stub)
+        k = self.k
+        if "synchronize_rcu_tasks_rude" in k.symbols:
+            b.call("synchronize_rcu_tasks_rude")
+        if "synchronize_rcu_tasks" in k.symbols:
+            b.call("synchronize_rcu_tasks")
+        if self.busy():
+            raise SpaceBusy("refusing to free: " + "; ".join(self.busy()))
+        b.stub.write_memory(r.base, b"\xcc" * (r.text_pages * PAGE))  # no agent code left
+        self._write_data(r.config_va, bytes(r.config_pages * PAGE))
+        b.call("set_memory_nx", r.base, r.text_pages)
+        b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
+        b.call("execmem_free" if "execmem_free" in k.symbols else "module_memfree", r.base)
+        self.region = None
+        self.state_path.unlink(missing_ok=True)
+
+    # -- rings --------------------------------------------------------------------------
+
+    def ring_header(self, cpu: int) -> L.RingHeader:
+        r = self.region
+        assert r is not None
+        raw = self._read(r.rings_va + cpu * r.ring_stride, C.sizeof(L.RingHeader))
+        return L.RingHeader.from_buffer_copy(raw)
+
+    def drain(self, limit: int = 4096) -> Iterator[tuple[L.Record, bytes]]:
+        """Records published since the last drain, per CPU in order; advances tails."""
+        r = self.region
+        assert r is not None
+        hsize = C.sizeof(L.RingHeader)
+        rsize = C.sizeof(L.Record)
+        for cpu in range(r.ncpus):
+            ring = r.rings_va + cpu * r.ring_stride
+            raw = self._read(ring, 16)
+            head, tail = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+            if head - tail > L.NSLOTS or head < tail:  # corrupted by the guest: resync
+                tail = max(0, head - L.NSLOTS)
+            n = 0
+            while tail < head and n < limit:
+                slot = ring + hsize + (tail % L.NSLOTS) * L.SLOT_SIZE
+                data = self._read(slot, L.SLOT_SIZE)
+                rec = L.Record.from_buffer_copy(data[:rsize])
+                yield rec, data[rsize : rsize + min(rec.used, L.RECORD_DATA)]
+                tail += 1
+                n += 1
+            self._write_data(ring + 8, tail.to_bytes(8, "little"))
+
+    def counters(self) -> dict[str, int]:
+        r = self.region
+        out = {"hits": 0, "drops": 0, "nested": 0, "denied": 0, "killed": 0}
+        if r is None:
+            return out
+        for cpu in range(r.ncpus):
+            h = self.ring_header(cpu)
+            for key in out:
+                out[key] += int(getattr(h, key))
+        return out
+
+    def host_time(self, ns: int) -> float:
+        g0, h0 = self.time_base
+        return h0 + (ns - g0) / 1e9
+
+    # -- integrity ----------------------------------------------------------------------
+
+    def _rehash(self) -> None:
+        r = self.region
+        assert r is not None
+        self._hashes = {"agent-code": _sha(self._image_bytes), "config": _sha(bytes(self.config))}
+
+    def check(self, deep: bool = False) -> list[Alert]:
+        """Compare what the guest holds now with what we wrote. ``deep`` also checks the
+        page-table entries (a remap to a forged copy defeats content hashes alone)."""
+        r = self.region
+        if r is None:
+            return []
+        alerts: list[Alert] = []
+        code = self._read(r.base, r.text_pages * PAGE)
+        if _sha(code) != self._hashes["agent-code"]:
+            at = next(i for i, (a, b) in enumerate(zip(code, self._image_bytes, strict=True))
+                      if a != b)  # fmt: skip
+            want, got = self._image_bytes[at : at + 8].hex(), code[at : at + 8].hex()
+            alerts.append(Alert("agent-code", "security space text", r.base + at, want, got))
+        conf = self._read(r.config_va, C.sizeof(L.Config))
+        if _sha(conf) != self._hashes["config"]:
+            alerts.append(Alert("config", "security space config", r.config_va, "", ""))
+        for s in self.sites:
+            if not s.live:
+                continue
+            now = self.k.read(s.address, 5).hex()
+            if now != s.patched:
+                alerts.append(Alert("site", s.symbol, s.address, s.patched, now))
+            if s.ftrace_flags_va is not None:
+                f = self.k.u32(s.ftrace_flags_va)
+                if f != s.ftrace_flags_after:
+                    alerts.append(Alert("ftrace-flags", s.symbol, s.ftrace_flags_va,
+                                        f"{s.ftrace_flags_after:#x}", f"{f:#x}"))  # fmt: skip
+        if deep:
+            self.k.walker.flush()
+            for i in range(r.text_pages + r.config_pages):
+                va = r.base + i * PAGE
+                m = self.k.walker.lookup(va)
+                want_nx = i >= r.text_pages
+                if m.pa != r.pages[i] or m.writable or m.nx != want_nx:
+                    alerts.append(Alert("pte", "security space mapping", va,
+                                        f"pa={r.pages[i]:#x} ro nx={want_nx}",
+                                        f"pa={m.pa:#x} rw={m.writable} nx={m.nx}"))  # fmt: skip
+        alerts += self._check_cpu_state()
+        return alerts
+
+    def _check_cpu_state(self) -> list[Alert]:
+        r = self.region
+        assert r is not None
+        alerts = []
+        for cpu in range(r.ncpus):
+            s = self.ring_header(cpu).sample
+            if not s.count:
+                continue
+            now = {f: int(getattr(s, f)) for f in CPU_FIELDS}
+            first = self.baseline.setdefault(cpu, now)
+            for f in CPU_FIELDS:
+                if now[f] != first[f]:
+                    alerts.append(Alert("cpu-state", f"cpu {cpu} {f}", 0,
+                                        f"{first[f]:#x}", f"{now[f]:#x}"))  # fmt: skip
+                    first[f] = now[f]  # report each change once
+        return alerts
+
+    def repair(self, stub: GdbStub, alerts: list[Alert]) -> None:
+        """Re-arm after tampering: write our bytes back (VM stopped, kernel-mode vCPU)."""
+        r = self.region
+        assert r is not None
+        for a in alerts:
+            if a.what == "agent-code":
+                stub.write_memory(r.base, self._image_bytes)
+            elif a.what == "config":
+                self.write_config()
+            elif a.what == "site":
+                s = next(s for s in self.sites if s.address == a.address)
+                stub.write_memory(s.address, bytes.fromhex(s.patched))
+            elif a.what == "ftrace-flags":
+                s = next(s for s in self.sites if s.ftrace_flags_va == a.address)
+                self._write_data(a.address, s.ftrace_flags_after.to_bytes(4, "little"))
+
+    # -- persistence (for `vmshield detach` after a crash) --------------------------------
+
+    def save_state(self) -> None:
+        r = self.region
+        if r is None:
+            return
+        self.state_path.write_text(json.dumps({
+            "region": asdict(r), "sites": [asdict(s) for s in self.sites],
+        }))  # fmt: skip
+
+    @classmethod
+    def load_state(cls, target: Target, kernel: Kernel) -> SecuritySpace | None:
+        sp = cls(target, kernel)
+        if not sp.state_path.is_file():
+            return None
+        d: dict[str, Any] = json.loads(sp.state_path.read_text())
+        sp.region = Region(**d["region"])
+        sp.sites = [SiteState(**s) for s in d["sites"]]
+        return sp
+
+
+CPU_FIELDS = ("cr0", "cr4", "efer", "star", "lstar", "sysenter_eip", "idt_base",
+              "idt_limit", "gdt_base", "gdt_limit")  # fmt: skip
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def open_space(target: Target, kernel: Kernel, stub: GdbStub, ncpus: int) -> SecuritySpace:
+    """Build a space on a parked task (the VM is left stopped)."""
+    sp = SecuritySpace(target, kernel)
+    with Borrow(stub, kernel, target.mem.write) as b:
+        sp.build(b, ncpus)
+    return sp
