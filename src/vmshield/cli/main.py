@@ -281,8 +281,20 @@ def monitor(
     action: Annotated[str, typer.Option(help="log, deny, kill, pause or dump.")] = "log",
     as_json: JsonOpt = False,
     duration: Annotated[float | None, typer.Option(help="Stop after S seconds.")] = None,
-    engine: Annotated[str, typer.Option(help="exit (space: not built yet).")] = "exit",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="space (in-guest agent, no VM exit per event), exit (a breakpoint stop "
+            "per event) or auto (space when it can serve every request, else exit)."
+        ),
+    ] = "auto",
     dump_dir: Annotated[Path, typer.Option(help="Where the dump action writes.")] = Path("."),
+    check_interval: Annotated[
+        float, typer.Option(help="Security space: seconds between full integrity checks.")
+    ] = 1.0,
+    on_tamper: Annotated[
+        str, typer.Option(help="Security space: rearm (write our bytes back) or alert.")
+    ] = "rearm",
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
 
@@ -301,9 +313,13 @@ def monitor(
         parse_object_spec,
         resolve_all,
     )
+    from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
+    from vmshield.monitor.space_engine import unsupported as space_unsupported
 
-    if engine not in ("exit", "auto"):
-        _fail(VmshieldError(f"engine {engine!r} is not available yet (use exit)"))
+    if engine not in ("exit", "auto", "space"):
+        _fail(VmshieldError(f"unknown engine {engine!r} (use space, exit or auto)"))
+    if on_tamper not in ("rearm", "alert"):
+        _fail(VmshieldError(f"unknown tamper policy {on_tamper!r} (use rearm or alert)"))
     stop = {"now": False}
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -341,12 +357,33 @@ def monitor(
                 soft_wrap=True,
             )
 
-        eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
-        eng.arm()
+        eng: ExitEngine | SpaceEngine
+        why = space_unsupported(reqs)
+        if engine == "space" and why:
+            raise VmshieldError(f"the security space cannot serve this: {why}")
+        if engine != "exit" and not why:
+            eng = SpaceEngine(t, k, reqs, emit, dump_dir=dump_dir,
+                              check_interval=check_interval, policy=on_tamper)  # fmt: skip
+            try:
+                eng.arm()
+            except VmshieldError as e:
+                if engine == "space":
+                    raise
+                why = f"building the security space failed: {e}"
+        if engine == "exit" or why:
+            if engine == "auto":
+                err.print(f"engine auto: using exit ({why})", highlight=False, soft_wrap=True)
+            eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
+            eng.arm()
         t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
         try:
             points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
-            err.print(f"armed {len(reqs)} point(s): {points}", highlight=False, soft_wrap=True)
+            kind = "space" if isinstance(eng, SpaceEngine) else "exit"
+            err.print(
+                f"armed {len(reqs)} point(s) (engine {kind}): {points}",
+                highlight=False,
+                soft_wrap=True,
+            )
             eng.run(duration, lambda: stop["now"])
         finally:
             eng.detach()
@@ -359,9 +396,15 @@ def monitor(
             if not as_json:
                 err.print(summary)
             rt = s.round_trips / s.hits if s.hits else 0.0
+            extra = (
+                f", {s.drops} dropped, {s.alerts} integrity alerts"
+                if isinstance(s, SpaceStats)
+                else ""
+            )
             err.print(
                 f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
-                f"{s.decode_errors} with decode errors, {rt:.1f} gdbstub round trips per hit",
+                f"{s.decode_errors} with decode errors, {rt:.1f} gdbstub round trips per hit"
+                + extra,
                 highlight=False,
                 soft_wrap=True,
             )

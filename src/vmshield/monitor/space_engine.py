@@ -1,0 +1,358 @@
+"""The security-space engine: switch gates in the guest, rings drained from shared RAM.
+
+Per event there is no VM exit: the agent records into its CPU's ring, the host drains
+the rings every ``DRAIN_INTERVAL`` and turns records into the same ``vmshield.event/1``
+events the exit engine emits. ``deny`` and ``kill`` are decided in the guest, by rules
+the host compiles from the requests (pid, uid, comm, path, port filters); ``pause`` and
+``dump`` are carried out by the host when it drains the record. The gdbstub is used only
+to build, re-arm and tear down; between those the VM has no debugger attached.
+
+Integrity: every drain compares the agent code, config, patched sites and ftrace flags
+with what was written, and every ``check_interval`` also the page-table entries and the
+CPU control state the agent samples. A change is an ``space.integrity`` alert event; the
+default policy re-arms (writes our bytes back), ``alert`` only reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmshield.errors import VmshieldError
+from vmshield.guest.kernel import Kernel
+from vmshield.hv.target import Target
+from vmshield.monitor.catalog import match_filter
+from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.request import ResolvedRequest
+from vmshield.space import captures
+from vmshield.space import layout as L
+from vmshield.space.borrow import Borrow
+from vmshield.space.space import Alert, SecuritySpace, SpaceBusy
+
+DRAIN_INTERVAL = 0.02
+AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
+POLICIES = ("rearm", "alert")
+
+
+def unsupported(requests: list[ResolvedRequest]) -> str | None:
+    """Why these requests cannot run in the security space (None: they can)."""
+    per_site: dict[int, int] = {}
+    for r in requests:
+        name = r.request.object
+        if not r.point.on_nop or not r.point.address >> 63:
+            return f"{name} is a user-space point (the security space patches kernel sites)"
+        if r.request.action in AGENT_ACTIONS:
+            problem = _rule_problem(r.request.filters)
+            if problem:
+                return f"{name} with action {r.request.action}: {problem}"
+            per_site[r.point.address] = per_site.get(r.point.address, 0) + 1
+            if per_site[r.point.address] > L.MAX_RULES:
+                return f"more than {L.MAX_RULES} deny/kill requests on {r.point.symbol}"
+    if len({r.point.address for r in requests}) > L.MAX_SITES:
+        return f"more than {L.MAX_SITES} monitoring points"
+    return None
+
+
+def _rule_problem(filters: dict[str, str]) -> str | None:
+    for key, val in filters.items():
+        if key not in captures.AGENT_FILTERS:
+            return f"the agent cannot evaluate filter {key!r} (it can: pid, uid, comm, path, port)"
+        if key in ("pid", "uid", "port") and not val.isdigit():
+            return f"filter {key}={val!r} must be a number in the security space"
+        if key in ("comm", "path") and any(ch in val for ch in "[]"):
+            return f"filter {key}={val!r}: character classes are not evaluated in the guest"
+        if (key == "comm" and len(val) >= L.COMM_LEN) or (key == "path" and len(val) >= 128):
+            return f"filter {key}={val!r} is too long"
+    return None
+
+
+def _rule(action: str, filters: dict[str, str]) -> L.Rule:
+    r = L.Rule()
+    r.action = AGENT_ACTIONS[action]
+    for key, val in filters.items():
+        if key == "pid":
+            r.has |= L.R_PID
+            r.pid = int(val)
+        elif key == "uid":
+            r.has |= L.R_UID
+            r.uid = int(val)
+        elif key == "port":
+            r.has |= L.R_PORT
+            r.port = int(val)
+        elif key == "comm":
+            r.has |= L.R_COMM
+            r.comm = val.encode()
+        elif key == "path":
+            r.has |= L.R_PATH
+            r.path = val.encode()
+    return r
+
+
+@dataclass
+class _Site:
+    index: int
+    plan: captures.Plan
+    requests: list[ResolvedRequest]
+    rule_of: dict[int, int] = field(default_factory=dict)  # request position -> rule bit
+
+
+@dataclass
+class SpaceStats:
+    hits: int = 0
+    events: int = 0
+    filtered: int = 0
+    decode_errors: int = 0
+    drops: int = 0
+    alerts: int = 0
+    drains: int = 0
+    round_trips: int = 0
+    by_object: dict[str, int] = field(default_factory=dict)
+
+
+class SpaceEngine:
+    def __init__(
+        self,
+        target: Target,
+        kernel: Kernel,
+        requests: list[ResolvedRequest],
+        emit: Callable[[Event], None],
+        dump_dir: Path | None = None,
+        check_interval: float = 1.0,
+        policy: str = "rearm",
+    ) -> None:
+        if policy not in POLICIES:
+            raise VmshieldError(f"unknown tamper policy {policy!r} (use {', '.join(POLICIES)})")
+        self.t = target
+        self.k = kernel
+        self.requests = requests
+        self.emit = emit
+        self.dump_dir = dump_dir or Path.cwd()
+        self.check_interval = check_interval
+        self.policy = policy
+        self.space: SecuritySpace | None = None
+        self.sites: dict[int, _Site] = {}
+        self.stats = SpaceStats()
+        self.paused = False
+        self._drops_seen = 0
+
+    # -- arm / detach -------------------------------------------------------------------
+
+    def arm(self) -> None:
+        stub = self.t.gdbstub()
+        try:
+            ncpus = len(stub.threads())
+            sp = SecuritySpace(self.t, self.k)
+            with Borrow(stub, self.k, self.t.mem.write) as b:
+                sp.build(b, ncpus)
+                self.space = sp
+                try:
+                    self._configure(sp)
+                    b.select()
+                    sp.patch(stub)
+                except BaseException:
+                    sp.destroy(b)
+                    self.space = None
+                    raise
+            stub.detach()  # the VM runs on with no debugger attached
+        finally:
+            stub.close()
+
+    def _configure(self, sp: SecuritySpace) -> None:
+        by_addr: dict[int, list[ResolvedRequest]] = {}
+        for r in self.requests:
+            by_addr.setdefault(r.point.address, []).append(r)
+        for addr, reqs in by_addr.items():
+            idx = sp.add_site(reqs[0].point.symbol, addr)
+            plan = captures.plan_for(reqs[0].request.object, self.k)
+            site = _Site(idx, plan, reqs)
+            s = sp.config.sites[idx]
+            s.nfetch = len(plan.fetches)
+            for j, f in enumerate(plan.fetches):
+                s.fetch[j] = f
+            s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
+            for pos, r in enumerate(reqs):
+                if r.request.action in AGENT_ACTIONS:
+                    bit = s.nrules
+                    s.rules[bit] = _rule(r.request.action, r.request.filters)
+                    s.nrules += 1
+                    site.rule_of[pos] = bit
+            s.enabled = 1
+            self.sites[idx] = site
+
+    def detach(self, attempts: int = 5) -> None:
+        """Unpatch, free and leave no trace; refused while a vCPU is inside the space
+        (retried a few times: a vCPU leaves the agent within microseconds)."""
+        sp, last = self.space, None
+        if sp is None:
+            return
+        for _ in range(attempts):
+            self._drain_once()
+            stub = self.t.gdbstub()
+            try:
+                with Borrow(stub, self.k, self.t.mem.write) as b:
+                    sp.destroy(b)
+                stub.detach()
+                self.space = None
+                return
+            except SpaceBusy as e:
+                last = e
+                if stub.connected and not stub.running:
+                    stub.detach()
+                time.sleep(0.05)
+            finally:
+                stub.close()
+        raise SpaceBusy(f"{last}")
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
+        end = time.monotonic() + duration if duration else None
+        next_check = time.monotonic() + self.check_interval
+        while not should_stop() and (end is None or time.monotonic() < end):
+            time.sleep(DRAIN_INTERVAL)
+            if self.paused:
+                continue
+            deep = time.monotonic() >= next_check
+            if deep:
+                next_check = time.monotonic() + self.check_interval
+            self._drain_once()
+            self._integrity(deep)
+
+    def _drain_once(self) -> None:
+        sp = self.space
+        if sp is None:
+            return
+        self.stats.drains += 1
+        for rec, data in sp.drain():
+            self._handle(rec, data)
+        counters = sp.counters()
+        self.stats.hits = counters["hits"]
+        if counters["drops"] > self._drops_seen:
+            lost = counters["drops"] - self._drops_seen
+            self._drops_seen = counters["drops"]
+            self.stats.drops = counters["drops"]
+            self._system_event("space.ring", "drop", {"dropped": lost, "total": self._drops_seen})
+
+    def _integrity(self, deep: bool) -> None:
+        sp = self.space
+        if sp is None:
+            return
+        alerts = sp.check(deep)
+        if not alerts:
+            return
+        for a in alerts:
+            self.stats.alerts += 1
+            self._system_event(
+                "space.integrity", "alert",
+                {"what": a.what, "where": a.where, "address": f"{a.address:#x}",
+                 "expected": a.expected, "found": a.found,
+                 "response": "rearm" if self.policy == "rearm" and a.what != "cpu-state"
+                 else "reported"},
+            )  # fmt: skip
+        if self.policy == "rearm":
+            self._rearm([a for a in alerts if a.what in ("agent-code", "config", "site",
+                                                          "ftrace-flags")])  # fmt: skip
+
+    def _rearm(self, alerts: list[Alert]) -> None:
+        sp = self.space
+        if not alerts or sp is None:
+            return
+        stub = self.t.gdbstub()
+        try:
+            with Borrow(stub, self.k, self.t.mem.write) as b:
+                b.select()
+                sp.repair(stub, alerts)
+            stub.detach()
+        finally:
+            stub.close()
+
+    def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
+        self.emit(Event(
+            time=time.time(), vm=self.t.name, request="space", object=obj, action=action,
+            process=None, fields=fields,
+            point=PointInfo(symbol=str(fields.get("where", obj)),
+                            address=str(fields.get("address", "0x0")),
+                            kind="security-space", engine="space", cpu=0),
+        ))  # fmt: skip
+
+    # -- records -> events ----------------------------------------------------------------
+
+    def _handle(self, rec: L.Record, data: bytes) -> None:
+        site = self.sites.get(rec.site)
+        if site is None:
+            return
+        items = captures.parse_items(data, rec.nitems)
+        cap = captures.Captured(list(rec.args), items)
+        proc = ProcessContext(
+            pid=rec.pid, tgid=rec.tgid, ppid=rec.ppid, uid=rec.uid, euid=rec.euid,
+            gid=rec.gid, comm=rec.comm.decode(errors="backslashreplace"),
+            task=f"{rec.task:#x}",
+        )  # fmt: skip
+        proc_d = proc.model_dump()
+        decoded: dict[str, Any] | None = None
+        pause = False
+        for pos, r in enumerate(site.requests):
+            flt = r.request.filters
+            if pos in site.rule_of:
+                if not rec.matched >> site.rule_of[pos] & 1:
+                    self.stats.filtered += 1
+                    continue
+            elif any(k in ("pid", "comm", "uid") and not match_filter(k, v, {}, proc_d)
+                     for k, v in flt.items()):  # fmt: skip
+                self.stats.filtered += 1
+                continue
+            if decoded is None:
+                try:
+                    decoded = site.plan.decode(cap)
+                except VmshieldError as e:
+                    cap.errors.append(f"decode: {e}")
+                    decoded = {}
+            if pos not in site.rule_of and not all(
+                match_filter(k, v, decoded, proc_d) for k, v in flt.items()
+            ):
+                self.stats.filtered += 1
+                continue
+            action = r.request.action
+            detail: dict[str, Any] = {}
+            try:
+                detail = self._act(action)
+            except VmshieldError as e:
+                detail = {"error": f"{action} failed: {e}"}
+                action = "log"
+            if action == "kill":
+                detail = {"signal": "SIGKILL"}
+            pause |= action == "pause"
+            self.stats.events += 1
+            self.stats.by_object[r.request.object] = self.stats.by_object.get(
+                r.request.object, 0) + 1  # fmt: skip
+            self.stats.decode_errors += bool(cap.errors)
+            self.emit(Event(
+                time=self.space.host_time(rec.ns) if self.space else time.time(),
+                vm=self.t.name, request=r.request.id, object=r.request.object,
+                action=action, process=proc, fields=decoded,
+                point=PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                                kind="kernel-function", engine="space", cpu=rec.cpu),
+                decode_errors=list(cap.errors), detail=detail,
+            ))  # fmt: skip
+        if pause:
+            try:
+                self.t.qmp.stop()
+            finally:
+                self.t.qmp.close()
+            self.paused = True
+
+    def _act(self, action: str) -> dict[str, Any]:
+        if action == "dump":
+            name = f"vmshield-{Path(self.t.name).name}-{int(time.time() * 1000)}.elf"
+            path = (self.dump_dir / name).resolve()
+            try:
+                self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            finally:
+                self.t.qmp.close()
+            return {"dump": str(path)}
+        if action == "pause":
+            return {"paused": True}
+        return {}
