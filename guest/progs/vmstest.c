@@ -173,6 +173,47 @@ static int do_loop(long n)
 	return 0;
 }
 
+/* A mixed, syscall-heavy workload for benchmarks: per round one fork+exec, ten
+ * open/read/close, two loopback connects (refused) and fifty getpid calls. */
+static int do_mix(long rounds)
+{
+	long i, j;
+	char buf[256];
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (i = 0; i < rounds; i++) {
+		pid_t child = fork();
+		if (child == 0) {
+			execl("/bin/vmstest", "vmstest", "true", (char *)0);
+			_exit(127);
+		}
+		waitpid(child, 0, 0);
+		for (j = 0; j < 10; j++) {
+			int fd = open("/etc/passwd", O_RDONLY);
+			if (fd >= 0) {
+				if (read(fd, buf, sizeof(buf)) < 0)
+					perror("read");
+				close(fd);
+			}
+		}
+		for (j = 0; j < 2; j++) {
+			struct sockaddr_in sa;
+			int s = socket(AF_INET, SOCK_STREAM, 0);
+			loopback(&sa, 5999);
+			if (connect(s, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+				fprintf(stderr, "unexpected connect\n");
+			close(s);
+		}
+		for (j = 0; j < 50; j++)
+			syscall(SYS_getpid);
+	}
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	ident("mix");
+	printf(" rounds=%ld ns=%ld\n", rounds,
+	       (long)(b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec));
+	return 0;
+}
+
 static int do_sleep(int secs)
 {
 	ident("sleep");
@@ -201,6 +242,10 @@ int main(int argc, char **argv)
 		return do_connect(atoi(argv[2]));
 	if (argc >= 3 && strcmp(argv[1], "loop") == 0)
 		return do_loop(atol(argv[2]));
+	if (argc >= 3 && strcmp(argv[1], "mix") == 0)
+		return do_mix(atol(argv[2]));
+	if (argc >= 2 && strcmp(argv[1], "true") == 0)
+		return 0;
 	if (argc >= 3 && strcmp(argv[1], "sleep") == 0)
 		return do_sleep(atoi(argv[2]));
 	if (argc >= 3 && strcmp(argv[1], "bind") == 0)
@@ -257,6 +302,6 @@ int main(int argc, char **argv)
 	}
 	fprintf(stderr, "usage: vmstest [as UID] open PATH | connect PORT | bind PORT | "
 		"listen PORT | unlink PATH | rename A B | fork CODE | exit CODE | ptrace | bpf | "
-		"exec PATH ARGS... | loop N | sleep S | id\n");
+		"exec PATH ARGS... | loop N | mix N | true | sleep S | id\n");
 	return 2;
 }

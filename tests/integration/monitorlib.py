@@ -16,9 +16,20 @@ import pytest
 
 
 class MonitorRun:
-    def __init__(self, vm: str, args: list[str]) -> None:
+    def __init__(self, vm: str, args: list[str], engine: str = "exit") -> None:
+        self.engine = engine
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmshield", "monitor", vm, "--json", *args],
+            [
+                sys.executable,
+                "-m",
+                "vmshield",
+                "monitor",
+                vm,
+                "--json",
+                "--engine",
+                engine,
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

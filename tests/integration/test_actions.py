@@ -25,8 +25,11 @@ VMSHIELD = [sys.executable, "-m", "vmshield"]
 EPERM = 1
 
 
-def test_deny_open_and_connect(lab: Lab) -> None:
-    mon = MonitorRun(lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "deny"])
+@pytest.mark.parametrize("engine", ["exit", "space"])
+def test_deny_open_and_connect(lab: Lab, engine: str) -> None:
+    mon = MonitorRun(
+        lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "deny"], engine
+    )
     try:
         g = kv(lab.sh("vmstest open /etc/shadow", check=False))
         assert int(g["errno"]) == EPERM and int(g["fd"]) == -1
@@ -36,7 +39,7 @@ def test_deny_open_and_connect(lab: Lab) -> None:
         assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"
     finally:
         assert mon.stop() == 0
-    mon = MonitorRun(lab.name, ["-o", "net.connect", "-f", "port=5601", "--action", "deny"])
+    mon = MonitorRun(lab.name, ["-o", "net.connect", "-f", "port=5601", "--action", "deny"], engine)
     try:
         c = kv(lab.sh("vmstest connect 5601", check=False))
         assert int(c["errno"]) == EPERM
@@ -47,8 +50,11 @@ def test_deny_open_and_connect(lab: Lab) -> None:
     assert kv(lab.sh("vmstest open /etc/shadow"))["errno"] == "0"
 
 
-def test_kill(lab: Lab) -> None:
-    mon = MonitorRun(lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "kill"])
+@pytest.mark.parametrize("engine", ["exit", "space"])
+def test_kill(lab: Lab, engine: str) -> None:
+    mon = MonitorRun(
+        lab.name, ["-o", "file.open", "-f", "path=/etc/shadow", "--action", "kill"], engine
+    )
     try:
         res = lab.vm.run("vmstest open /etc/shadow; echo status=$?")
         ev = mon.wait_for(lambda e: e["object"] == "file.open")

@@ -1,5 +1,6 @@
-"""Every catalog behaviour, on each kernel: a real guest program performs it and the
-event's fields are held against what the program itself prints."""
+"""Every catalog behaviour, on each kernel and through both engines (breakpoint exits
+and the in-guest security space): a real guest program performs it and the event's
+fields are held against what the program itself prints."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from .monitorlib import MonitorRun, kv
 LOGGED = list(PROCESS_OBJECTS)
 
 
-@pytest.fixture(scope="module")
-def session(lab: Lab) -> Iterator[tuple[Lab, MonitorRun]]:
-    """One monitor with every object armed (log) for the whole module."""
+@pytest.fixture(scope="module", params=["exit", "space"])
+def session(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Lab, MonitorRun]]:
+    """One monitor with every object armed (log) for the whole module, per engine."""
     args = [a for o in LOGGED for a in ("-o", o)] + ["-o", "kfunc:__x64_sys_getppid"]
-    mon = MonitorRun(lab.name, args)
+    mon = MonitorRun(lab.name, args, engine=request.param)
     try:
         yield lab, mon
     finally:
@@ -35,7 +36,9 @@ def ev_of(mon: MonitorRun, obj: str, pid: int, **fields: Any) -> dict[str, Any]:
             and all(e["fields"].get(k) == v for k, v in fields.items())
         )
 
-    return mon.wait_for(pred)
+    ev = mon.wait_for(pred)
+    assert ev["point"]["engine"] == mon.engine
+    return ev
 
 
 def test_exec(session: tuple[Lab, MonitorRun]) -> None:

@@ -379,6 +379,15 @@ def monitor(
         try:
             points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
             kind = "space" if isinstance(eng, SpaceEngine) else "exit"
+            if isinstance(eng, SpaceEngine) and eng.space and eng.space.region:
+                r = eng.space.region
+                err.print(
+                    f"security space at {r.base:#x}: {r.text_pages} code page(s) (RO+X), "
+                    f"{r.config_pages} config page(s) (RO+NX), {r.ncpus} per-CPU ring(s) "
+                    f"of {r.ring_stride >> 10} KiB",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             err.print(
                 f"armed {len(reqs)} point(s) (engine {kind}): {points}",
                 highlight=False,

@@ -1,0 +1,169 @@
+"""The security space itself, on each kernel: it leaves no trace after detach, refuses to
+be freed while a vCPU runs inside it, samples the CPU's control state from inside the
+guest, and notices (and repairs) a change made by code running in the guest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.symcache import SymbolCache
+from vmshield.hv.target import Target
+from vmshield.lab.tampermod import build_tamper_module
+from vmshield.monitor.request import IsolationRequest, resolve
+from vmshield.monitor.space_engine import SpaceEngine
+from vmshield.paths import cache_dir
+from vmshield.space.borrow import Borrow
+from vmshield.space.space import SecuritySpace, SpaceBusy
+
+from .conftest import Lab
+from .monitorlib import MonitorRun, kv
+
+SITES = ("security_file_open", "bprm_execve", "security_socket_connect")
+
+
+def attach(t: Target) -> Kernel:
+    cpu = t.cpus()[0]
+    return Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, SymbolCache(cache_dir() / "symtab"))
+
+
+def touched_pages_digest(lab: Lab) -> tuple[str, list[int]]:
+    """Hash of kernel text plus every page holding a site's ftrace record."""
+    with Target(lab.name) as t:
+        k = attach(t)
+        start, end = k.symbols.address("_stext"), k.symbols.address("_etext")
+        h = hashlib.sha256(k.read(start, end - start))
+        sp = SecuritySpace(t, k)
+        pages = []
+        for sym in SITES:
+            fn = k.symbols.address(sym)
+            nop = fn + (4 if k.read(fn, 4) in (b"\xf3\x0f\x1e\xfa", b"\x66\x0f\x1f\x00") else 0)
+            rec = sp._ftrace_record(nop)
+            assert rec is not None, f"no ftrace record for {sym}"
+            pages.append(rec & ~0xFFF)
+        for p in sorted(set(pages)):
+            h.update(k.read(p, 0x1000))
+        return h.hexdigest(), pages
+
+
+def test_detach_leaves_no_trace(lab: Lab) -> None:
+    before, _ = touched_pages_digest(lab)
+    args = ["-o", "file.open", "-o", "process.exec", "-o", "net.connect"]
+    mon = MonitorRun(lab.name, args, engine="space")
+    try:
+        g = kv(lab.sh("vmstest open /etc/passwd"))
+        mon.wait_for(lambda e: e["process"]["pid"] == int(g["pid"]))
+    finally:
+        assert mon.stop() == 0, "".join(mon.stderr)
+    region = re.search(r"security space at (0x[0-9a-f]+)", "".join(mon.stderr))
+    assert region, "".join(mon.stderr)
+    after, _ = touched_pages_digest(lab)
+    assert after == before, "kernel text or ftrace records differ after detach"
+    with Target(lab.name) as t:  # the region went back to the guest's allocator
+        k = attach(t)
+        with pytest.raises(Exception, match=r"not mapped|not present"):
+            k.walker.translate(int(region.group(1), 16))
+    # The guest keeps working, and its own ftrace never met our bytes.
+    assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"
+    dmesg = lab.sh("dmesg")
+    assert "ftrace" not in dmesg.lower() or "failed to modify" not in dmesg
+    assert "W^X" not in dmesg
+
+
+@pytest.fixture
+def engine(lab: Lab) -> Iterator[tuple[Target, Kernel, SpaceEngine]]:
+    """A security space with file.open armed, driven through the Python API."""
+    t = Target(lab.name).open()
+    k = attach(t)
+    req = resolve(IsolationRequest(vm=lab.name, object="file.open"), k)
+    events: list[object] = []
+    eng = SpaceEngine(t, k, [req], events.append, check_interval=0.2)
+    eng.events = events  # type: ignore[attr-defined]
+    eng.arm()
+    try:
+        yield t, k, eng
+    finally:
+        eng.detach()
+        t.close()
+
+
+def test_cpu_state_sampled_inside(lab: Lab, engine: tuple[Target, Kernel, SpaceEngine]) -> None:
+    t, k, eng = engine
+    assert eng.space is not None
+    lab.sh("vmstest open /etc/passwd")
+    eng._drain_once()
+    s = eng.space.ring_header(0).sample
+    assert s.count >= 1
+    assert s.lstar == k.symbols.address("entry_SYSCALL_64")
+    cpu = t.cpus()[0]
+    assert (s.cr0, s.cr4) == (cpu.cr0, cpu.cr4)
+    assert s.efer & 0x500 == 0x500  # LME | LMA
+    assert eng.space.check(deep=True) == []
+
+
+def test_detach_refused_while_a_vcpu_is_inside(
+    lab: Lab, engine: tuple[Target, Kernel, SpaceEngine]
+) -> None:
+    t, k, eng = engine
+    sp = eng.space
+    assert sp is not None and sp.image is not None
+    stub = t.gdbstub()
+    try:
+        stub.insert_breakpoint(sp.image.symbols["vms_agent"])
+        stub.cont()
+        runner = threading.Thread(target=lambda: lab.vm.run("vmstest open /etc/passwd", 60))
+        runner.start()
+        stub.wait_stop(30)
+        with pytest.raises(SpaceBusy, match="executing inside the security space"):
+            sp.destroy(Borrow(stub, k, t.mem.write))
+        assert all(s.live for s in sp.sites)  # nothing was half-undone
+        stub.remove_breakpoint(sp.image.symbols["vms_agent"])
+        stub.detach()
+        runner.join(60)
+    finally:
+        stub.close()
+
+
+def push_module(lab: Lab, blob: bytes, name: str) -> str:
+    """Copy a module into the guest over the serial line and insmod it."""
+    text = base64.b64encode(blob).decode()
+    lab.sh(f"rm -f /tmp/{name}.b64")
+    for i in range(0, len(text), 1500):
+        lab.sh(f"printf '%s' '{text[i : i + 1500]}' >> /tmp/{name}.b64")
+    lab.sh(f"base64 -d /tmp/{name}.b64 > /tmp/{name}.ko")
+    return lab.vm.run(f"insmod /tmp/{name}.ko").output
+
+
+def test_tamper_from_inside_the_guest(
+    lab: Lab, engine: tuple[Target, Kernel, SpaceEngine]
+) -> None:
+    _t, k, eng = engine
+    sp = eng.space
+    assert sp is not None and sp.region is not None
+    site = sp.sites[0]
+    events: list[dict[str, object]] = []
+    eng.emit = lambda ev: events.append(ev.model_dump())
+    # A kernel module (built for this very kernel) overwrites our call with a NOP and
+    # one byte of agent code, with CR0.WP cleared: what a rootkit would do.
+    release = k.release
+    nop = bytes.fromhex(site.original)
+    push_module(lab, build_tamper_module(release, site.address, nop, "vms_t1"), "vms_t1")
+    push_module(lab, build_tamper_module(release, sp.region.base + 16, b"\x90"), "vms_t2")
+    deadline = time.monotonic() + 10 * eng.check_interval + 5
+    while time.monotonic() < deadline and len({str(e["fields"]) for e in events}) < 2:  # type: ignore[index]
+        eng._drain_once()
+        eng._integrity(deep=True)
+        time.sleep(eng.check_interval)
+    whats = {e["fields"]["what"] for e in events if e["object"] == "space.integrity"}  # type: ignore[index]
+    assert {"site", "agent-code"} <= whats, events
+    # Re-armed: our bytes are back and the point still reports.
+    assert k.read(site.address, 5).hex() == site.patched
+    assert sp.check() == []
+    lab.sh("vmstest open /etc/passwd")
