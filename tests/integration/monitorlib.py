@@ -74,6 +74,8 @@ class MonitorRun:
         try:
             rc = self.proc.wait(30)
         except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGUSR1)  # the monitor prints where it hangs
+            time.sleep(1)
             os.killpg(self.proc.pid, signal.SIGKILL)
             rc = self.proc.wait(10)
         time.sleep(0.1)

@@ -38,14 +38,14 @@ def test_deny_open_and_connect(lab: Lab, engine: str) -> None:
         # Only what the filter names is denied; the guest stays healthy.
         assert kv(lab.sh("vmstest open /etc/passwd"))["errno"] == "0"
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     mon = MonitorRun(lab.name, ["-o", "net.connect", "-f", "port=5601", "--action", "deny"], engine)
     try:
         c = kv(lab.sh("vmstest connect 5601", check=False))
         assert int(c["errno"]) == EPERM
         assert mon.wait_for(lambda e: e["object"] == "net.connect")["action"] == "deny"
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     assert kv(lab.sh("vmstest connect 5601", check=False))["errno"] != str(EPERM)
     assert kv(lab.sh("vmstest open /etc/shadow"))["errno"] == "0"
 
@@ -64,7 +64,7 @@ def test_kill(lab: Lab, engine: str) -> None:
         pid = ev["process"]["pid"]
         assert f"/proc/{pid}" not in lab.sh("ls -d /proc/[0-9]*")
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     assert lab.sh("echo alive").strip() == "alive"
 
 
@@ -84,7 +84,7 @@ def test_pause_then_resume(lab: Lab) -> None:
         worker.join(60)
         assert kv(result["out"])["errno"] == "0"
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
         worker.join(5)
     assert lab.sh("echo alive").strip() == "alive"
 
@@ -101,7 +101,7 @@ def test_dump_is_readable_by_vmshield(lab: Lab, tmp_path: Path) -> None:
         path = Path(ev["detail"]["dump"])
         assert path.parent == tmp_path and path.exists()
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     assert lab.sh("echo alive").strip() == "alive"
     dump = GuestDump(path)
     try:
@@ -172,7 +172,7 @@ def test_process_object_follows_one_process(lab: Lab) -> None:
         mon.wait_for(lambda e: e["object"] == "process.exit" and e["process"]["pid"] == pid)
         lab.sh("cat /etc/group >/dev/null")
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
 
 
@@ -212,7 +212,7 @@ def test_user_space_function(lab: Lab) -> None:
         assert g["result"] == "7009"  # the program ran on, unharmed
         lab.sh("vmstest-suid ufunc 1 2")  # same code, another file: no event
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
         lab.sh("killall vmstest", check=False)
     assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
 
@@ -230,5 +230,5 @@ def test_user_space_function_by_symbol_in_a_pie(lab: Lab) -> None:
         assert ev["fields"]["symbol"] == "vms_ufunc_target"
         assert int(ev["fields"]["address"], 16) >> 40 != 0  # a randomised PIE address
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
         lab.sh("killall vmstest-pie", check=False)

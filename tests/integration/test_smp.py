@@ -30,6 +30,6 @@ def test_events_from_both_vcpus(smp_lab: Lab, engine: str) -> None:
         for pid in guest:
             mon.wait_for(lambda e, pid=pid: e["process"]["pid"] == pid)
     finally:
-        assert mon.stop() == 0
+        assert mon.stop() == 0, "".join(mon.stderr)
     assert sorted(e["process"]["pid"] for e in mon.events) == guest
     assert {e["point"]["cpu"] for e in mon.events} <= {0, 1}

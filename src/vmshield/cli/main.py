@@ -303,7 +303,10 @@ def monitor(
     points are in place; detaches cleanly on exit, Ctrl-C or SIGTERM, then prints a
     summary.
     """
+    import faulthandler
     import signal as _signal
+
+    faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
 
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
