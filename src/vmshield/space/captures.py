@@ -36,8 +36,10 @@ class Item:
     def text(self) -> str:
         return self.data.split(b"\0", 1)[0].decode(errors="backslashreplace")
 
-    def u(self, off: int, size: int) -> int:
-        return int.from_bytes(self.data[off : off + size], "little")
+    def u(self, off: int, size: int, signed: bool = False) -> int:
+        if off < 0 or off + size > len(self.data):
+            raise VmshieldError(f"a captured item holds {len(self.data)} bytes, not {off + size}")
+        return int.from_bytes(self.data[off : off + size], "little", signed=signed)
 
 
 @dataclass
@@ -190,8 +192,8 @@ def _exit(c: Captured) -> dict[str, Any]:
 
 
 def _task(c: Captured, prefix: str) -> tuple[int, int, str]:
-    pid = struct.unpack("<i", c.item(0, f"{prefix} pid").data[:4])[0]
-    tgid = struct.unpack("<i", c.item(1, f"{prefix} tgid").data[:4])[0]
+    pid = c.item(0, f"{prefix} pid").u(0, 4, signed=True)
+    tgid = c.item(1, f"{prefix} tgid").u(0, 4, signed=True)
     return pid, tgid, c.item(2, f"{prefix} comm").text()
 
 
@@ -237,6 +239,8 @@ def _sockaddr(c: Captured) -> dict[str, Any]:
 
 def _listen(c: Captured) -> dict[str, Any]:
     addr = c.item(2, "address").data[:4]
+    if len(addr) != 4:
+        raise VmshieldError("address: short capture")
     return {
         "family": _family(c.item(1, "family").u(0, 2)),
         "address": ".".join(str(b) for b in addr),
