@@ -32,6 +32,11 @@ from vmshield.paths import cache_dir
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
 app.add_typer(vm_app, name="vm")
+space_app = typer.Typer(
+    no_args_is_help=True,
+    help="The in-guest security space: build it, look at it, remove it.",
+)
+app.add_typer(space_app, name="space")
 out = Console()
 err = Console(stderr=True)
 
@@ -459,7 +464,11 @@ def catalog(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def detach(target: VmArg) -> None:
-    """Clear vmshield's monitoring points from a VM (after a monitor was killed)."""
+    """Clear vmshield's monitoring points from a VM (after a monitor was killed): the
+    exit engine's breakpoints, and a security space with its patched sites."""
+    with _errors():
+        if _destroy_space(target, required=False):
+            out.print(f"{target}: security space removed")
     with _errors(), Target(target) as t:
         state = t.gdb_path().with_suffix(".armed.json")
         stub = t.gdbstub()
@@ -471,6 +480,97 @@ def detach(target: VmArg) -> None:
         if not t.qmp.running():
             t.qmp.cont()
     out.print(f"{target}: monitoring points cleared, guest running")
+
+
+@space_app.command("build")
+def space_build(target: VmArg, as_json: JsonOpt = False) -> None:
+    """Build the security space in a running guest and leave it there (monitors with
+    --engine space then use it instead of building their own)."""
+    from vmshield.space.borrow import Borrow
+    from vmshield.space.space import SecuritySpace
+
+    with attached(target) as (t, k), _errors():
+        if t is None:
+            raise VmshieldError("space build needs a running VM, not a dump file")
+        if SecuritySpace.load_state(t, k) is not None:
+            raise VmshieldError(f"{target} already has a security space (vmshield space status)")
+        stub = t.gdbstub()
+        try:
+            sp = SecuritySpace(t, k)
+            with Borrow(stub, k, t.mem.write) as b:
+                sp.build(b, len(stub.threads()))
+                sp.owned = False
+                sp.save_state()
+            stub.detach()
+        finally:
+            stub.close()
+        _space_report(sp, as_json)
+
+
+@space_app.command("status")
+def space_status(target: VmArg, as_json: JsonOpt = False) -> None:
+    """Where the security space is, its patched sites, ring counters, integrity."""
+    from vmshield.space.space import SecuritySpace
+
+    with attached(target) as (t, k), _errors():
+        if t is None:
+            raise VmshieldError("space status needs a running VM")
+        sp = SecuritySpace.load_state(t, k)
+        if sp is None:
+            raise VmshieldError(f"{target} has no security space (vmshield space build)")
+        _space_report(sp, as_json)
+
+
+def _space_report(sp: Any, as_json: bool) -> None:
+    r = sp.region
+    info = {
+        "base": f"{r.base:#x}", "code_pages": r.text_pages, "config_pages": r.config_pages,
+        "cpus": r.ncpus, "ring_bytes": r.ring_stride, "owned_by_monitor": sp.owned,
+        "sites": [{"symbol": s.symbol, "address": f"{s.address:#x}", "live": s.live}
+                  for s in sp.sites],
+        "counters": sp.counters(),
+    }  # fmt: skip
+    if as_json:
+        _print_json(info)
+        return
+    out.print(
+        f"security space at {info['base']}: {r.text_pages} code + {r.config_pages} config "
+        f"page(s), {r.ncpus} ring(s); counters {info['counters']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for site in info["sites"]:
+        out.print(f"  {site['symbol']} {site['address']} live={site['live']}", highlight=False)
+
+
+@space_app.command("destroy")
+def space_destroy(target: VmArg) -> None:
+    """Unpatch every site, free the security space and leave no trace."""
+    with _errors():
+        _destroy_space(target, required=True)
+    out.print(f"{target}: security space removed")
+
+
+def _destroy_space(target: str, required: bool) -> bool:
+    from vmshield.space.borrow import Borrow
+    from vmshield.space.space import SecuritySpace
+
+    with attached(target) as (t, k):
+        if t is None:
+            raise VmshieldError("needs a running VM")
+        sp = SecuritySpace.load_state(t, k)
+        if sp is None:
+            if required:
+                raise VmshieldError(f"{target} has no security space")
+            return False
+        stub = t.gdbstub()
+        try:
+            with Borrow(stub, k, t.mem.write) as b:
+                sp.destroy(b)
+            stub.detach()
+        finally:
+            stub.close()
+        return True
 
 
 @app.command()

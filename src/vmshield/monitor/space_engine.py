@@ -144,21 +144,39 @@ class SpaceEngine:
         stub = self.t.gdbstub()
         try:
             ncpus = len(stub.threads())
-            sp = SecuritySpace(self.t, self.k)
+            built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
+            sp = built or SecuritySpace(self.t, self.k)
             with Borrow(stub, self.k, self.t.mem.write) as b:
-                sp.build(b, ncpus)
+                if built is None:
+                    sp.build(b, ncpus)
+                else:
+                    sp.adopt(b)
                 self.space = sp
                 try:
                     self._configure(sp)
                     b.select()
                     sp.patch(stub)
                 except BaseException:
-                    sp.destroy(b)
-                    self.space = None
+                    self._teardown(b)
                     raise
             stub.detach()  # the VM runs on with no debugger attached
         finally:
             stub.close()
+
+    def _teardown(self, b: Borrow) -> None:
+        """Free a space this engine built; only unpatch one it adopted."""
+        sp = self.space
+        if sp is None:
+            return
+        if sp.owned:
+            sp.destroy(b)
+        else:
+            inside = sp.inside(b.stub)
+            if inside:
+                raise SpaceBusy(f"refusing to detach: vCPU {inside[0][0]} is inside the space")
+            b.select()
+            sp.clear_sites(b.stub)
+        self.space = None
 
     def _configure(self, sp: SecuritySpace) -> None:
         by_addr: dict[int, list[ResolvedRequest]] = {}
@@ -193,9 +211,8 @@ class SpaceEngine:
             stub = self.t.gdbstub()
             try:
                 with Borrow(stub, self.k, self.t.mem.write) as b:
-                    sp.destroy(b)
+                    self._teardown(b)
                 stub.detach()
-                self.space = None
                 return
             except SpaceBusy as e:
                 last = e

@@ -116,6 +116,7 @@ class SecuritySpace:
         self.baseline: dict[int, dict[str, int]] = {}  # cpu -> first CPU-state sample
         self._hashes: dict[str, str] = {}
         self._image_bytes = b""
+        self.owned = True  # built by this session (freed on detach), or adopted
         self.state_path = target.gdb_path().with_suffix(".space.json")
 
     # -- guest memory helpers ---------------------------------------------------------
@@ -193,6 +194,43 @@ class SecuritySpace:
             self.region = None
             raise
         self._rehash()
+        self.save_state()
+
+    def adopt(self, b: Borrow) -> None:
+        """Take over a space built earlier (``vmshield space build``): re-link the agent
+        for its address and check the guest still holds exactly that code; put back any
+        site a vanished monitor left patched."""
+        r = self.region
+        if r is None:
+            raise SpaceError("no security space to adopt")
+        obj = agentlib.build().read_bytes()
+        self.image = agentlib.link(obj, r.base, r.config_va, self._resolve)
+        code = self.image.code + b"\xcc" * (r.text_pages * PAGE - len(self.image.code))
+        if len(self.image.code) > r.text_pages * PAGE or self._read(r.base, len(code)) != code:
+            raise SpaceError(
+                f"the security space at {r.base:#x} does not hold this vmshield's agent "
+                "(another build, or changed in the guest): `vmshield space destroy` it first"
+            )
+        self._image_bytes = code
+        b.select()
+        self.unpatch(b.stub)
+        self.sites = []
+        self.config = L.Config()
+        self._fill_config(r.ncpus)
+        self.write_config()
+        self._rehash()
+        self.save_state()
+
+    def clear_sites(self, stub: GdbStub) -> None:
+        """Unpatch every site and forget them, keeping the space (VM stopped, kernel-mode
+        vCPU selected)."""
+        self.unpatch(stub)
+        self.sites = []
+        self.config.nsites = 0
+        self.config.sites = type(self.config.sites)()
+        self.write_config()
+        self._rehash()
+        self.save_state()
 
     def _resolve(self, name: str) -> int:
         try:
@@ -528,6 +566,7 @@ class SecuritySpace:
             return
         self.state_path.write_text(json.dumps({
             "region": asdict(r), "sites": [asdict(s) for s in self.sites],
+            "time_base": list(self.time_base), "owned": self.owned,
         }))  # fmt: skip
 
     @classmethod
@@ -536,8 +575,14 @@ class SecuritySpace:
         if not sp.state_path.is_file():
             return None
         d: dict[str, Any] = json.loads(sp.state_path.read_text())
-        sp.region = Region(**d["region"])
-        sp.sites = [SiteState(**s) for s in d["sites"]]
+        try:
+            sp.region = Region(**d["region"])
+            sp.sites = [SiteState(**s) for s in d["sites"]]
+            ns, host = d.get("time_base", (0, 0.0))
+            sp.time_base = (int(ns), float(host))
+            sp.owned = bool(d.get("owned", True))
+        except (TypeError, ValueError) as e:
+            raise SpaceError(f"{sp.state_path}: unreadable security space state ({e})") from e
         return sp
 
 
@@ -547,11 +592,3 @@ CPU_FIELDS = ("cr0", "cr4", "efer", "star", "lstar", "sysenter_eip", "idt_base",
 
 def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
-def open_space(target: Target, kernel: Kernel, stub: GdbStub, ncpus: int) -> SecuritySpace:
-    """Build a space on a parked task (the VM is left stopped)."""
-    sp = SecuritySpace(target, kernel)
-    with Borrow(stub, kernel, target.mem.write) as b:
-        sp.build(b, ncpus)
-    return sp
