@@ -141,9 +141,7 @@ def push_module(lab: Lab, blob: bytes, name: str) -> str:
     return lab.vm.run(f"insmod /tmp/{name}.ko").output
 
 
-def test_tamper_from_inside_the_guest(
-    lab: Lab, engine: tuple[Target, Kernel, SpaceEngine]
-) -> None:
+def test_tamper_from_inside_the_guest(lab: Lab, engine: tuple[Target, Kernel, SpaceEngine]) -> None:
     _t, k, eng = engine
     sp = eng.space
     assert sp is not None and sp.region is not None

@@ -79,7 +79,7 @@ CFLAGS = (
 """The kernel's own code-model flags, minus everything that would need a relocation or an
 import (stack protector, unwind tables, builtins that could become ``memcpy`` calls)."""
 
-_MODULE_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,%d}" % (MODULE_NAME_LEN - 1))
+_MODULE_NAME_RE = re.compile(rf"[A-Za-z0-9_]{{1,{MODULE_NAME_LEN - 1}}}")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 # ELF constants (only what this file writes or checks).
@@ -157,7 +157,9 @@ def _elf_sections(elf: bytes, source: str) -> list[_ElfSection]:
             raise GuestFormatError(f"{source}: section {i} has a bad name offset")
         if typ != _SHT_NOBITS and off + size > len(elf):
             raise GuestFormatError(f"{source}: section {i} runs past the end of the file")
-        out.append(_ElfSection(names[name:end].decode("latin-1"), typ, flags, off, size, link, info))
+        out.append(
+            _ElfSection(names[name:end].decode("latin-1"), typ, flags, off, size, link, info)
+        )
     return out
 
 
@@ -189,27 +191,42 @@ def _versions(blob: bytes) -> dict[str, int]:
 
 
 def _kernel_dir(kernel_version: str) -> Path:
-    """The cache folder of a kernel build, named plainly (no path can be smuggled in)."""
+    """The cache folder of a kernel build: by folder name ("6.1") or by release string
+    ("6.1.0-50-cloud-amd64", what ``uname -r`` and :attr:`Kernel.release` say), since a
+    caller holding an attached kernel knows the latter. Only plain names are accepted, so
+    no path can be smuggled in."""
     if not _VERSION_RE.fullmatch(kernel_version):
         raise ValueError(f"kernel version {kernel_version!r} is not a cache folder name")
-    folder = kernels_dir() / kernel_version
-    if not folder.is_dir():
-        raise LabError(
-            f"kernel {kernel_version} is not in the cache ({folder} is missing); "
-            "`make setup` fetches the kernels"
-        )
-    return folder
+    root = kernels_dir()
+    folder = root / kernel_version
+    if folder.is_dir():
+        return folder
+    if root.is_dir():
+        for candidate in sorted(root.iterdir()):
+            release = candidate / "release"
+            if release.is_file() and release.read_text().strip() == kernel_version:
+                return candidate
+    raise LabError(
+        f"kernel {kernel_version} is not in the cache (no {folder}, and no cached kernel "
+        f"has that release); `make setup` fetches the kernels"
+    )
 
 
-@cache
 def kernel_template(kernel_version: str) -> KernelTemplate:
-    """Read (once per process) what a module for ``kernel_version`` must carry.
+    """What a module for ``kernel_version`` (cache folder name or release) must carry.
 
     The ``struct module`` layout comes from the vmlinux BTF and its size is checked against
     the template module's ``.gnu.linkonce.this_module``, which kbuild sized from the same
     build: two independent sources, so a wrong cache entry fails here and not in the guest.
     """
-    folder = _kernel_dir(kernel_version)
+    return _read_template(_kernel_dir(kernel_version))
+
+
+@cache
+def _read_template(folder: Path) -> KernelTemplate:
+    """:func:`kernel_template` for one cache folder, read once per process (BTF parsing
+    of a 50 MB vmlinux is the slow part)."""
+    kernel_version = folder.name
     template_path = folder / "modules" / TEMPLATE_MODULE
     vmlinux_path = folder / "vmlinux"
     for path in (template_path, vmlinux_path):
@@ -252,9 +269,11 @@ def init_source(address: int, data: bytes) -> str:
     """C source of the init function: one volatile store per byte, all constants.
 
     Stores of immediates (rather than a copy loop over an array) keep the code free of
-    data sections and relocations. ``write_cr0`` is not used: the kernel pins WP in it.
-    If ``CR4.CET`` is on (IBT kernels on CET hardware) WP cannot be cleared, so CET is
-    dropped around the write too; with interrupts off nothing runs in between.
+    data sections and relocations; the empty asm hides the address's value from the
+    optimiser, so every store is a plain ``movb $imm, i(%reg)`` off one base register.
+    ``write_cr0`` is not used: the kernel pins WP in it. If ``CR4.CET`` is on (IBT kernels
+    on CET hardware) WP cannot be cleared, so CET is dropped around the write too; with
+    interrupts off nothing runs in between.
     """
     stores = "\n".join(f"\tp[{i}] = {b:#04x};" for i, b in enumerate(data))
     return f"""\
@@ -268,6 +287,7 @@ int {INIT_SYMBOL}(void)
 \tvolatile unsigned char *p = (volatile unsigned char *){address:#x}UL;
 \tunsigned long cr0, cr4;
 
+\tasm("" : "+r"(p)); /* one base register: plain [p + i] stores */
 \tasm volatile("cli" ::: "memory");
 \tasm volatile("mov %%cr4, %0" : "=r"(cr4) :: "memory");
 \tif (cr4 & CR4_CET)
