@@ -9,9 +9,9 @@ APT_PACKAGES := qemu-system-x86 busybox-static cpio gzip lz4 zstd xz-utils gcc l
 INITRAMFS := build/initramfs.cpio.gz
 GUEST_SOURCES := $(wildcard guest/*) $(wildcard guest/progs/*.c) scripts/build-initramfs.sh
 
-.PHONY: setup apt venv kernels initramfs demo test lint unit integration clean
+.PHONY: setup apt venv kernels initramfs agent demo test lint unit integration clean
 
-setup: apt venv kernels initramfs
+setup: apt venv kernels initramfs agent
 
 apt: $(STAMPS)/apt
 $(STAMPS)/apt: scripts/install-apt.sh
@@ -30,6 +30,10 @@ kernels: | $(STAMPS)/apt
 initramfs: $(INITRAMFS)
 $(INITRAMFS): $(GUEST_SOURCES) $(wildcard $(HOME)/.cache/vmshield/kernels/*/release) | $(STAMPS)/apt kernels
 	bash scripts/build-initramfs.sh $@
+
+# The in-guest agent: gcc, cached by source hash under ~/.cache/vmshield/agent.
+agent: venv
+	$(PY) -m vmshield.space.agent
 
 demo: setup
 	bash scripts/demo.sh
