@@ -37,7 +37,7 @@ class Monitor:
 
     def __init__(self, vm: str, args: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmshield", "monitor", vm, "--json", *args],
+            [sys.executable, "-m", "vmshield", "monitor", vm, "--json", "--engine", "exit", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: list[str] = []

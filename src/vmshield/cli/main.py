@@ -413,15 +413,14 @@ def monitor(
             if not as_json:
                 err.print(summary)
             rt = s.round_trips / s.hits if s.hits else 0.0
-            extra = (
-                f", {s.drops} dropped, {s.alerts} integrity alerts"
+            cost = (
+                f"no VM exit per event, {s.drops} dropped, {s.alerts} integrity alerts"
                 if isinstance(s, SpaceStats)
-                else ""
+                else f"{rt:.1f} gdbstub round trips per hit"
             )
             err.print(
                 f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
-                f"{s.decode_errors} with decode errors, {rt:.1f} gdbstub round trips per hit"
-                + extra,
+                f"{s.decode_errors} with decode errors, {cost}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -563,6 +562,11 @@ def _destroy_space(target: str, required: bool) -> bool:
             if required:
                 raise VmshieldError(f"{target} has no security space")
             return False
+        if other := sp.in_use_by():
+            raise VmshieldError(
+                f"{target}: a running monitor (pid {other}) uses the security space; stop it "
+                "first (it removes what it built when it exits)"
+            )
         stub = t.gdbstub()
         try:
             with Borrow(stub, k, t.mem.write) as b:

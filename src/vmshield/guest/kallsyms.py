@@ -21,7 +21,9 @@ which ends exactly where the markers begin), so forged or corrupt tables give a
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmshield.errors import GuestFormatError
@@ -60,6 +62,17 @@ class KallsymsTables:
 
 def _u32(b: memoryview | bytes, off: int) -> int:
     return int(struct.unpack_from("<I", b, off)[0])
+
+
+_U32_CODE = next(c for c in "IL" if array(c).itemsize == 4)
+
+
+def _u32_words(blob: bytes, start: int, count: int) -> Sequence[int]:
+    """``count`` little-endian u32s from ``blob[start:]``, cheap to index (an array)."""
+    words = array(_U32_CODE, blob[start : start + 4 * count])
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words
 
 
 def _align8(x: int, base_va: int) -> int:
@@ -202,32 +215,52 @@ def find_tables(blob: bytes, base_va: int) -> KallsymsTables:
     raise GuestFormatError(f"kallsyms tables not found ({why})")
 
 
-def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> list[tuple[int, list[int]]]:
+def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> Iterator[tuple[int, list[int]]]:
     """Marker arrays followed by ``kallsyms_seqs_of_names`` (3 bytes a symbol), then the
-    token table: the layout of some 6.1 builds.
+    token table: the layout of some 6.1 builds. Nearest the table first, and lazily: the
+    caller stops at the first that checks out, before the rest of the window is read.
 
     A marker array of m entries at p leaves room for n symbols' seqs before the table,
-    and n must be in (256(m-1), 256m]: so each candidate start p admits one or two m,
-    checked in constant time (bounded scan, no quadratic search on forged data)."""
-    found: list[tuple[int, list[int]]] = []
+    and n must be in (256(m-1), 256m]: so each candidate start p (an aligned zero u32,
+    the first marker) admits at most three m, all about (table - p) / 772. The markers
+    strictly increase from that zero, so they are read only up to the first value that
+    does not: such a run ends at the next zero u32 at the latest, runs from different
+    starts never overlap, and the whole window costs at most two reads per u32 (linear,
+    whatever the bytes; reading each candidate's m values in full was quadratic
+    and took over a minute on the Debian 6.1 .rodata)."""
     lo = max(0, table - 3 * MAX_SYMS - 4 * (MAX_SYMS // 256 + 1) - 16)
-    p = table - ((base_va + table) % 8) - 8
-    while p >= lo and len(found) < 4:
-        if _u32(blob, p) == 0:
-            gap = table - p
-            for m in range(max(1, (gap - 8) // 772), (gap + 768) // 772 + 2):
-                seqs = _align8(p + 4 * m, base_va)
-                rest = table - seqs
-                if rest < 0:
-                    break
-                n_lo, n_hi = max(1, -(-(rest - 7) // 3)), rest // 3
-                if max(n_lo, 256 * (m - 1) + 1) > min(n_hi, 256 * m):
-                    continue
-                vals = [_u32(blob, p + 4 * i) for i in range(m)]
-                if all(vals[i] < vals[i + 1] for i in range(m - 1)):
-                    found.append((p, vals))
-        p -= 8
-    return found
+    top = table - ((base_va + table) % 8) - 8  # the candidate nearest the table
+    if top < lo:
+        return
+    start = top - 8 * ((top - lo) // 8)  # the lowest candidate (word index 0)
+    words = _u32_words(blob, start, (table - start) // 4)
+    yielded = 0
+    for i in range((top - start) // 4, -1, -2):
+        if yielded >= 4:
+            return
+        if words[i]:
+            continue
+        p = start + 4 * i
+        gap = table - p
+        run, last, ended = 1, 0, False  # the strictly increasing run from p, so far
+        for m in range(max(1, (gap - 8) // 772), (gap + 768) // 772 + 2):
+            seqs = _align8(p + 4 * m, base_va)
+            rest = table - seqs
+            if rest < 0:
+                break
+            while run < m and not ended:  # m entries fit below the table (rest >= 0)
+                v = words[i + run]
+                if v > last:
+                    run, last = run + 1, v
+                else:
+                    ended = True
+            if run < m:
+                break  # the run has ended: no longer array starts at p either
+            n_lo, n_hi = max(1, -(-(rest - 7) // 3)), rest // 3
+            if max(n_lo, 256 * (m - 1) + 1) > min(n_hi, 256 * m):
+                continue
+            yield p, list(words[i : i + m])
+            yielded += 1
 
 
 def _offsets_plausible(blob: bytes, off_at: int, n: int) -> bool:

@@ -15,6 +15,7 @@ default policy re-arms (writes our bytes back), ``alert`` only reports.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,7 +146,13 @@ class SpaceEngine:
         try:
             ncpus = len(stub.threads())
             built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
+            if built is not None and (other := built.in_use_by()):
+                raise VmshieldError(
+                    f"{self.t.name}: the security space is in use by another monitor "
+                    f"(pid {other}); one space monitor per VM"
+                )
             sp = built or SecuritySpace(self.t, self.k)
+            sp.user_pid = os.getpid()
             with Borrow(stub, self.k, self.t.mem.write) as b:
                 if built is None:
                     sp.build(b, ncpus)
@@ -175,6 +182,7 @@ class SpaceEngine:
             if inside:
                 raise SpaceBusy(f"refusing to detach: vCPU {inside[0][0]} is inside the space")
             b.select()
+            sp.user_pid = None
             sp.clear_sites(b.stub)
         self.space = None
 

@@ -17,6 +17,7 @@ import contextlib
 import ctypes as C
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,7 @@ class SecuritySpace:
         self._hashes: dict[str, str] = {}
         self._image_bytes = b""
         self.owned = True  # built by this session (freed on detach), or adopted
+        self.user_pid: int | None = None  # the monitor process using the space now
         self.state_path = target.gdb_path().with_suffix(".space.json")
 
     # -- guest memory helpers ---------------------------------------------------------
@@ -566,8 +568,21 @@ class SecuritySpace:
             return
         self.state_path.write_text(json.dumps({
             "region": asdict(r), "sites": [asdict(s) for s in self.sites],
-            "time_base": list(self.time_base), "owned": self.owned,
+            "time_base": list(self.time_base), "owned": self.owned, "user_pid": self.user_pid,
         }))  # fmt: skip
+
+    def in_use_by(self) -> int | None:
+        """The pid of another live process (a monitor) using this space, if any."""
+        pid = self.user_pid
+        if pid is None or pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
 
     @classmethod
     def load_state(cls, target: Target, kernel: Kernel) -> SecuritySpace | None:
@@ -581,6 +596,8 @@ class SecuritySpace:
             ns, host = d.get("time_base", (0, 0.0))
             sp.time_base = (int(ns), float(host))
             sp.owned = bool(d.get("owned", True))
+            user = d.get("user_pid")
+            sp.user_pid = int(user) if user is not None else None
         except (TypeError, ValueError) as e:
             raise SpaceError(f"{sp.state_path}: unreadable security space state ({e})") from e
         return sp
