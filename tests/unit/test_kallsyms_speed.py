@@ -151,10 +151,16 @@ def test_seqs_scan_is_linear_on_forged_window(
 
 
 def test_seqs_scan_whole_window_is_linear(budget: Callable[[int], Budget]) -> None:
-    # The full 6 MB window (MAX_SYMS seqs and markers) of zeros, none of it a candidate.
-    blob = zeros(3 * kallsyms.MAX_SYMS + 4 * MAX_MARKERS + 64)
+    # The largest table the window allows (MAX_SYMS symbols, 7813 markers) behind 6 MB
+    # of zero seqs: found at the far end of the window, in linear time.
+    n = kallsyms.MAX_SYMS
+    m = -(-n // 256)
+    markers = struct.pack(f"<{m}I", *(k * 4000 for k in range(m)))
+    seqs = bytes(3 * n - GUARD) + b"\x01" * GUARD
+    blob = markers + bytes(-len(markers) % 8) + seqs + bytes(-len(seqs) % 8)
     b = budget(linear_budget(len(blob)))
-    assert list(kallsyms._markers_before_seqs(blob, len(blob), 0)) == []
+    found = list(kallsyms._markers_before_seqs(blob, len(blob), 0))
+    assert [(p, len(vals)) for p, vals in found] == [(0, m)]
     assert b.reads <= linear_budget(len(blob))
 
 

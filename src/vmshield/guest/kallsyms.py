@@ -225,9 +225,9 @@ def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> Iterator[tupl
     the first marker) admits at most three m, all about (table - p) / 772. The markers
     strictly increase from that zero, so they are read only up to the first value that
     does not: such a run ends at the next zero u32 at the latest, runs from different
-    starts never overlap, and the whole window costs at most two reads per u32 (linear,
-    whatever the bytes; reading each candidate's m values in full was quadratic
-    and took over a minute on the Debian 6.1 .rodata)."""
+    starts never overlap, and the whole window costs at most two reads per u32: linear
+    whatever the bytes (reading all m values of every candidate was quadratic, and took
+    over a minute on the Debian 6.1 .rodata)."""
     lo = max(0, table - 3 * MAX_SYMS - 4 * (MAX_SYMS // 256 + 1) - 16)
     top = table - ((base_va + table) % 8) - 8  # the candidate nearest the table
     if top < lo:
@@ -242,18 +242,19 @@ def _markers_before_seqs(blob: bytes, table: int, base_va: int) -> Iterator[tupl
             continue
         p = start + 4 * i
         gap = table - p
-        run, last, ended = 1, 0, False  # the strictly increasing run from p, so far
-        for m in range(max(1, (gap - 8) // 772), (gap + 768) // 772 + 2):
+        m_lo = max(1, (gap - 8) // 772)  # m_lo entries always fit below the table
+        run, last = 1, 0  # the strictly increasing run from p, read as far as needed
+        while run < m_lo and (v := words[i + run]) > last:
+            run, last = run + 1, v
+        if run < m_lo:
+            continue  # the common case, cut short before any arithmetic on m
+        for m in range(m_lo, (gap + 768) // 772 + 2):
             seqs = _align8(p + 4 * m, base_va)
             rest = table - seqs
             if rest < 0:
                 break
-            while run < m and not ended:  # m entries fit below the table (rest >= 0)
-                v = words[i + run]
-                if v > last:
-                    run, last = run + 1, v
-                else:
-                    ended = True
+            while run < m and (v := words[i + run]) > last:  # m entries fit (rest >= 0)
+                run, last = run + 1, v
             if run < m:
                 break  # the run has ended: no longer array starts at p either
             n_lo, n_hi = max(1, -(-(rest - 7) // 3)), rest // 3
