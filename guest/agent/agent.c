@@ -26,6 +26,7 @@ extern long copy_from_kernel_nofault(void *dst, const void *src, unsigned long s
 extern long strncpy_from_kernel_nofault(char *dst, const void *src, long count);
 extern long strncpy_from_user_nofault(char *dst, const void *src, long count);
 extern char *d_path(const void *path, char *buf, int buflen);
+extern char *d_absolute_path(const void *path, char *buf, int buflen);
 extern u64 ktime_get_mono_fast_ns(void);
 
 /* The config page; the loader resolves this symbol to its address. */
@@ -192,6 +193,28 @@ static u64 base_value(u8 base, const u64 *frame, u64 current)
 	return 0;
 }
 
+/* A path too long for the record: deliver ".../NAME" (the last component), marked
+ * truncated, rather than nothing. */
+static long path_tail(const struct vms_fetch *f, u64 path, const u64 *frame, u64 current,
+		      u8 *dst, long len, u8 *status)
+{
+	u64 dentry, name;
+	const struct vms_config *c = &vms_config;
+	if (f->base2 != VMS_B_NONE)
+		dentry = base_value(f->base2, frame, current);
+	else if (!rd64(path + (s64)c->path_dentry, &dentry))
+		return 0;
+	if (len < 8 || !rd64(dentry + (s64)c->dentry_name, &name))
+		return 0;
+	copy(dst, ".../", 4);
+	long r = strncpy_from_kernel_nofault((char *)dst + 4, (const void *)name, len - 4);
+	if (r <= 0)
+		return 0;
+	dst[len - 1] = 0;
+	*status = VMS_S_TRUNC;
+	return (long)slen((char *)dst, (unsigned long)len) + 1;
+}
+
 /* Capture one item into dst (at most f->len bytes). Sets *status; returns length. */
 static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *dst,
 		  long room, u8 *status)
@@ -207,6 +230,10 @@ static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *
 		if (!rd64(addr + f->off[0], &mm) || !rd64(addr + f->off[1], &p) ||
 		    !rd32(addr + f->off[2], &argc) || !rd64(mm + f->off[3], &pgd))
 			return 0;
+		if (!argc) { /* no argv at all: not even argv[0] */
+			*status = VMS_S_OK;
+			return 0;
+		}
 		long got = mm_read(pgd, p, dst, len);
 		/* stop after argc strings */
 		u32 seen = 0;
@@ -241,7 +268,13 @@ static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *
 		return (long)slen((char *)dst, (unsigned long)len) + 1;
 	}
 	case VMS_F_DPATH: {
-		char *p = d_path((const void *)addr, (char *)dst, (int)len);
+		/* Relative to the global root, as the exit engine reports paths (d_path would
+		 * be relative to a chroot); pseudo files (pipes, sockets) only have d_path. */
+		char *p = d_absolute_path((const void *)addr, (char *)dst, (int)len);
+		if ((unsigned long)p >= (unsigned long)-4095L)
+			p = d_path((const void *)addr, (char *)dst, (int)len);
+		if ((unsigned long)p == (unsigned long)-36L) /* -ENAMETOOLONG */
+			return path_tail(f, addr, frame, current, dst, len, status);
 		if ((unsigned long)p >= (unsigned long)-4095L || p < (char *)dst ||
 		    p >= (char *)dst + len)
 			return 0;
@@ -415,11 +448,12 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		*(u16 *)item = (u16)n;
 		item[2] = site->fetch[i].kind;
 		item[3] = status;
-		if ((s32)i == site->path_item && n > 0 && status != VMS_S_FAULT)
+		if ((s32)i == site->path_item && n > 0 && status == VMS_S_OK)
 			path = (const char *)item + 4;
 		if ((s32)i == site->port_item && n >= 2 && status == VMS_S_OK) {
-			if (site->port_mode == 0 && n >= 4) /* sockaddr_in: big-endian port */
-				port = (u16)((item[6] << 8) | item[7]), have_port = 1;
+			u16 family = (u16)(item[4] | (item[5] << 8));
+			if (site->port_mode == 0 && n >= 4 && (family == 2 || family == 10))
+				port = (u16)((item[6] << 8) | item[7]), have_port = 1; /* big-endian */
 			else if (site->port_mode == 1) /* sock_common.skc_num: host order */
 				port = (u16)(item[4] | (item[5] << 8)), have_port = 1;
 		}

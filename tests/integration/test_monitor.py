@@ -131,6 +131,12 @@ def test_kfunc_raw_arguments(session: tuple[Lab, MonitorRun]) -> None:
 def test_module_load(session: tuple[Lab, MonitorRun]) -> None:
     lab, mon = session
     # A real, Debian-signed module of this kernel (make setup puts it in the initramfs).
-    g = kv(lab.sh("sh -c 'echo pid=$$; exec insmod /lib/modules/$(uname -r)/crc-itu-t.ko'"))
+    # The lab VM serves both engines' sessions: unload what the previous one loaded.
+    g = kv(
+        lab.sh(
+            "rmmod crc_itu_t 2>/dev/null; "
+            "sh -c 'echo pid=$$; exec insmod /lib/modules/$(uname -r)/crc-itu-t.ko'"
+        )
+    )
     ev_of(mon, "module.load", int(g["pid"]), name="crc_itu_t")
     assert "crc_itu_t" in lab.sh("cat /proc/modules")

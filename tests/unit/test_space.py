@@ -30,7 +30,7 @@ from vmshield.space import layout as L
 KERNELS = ("5.10", "6.1", "6.12")
 HELPERS = {
     "copy_from_kernel_nofault", "strncpy_from_kernel_nofault", "strncpy_from_user_nofault",
-    "d_path", "ktime_get_mono_fast_ns",
+    "d_path", "d_absolute_path", "ktime_get_mono_fast_ns",
 }  # fmt: skip
 BASE = 0xFFFFFFFFC0400000
 
@@ -152,6 +152,9 @@ def test_rules_only_for_filters_the_agent_evaluates() -> None:
     assert _rule_problem({"path": "/etc/shadow", "pid": "12", "comm": "sh*"}) is None
     assert "address" in str(_rule_problem({"address": "127.0.0.1"}))
     assert "number" in str(_rule_problem({"pid": "abc"}))
+    for bad in ("0123", "²", "4294967296"):
+        assert "number" in str(_rule_problem({"uid": bad})), bad
+    assert "too long" in str(_rule_problem({"comm": "é" * 8}))  # 16 bytes, 8 characters
     assert "classes" in str(_rule_problem({"path": "/etc/[ab]"}))
     r = _rule("deny", {"path": "/etc/*", "port": "22", "uid": "0"})
     assert r.action == L.A_DENY and r.has == L.R_PATH | L.R_PORT | L.R_UID

@@ -375,7 +375,7 @@ def monitor(
             try:
                 eng.arm()
             except VmshieldError as e:
-                if engine == "space":
+                if engine == "space" or eng.space is not None:  # never two engines at once
                     raise
                 why = f"building the security space failed: {e}"
         if engine == "exit" or why:
@@ -546,13 +546,13 @@ def _space_report(sp: Any, as_json: bool) -> None:
 def space_destroy(target: VmArg) -> None:
     """Unpatch every site, free the security space and leave no trace."""
     with _errors():
-        _destroy_space(target, required=True)
-    out.print(f"{target}: security space removed")
+        if _destroy_space(target, required=True):
+            out.print(f"{target}: security space removed")
 
 
 def _destroy_space(target: str, required: bool) -> bool:
     from vmshield.space.borrow import Borrow
-    from vmshield.space.space import SecuritySpace
+    from vmshield.space.space import SecuritySpace, StaleSpace
 
     with attached(target) as (t, k):
         if t is None:
@@ -572,8 +572,14 @@ def _destroy_space(target: str, required: bool) -> bool:
             with Borrow(stub, k, t.mem.write) as b:
                 sp.destroy(b)
             stub.detach()
+        except StaleSpace as e:
+            out.print(f"{target}: {e}", highlight=False, soft_wrap=True)
+            stub.detach()
+            return False
         finally:
             stub.close()
+        for sym in sp.left_disabled:
+            out.print(f"{target}: {sym}: FTRACE_FL_DISABLED left set (guest ftrace users active)")
         return True
 
 

@@ -31,7 +31,7 @@ from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
 from vmshield.space.borrow import Borrow
-from vmshield.space.space import Alert, SecuritySpace, SpaceBusy
+from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
 AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
@@ -57,16 +57,23 @@ def unsupported(requests: list[ResolvedRequest]) -> str | None:
     return None
 
 
+NUMERIC_LIMITS = {"pid": 1 << 31, "uid": 1 << 32, "port": 1 << 16}
+
+
 def _rule_problem(filters: dict[str, str]) -> str | None:
+    """Why the agent cannot decide these filters exactly as the exit engine would."""
     for key, val in filters.items():
         if key not in captures.AGENT_FILTERS:
             return f"the agent cannot evaluate filter {key!r} (it can: pid, uid, comm, path, port)"
-        if key in ("pid", "uid", "port") and not val.isdigit():
-            return f"filter {key}={val!r} must be a number in the security space"
+        if key in NUMERIC_LIMITS:
+            plain = val.isascii() and val.isdigit() and (val == "0" or not val.startswith("0"))
+            if not plain or int(val) >= NUMERIC_LIMITS[key]:
+                return f"filter {key}={val!r} must be a plain decimal number in range"
         if key in ("comm", "path") and any(ch in val for ch in "[]"):
             return f"filter {key}={val!r}: character classes are not evaluated in the guest"
-        if (key == "comm" and len(val) >= L.COMM_LEN) or (key == "path" and len(val) >= 128):
-            return f"filter {key}={val!r} is too long"
+        limit = L.COMM_LEN if key == "comm" else L.RULE_PATH_LEN
+        if key in ("comm", "path") and len(val.encode()) >= limit:
+            return f"filter {key}={val!r} is too long for the agent ({limit - 1} bytes)"
     return None
 
 
@@ -163,8 +170,14 @@ class SpaceEngine:
                     self._configure(sp)
                     b.select()
                     sp.patch(stub)
-                except BaseException:
-                    self._teardown(b)
+                except BaseException as e:
+                    try:
+                        self._teardown(b)
+                    except VmshieldError as e2:
+                        raise SpaceError(
+                            f"{e}; and removing the half-built space failed ({e2}): "
+                            f"run `vmshield detach {self.t.name}`"
+                        ) from e
                     raise
             stub.detach()  # the VM runs on with no debugger attached
         finally:
@@ -219,8 +232,18 @@ class SpaceEngine:
             stub = self.t.gdbstub()
             try:
                 with Borrow(stub, self.k, self.t.mem.write) as b:
+                    self._drain_once()  # the VM is stopped: these are the last records
                     self._teardown(b)
                 stub.detach()
+                for sym in sp.left_disabled:
+                    self._system_event("space.detach", "note", {
+                        "where": sym, "what": "ftrace-flags",
+                        "found": "guest ftrace users were active: FTRACE_FL_DISABLED left "
+                                 "set (clearing it would unbalance their use counts)"})  # fmt: skip
+                for why in sp.forged_inflight:
+                    self._system_event("space.integrity", "alert", {
+                        "what": "ring-state", "where": why,
+                        "found": "in-flight flag set with no vCPU in the agent"})  # fmt: skip
                 return
             except SpaceBusy as e:
                 last = e
@@ -278,8 +301,7 @@ class SpaceEngine:
                  else "reported"},
             )  # fmt: skip
         if self.policy == "rearm":
-            self._rearm([a for a in alerts if a.what in ("agent-code", "config", "site",
-                                                          "ftrace-flags")])  # fmt: skip
+            self._rearm([a for a in alerts if a.what != "cpu-state"])
 
     def _rearm(self, alerts: list[Alert]) -> None:
         sp = self.space
@@ -290,6 +312,7 @@ class SpaceEngine:
             with Borrow(stub, self.k, self.t.mem.write) as b:
                 b.select()
                 sp.repair(stub, alerts)
+                sp.sync_time(b)
             stub.detach()
         finally:
             stub.close()

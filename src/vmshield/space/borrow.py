@@ -16,6 +16,7 @@ allocate, write code, change permissions and patch sites in one stop.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ RETURN_PAD_CANDIDATES = ("__x64_sys_getpid", "__x64_sys_getppid", "__x64_sys_syn
 EFLAGS_IF = 1 << 9
 PF_KTHREAD = 0x00200000
 WritePhys = Callable[[int, bytes], None]
+HARD_TIMEOUT_FACTOR = 10
 RED_ZONE = 256  # below the borrowed task's rsp, untouched
 MIN_STACK_LEFT = 8 << 10
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -101,6 +103,9 @@ class Borrow:
         self._pad = return_pad(kernel)
         self._parked: _Parked | None = None
         self.calls = 0
+        # True while the guest runs a call we started and we have not seen it return:
+        # its return address is our breakpoint, so nothing may be undone meanwhile.
+        self.call_in_flight = False
 
     # -- parking --------------------------------------------------------------------------
 
@@ -179,7 +184,7 @@ class Borrow:
     def release(self) -> None:
         """Put the parked task back exactly as it was (the VM stays stopped)."""
         p, self._parked = self._parked, None
-        if p is None:
+        if p is None or self.call_in_flight:  # see call(): nothing may be undone
             return
         self._restore(p)
 
@@ -234,27 +239,46 @@ class Borrow:
         stub.insert_breakpoint(self._pad)
         try:
             stub.write_registers(regs, use_g=True)
+            self.call_in_flight = True
             result = self._wait_return(slot + 8, p.task, timeout or self.timeout)
+            self.call_in_flight = False
             p.tid = self._stop_tid()  # the callee may have slept and moved to another vCPU
         finally:
-            stub.remove_breakpoint(self._pad)
-            self.write_phys(slot_pa, saved_slot)
+            if not self.call_in_flight:
+                stub.remove_breakpoint(self._pad)
+                self.write_phys(slot_pa, saved_slot)
         self.calls += 1
         self._restore(p)  # parked again at its site, on whichever vCPU it now is
         return result
 
     def _wait_return(self, rsp: int, task: int, timeout: float) -> int:
+        """Wait for the call to come back. There is no safe way to abort a call the
+        guest is running (its return address is our breakpoint), so after ``timeout``
+        this only warns and keeps waiting, up to ``HARD_TIMEOUT_FACTOR`` times longer."""
         stub = self.stub
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout * HARD_TIMEOUT_FACTOR
+        warned = False
         while True:
             stub.cont()
-            try:
-                stub.wait_stop(max(0.01, deadline - time.monotonic()))
-            except GdbTimeout:
-                raise BorrowError(
-                    f"a borrowed call did not return within {timeout:.0f} s; the VM is "
-                    "still running the call"
-                ) from None
+            while True:
+                try:
+                    stub.wait_stop(min(1.0, max(0.01, deadline - time.monotonic())))
+                    break
+                except GdbTimeout:
+                    waited = time.monotonic() - start
+                    if waited > timeout and not warned:
+                        warned = True
+                        sys.stderr.write(
+                            f"vmshield: a kernel call in the guest has not returned after "
+                            f"{waited:.0f} s; still waiting (it cannot be aborted safely)\n"
+                        )
+                    if time.monotonic() >= deadline:
+                        raise BorrowError(
+                            f"a borrowed call did not return within {waited:.0f} s; the guest "
+                            "is still running it and will crash if it returns after vmshield "
+                            "has gone: stop the VM and investigate"
+                        ) from None
             regs = stub.read_registers()
             if regs.rip == self._pad and regs.rsp == rsp and self._current(regs) == task:
                 return int(regs.rax)

@@ -148,7 +148,8 @@ def plan_for(obj: str, k: Kernel) -> Plan:
             _creds_decoder(k, lo),
         )  # fmt: skip
     if obj == "module.load":
-        return Plan((fetch(L.F_KSTR, 0, (off("module", "name"),), 56),), _module)
+        # 64 > MODULE_NAME_LEN (56): a name that fills its array is not "truncated".
+        return Plan((fetch(L.F_KSTR, 0, (off("module", "name"),), 64),), _module)
     if obj == "ptrace.attach":
         return Plan(_task_fetches(k, 0), _ptrace)
     if obj == "bpf.load":
@@ -177,6 +178,9 @@ def _exec(c: Captured) -> dict[str, Any]:
     out: dict[str, Any] = {"filename": c.item(0, "filename").text()}
     try:
         raw = c.item(1, "argv").data
+        if not raw:  # argc == 0
+            out["argv"] = []
+            return out
         args = raw.split(b"\0")
         if raw.endswith(b"\0"):
             args = args[:-1]

@@ -47,6 +47,10 @@ class SpaceBusy(SpaceError):
     """A vCPU is executing inside the security space."""
 
 
+class StaleSpace(SpaceError):
+    """The state file describes a space the guest no longer holds."""
+
+
 @dataclass
 class SiteState:
     """One patched point, with everything needed to put it back."""
@@ -69,6 +73,7 @@ class Region:
     config_pages: int
     ring_stride: int
     ncpus: int
+    nslots: int = L.NSLOTS
     pages: list[int] = field(default_factory=list)  # PA of every page, in VA order
 
     @property
@@ -119,6 +124,9 @@ class SecuritySpace:
         self._image_bytes = b""
         self.owned = True  # built by this session (freed on detach), or adopted
         self.user_pid: int | None = None  # the monitor process using the space now
+        self.left_disabled: list[str] = []  # see unpatch()
+        self.forged_inflight: list[str] = []  # see destroy()
+        self._ring_seen: dict[int, tuple[int, int]] = {}  # cpu -> (inflight, hits)
         self.state_path = target.gdb_path().with_suffix(".space.json")
 
     # -- guest memory helpers ---------------------------------------------------------
@@ -161,8 +169,8 @@ class SecuritySpace:
         probe = agentlib.link(obj, stand_in, stand_in + (1 << 24), lambda s: stand_in)
         text_pages = _pages(len(probe.code))
         config_pages = _pages(C.sizeof(L.Config))
-        stride = L.ring_bytes()
-        region = Region(0, text_pages, config_pages, stride, ncpus)
+        nslots = ring_slots(sum(size for _, size in self.t.mem.ranges()), ncpus)
+        region = Region(0, text_pages, config_pages, L.ring_bytes(nslots), ncpus, nslots)
         if "execmem_alloc" in k.symbols:
             base = b.call("execmem_alloc", 0, region.size)  # EXECMEM_DEFAULT
             free = "execmem_free"
@@ -181,17 +189,22 @@ class SecuritySpace:
             self._fill_config(ncpus)
             self._write_data(region.config_va, bytes(self.config))
             zero = bytes(PAGE)
-            for i in range(ncpus * stride // PAGE):
+            for i in range(ncpus * region.ring_stride // PAGE):
                 self._write_data(region.rings_va + i * PAGE, zero)
             b.stub.write_memory(base, code)  # through QEMU: stale translations go away
             if self._read(base, len(code)) != code:
                 raise SpaceError("the agent code did not land in guest memory")
             self._image_bytes = code
             self._protect(b, region)
-            ns = b.call("ktime_get_mono_fast_ns")
-            self.time_base = (ns, time.time())
+            self.sync_time(b)
         except BaseException:
+            if b.call_in_flight:  # the guest still runs a call we started: touch nothing
+                raise
             with contextlib.suppress(VmshieldError):
+                # Read-only pages must not go back to the allocator (on 5.10 nothing
+                # resets the direct-map alias at free time): undo, then free.
+                b.call("set_memory_nx", base, text_pages)
+                b.call("set_memory_rw", base, text_pages + config_pages)
                 b.call(free, base)
             self.region = None
             raise
@@ -220,8 +233,33 @@ class SecuritySpace:
         self.config = L.Config()
         self._fill_config(r.ncpus)
         self.write_config()
+        # Records and counters of an earlier session must not pass for this one's.
+        for cpu in range(r.ncpus):
+            self._write_data(r.rings_va + cpu * r.ring_stride, bytes(C.sizeof(L.RingHeader)))
+        self.sync_time(b)
         self._rehash()
         self.save_state()
+
+    def holds_our_agent(self) -> bool:
+        """Whether the guest still holds this vmshield's agent at the recorded address
+        (a state file can outlive the guest it describes: a reboot, a new QEMU)."""
+        r = self.region
+        if r is None:
+            return False
+        try:
+            self.k.walker.flush()
+            pages = [self.k.walker.translate(r.base + i * PAGE) for i in range(len(r.pages))]
+            if pages != r.pages:
+                return False
+            obj = agentlib.build().read_bytes()
+            image = agentlib.link(obj, r.base, r.config_va, self._resolve)
+        except VmshieldError:
+            return False
+        code = image.code + b"\xcc" * (r.text_pages * PAGE - len(image.code))
+        if self._read(r.base, len(code)) != code:
+            return False
+        self.image, self._image_bytes = image, code
+        return True
 
     def clear_sites(self, stub: GdbStub) -> None:
         """Unpatch every site and forget them, keeping the space (VM stopped, kernel-mode
@@ -233,6 +271,12 @@ class SecuritySpace:
         self.write_config()
         self._rehash()
         self.save_state()
+
+    def sync_time(self, b: Borrow) -> None:
+        """Map the guest's monotonic clock to host time (it stops while the VM does, so
+        this is redone whenever vmshield has the guest parked anyway)."""
+        ns = b.call("ktime_get_mono_fast_ns")
+        self.time_base = (ns, time.time())
 
     def _resolve(self, name: str) -> int:
         try:
@@ -262,7 +306,7 @@ class SecuritySpace:
         off = k.member_offset
         c.magic = L.CONFIG_MAGIC
         c.ncpus = ncpus
-        c.slot_size, c.nslots = L.SLOT_SIZE, L.NSLOTS
+        c.slot_size, c.nslots = L.SLOT_SIZE, r.nslots
         c.rings, c.ring_stride = r.rings_va, r.ring_stride
         c.page_offset_base = k.u64(k.symbols.address("page_offset_base"))
         c.la57 = int(k.walker.va_bits == 57)
@@ -279,6 +323,8 @@ class SecuritySpace:
         c.t_tiflags = off("task_struct", "thread_info.flags")
         c.sig_pending = off("signal_struct", "shared_pending.signal")
         c.c_uid, c.c_euid, c.c_gid = off("cred", "uid"), off("cred", "euid"), off("cred", "gid")
+        c.path_dentry = off("path", "dentry")
+        c.dentry_name = off("dentry", "d_name.name")
 
     def write_config(self) -> None:
         """Publish the host's copy of the config (sites, rules) to the guest."""
@@ -307,7 +353,7 @@ class SecuritySpace:
         rec = self._ftrace_record(address)
         flags = self.k.u32(rec + 8) if rec else 0
         disabled = self.k.btf.enum_value(None, "FTRACE_FL_DISABLED")
-        if flags & ~disabled & 0xFFFFFFFF and flags & (1 << 31 | 0x7FFFFF):
+        if flags & (1 << 31 | self._ftrace_count_mask()) or flags & disabled:
             raise SpaceError(f"{symbol} is in use by the guest's ftrace (flags {flags:#x})")
         st = SiteState(i, symbol, address, found.hex(), call.hex(),
                        rec + 8 if rec else None, flags, flags | disabled)  # fmt: skip
@@ -317,6 +363,19 @@ class SecuritySpace:
         s.path_item = s.port_item = -1
         self.config.nsites = len(self.sites)
         return i
+
+    def _ftrace_count_mask(self) -> int:
+        """The use-count bits of ``dyn_ftrace.flags``: below the lowest FTRACE_FL_* flag
+        (23 bits on 5.10/6.1, 19 on 6.12, which added TOUCHED and MODIFIED)."""
+        low = 1 << 31
+        for name in FTRACE_FLAGS:
+            try:
+                v = self.k.btf.enum_value(None, name) & 0xFFFFFFFF
+            except VmshieldError:
+                continue
+            if v:
+                low = min(low, v)
+        return low - 1
 
     def _ftrace_record(self, ip: int) -> int | None:
         """``struct dyn_ftrace *`` for ``ip`` (bounded walk of ``ftrace_pages_start``)."""
@@ -347,6 +406,13 @@ class SecuritySpace:
             pg = k.u64(pg + o_next)
         return None
 
+    def _ftrace_users(self) -> bool:
+        """Whether any ftrace_ops is registered in the guest (tracer, kprobe, BPF...)."""
+        k = self.k
+        if "ftrace_ops_list" not in k.symbols or "ftrace_list_end" not in k.symbols:
+            return True  # cannot tell: the safe answer
+        return k.u64(k.symbols.address("ftrace_ops_list")) != k.symbols.address("ftrace_list_end")
+
     def _locks_free(self) -> bool:
         k = self.k
         for lock in ("ftrace_lock", "text_mutex"):
@@ -362,10 +428,11 @@ class SecuritySpace:
         for s in self.sites:
             if s.live:
                 continue
+            s.live = True  # recorded before the write: a killed monitor's site is found
+            self.save_state()
             if s.ftrace_flags_va is not None:
                 self._write_data(s.ftrace_flags_va, s.ftrace_flags_after.to_bytes(4, "little"))
             stub.write_memory(s.address, bytes.fromhex(s.patched))
-            s.live = True
         self.save_state()
 
     def unpatch(self, stub: GdbStub) -> None:
@@ -373,9 +440,17 @@ class SecuritySpace:
         for s in self.sites:
             if not s.live:
                 continue
-            stub.write_memory(s.address, bytes.fromhex(s.original))
+            if self.k.read(s.address, 5).hex() == s.patched:
+                stub.write_memory(s.address, bytes.fromhex(s.original))
             if s.ftrace_flags_va is not None:
-                self._write_data(s.ftrace_flags_va, s.ftrace_flags_before.to_bytes(4, "little"))
+                if self._ftrace_users():
+                    # ftrace skipped this record while it was DISABLED, so its use count
+                    # misses the tracers registered meanwhile; clearing the flag now would
+                    # let their removal underflow the count (a WARN, then ftrace shuts
+                    # down). Leave it: the function stays untraceable until reboot.
+                    self.left_disabled.append(s.symbol)
+                else:
+                    self._write_data(s.ftrace_flags_va, s.ftrace_flags_before.to_bytes(4, "little"))
             s.live = False
         self.save_state()
 
@@ -411,6 +486,12 @@ class SecuritySpace:
         r = self.region
         if r is None:
             return
+        if self.image is None and not self.holds_our_agent():
+            self.state_path.unlink(missing_ok=True)
+            raise StaleSpace(
+                f"the guest no longer holds vmshield's agent at {r.base:#x} (rebooted or "
+                "another VM behind the same socket): nothing touched, stale state removed"
+            )
         inside = self.inside(b.stub)
         if inside:
             raise SpaceBusy(
@@ -425,10 +506,19 @@ class SecuritySpace:
             b.call("synchronize_rcu_tasks_rude")
         if "synchronize_rcu_tasks" in k.symbols:
             b.call("synchronize_rcu_tasks")
-        if self.busy():
-            raise SpaceBusy("refusing to free: " + "; ".join(self.busy()))
+        if (
+            "synchronize_rcu_tasks" not in k.symbols
+            and "synchronize_rcu_tasks_rude" not in k.symbols
+        ):
+            b.call("synchronize_rcu")  # the agent runs with IRQs off: an RCU-sched section
+        # Every CPU has been through a context switch since the sites went away, and the
+        # agent cannot sleep: a set in-flight flag now was written by the guest.
+        self.forged_inflight = self.busy()
         b.stub.write_memory(r.base, b"\xcc" * (r.text_pages * PAGE))  # no agent code left
         self._write_data(r.config_va, bytes(r.config_pages * PAGE))
+        zero = bytes(PAGE)  # nor any record: paths, argv, credentials
+        for i in range(r.ncpus * r.ring_stride // PAGE):
+            self._write_data(r.rings_va + i * PAGE, zero)
         b.call("set_memory_nx", r.base, r.text_pages)
         b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
         b.call("execmem_free" if "execmem_free" in k.symbols else "module_memfree", r.base)
@@ -453,11 +543,11 @@ class SecuritySpace:
             ring = r.rings_va + cpu * r.ring_stride
             raw = self._read(ring, 16)
             head, tail = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
-            if head - tail > L.NSLOTS or head < tail:  # corrupted by the guest: resync
-                tail = max(0, head - L.NSLOTS)
+            if head - tail > r.nslots or head < tail:  # corrupted by the guest: resync
+                tail = max(0, head - r.nslots)
             n = 0
             while tail < head and n < limit:
-                slot = ring + hsize + (tail % L.NSLOTS) * L.SLOT_SIZE
+                slot = ring + hsize + (tail % r.nslots) * L.SLOT_SIZE
                 data = self._read(slot, L.SLOT_SIZE)
                 rec = L.Record.from_buffer_copy(data[:rsize])
                 yield rec, data[rsize : rsize + min(rec.used, L.RECORD_DATA)]
@@ -524,7 +614,25 @@ class SecuritySpace:
                     alerts.append(Alert("pte", "security space mapping", va,
                                         f"pa={r.pages[i]:#x} ro nx={want_nx}",
                                         f"pa={m.pa:#x} rw={m.writable} nx={m.nx}"))  # fmt: skip
+            alerts += self._check_rings()
         alerts += self._check_cpu_state()
+        return alerts
+
+    def _check_rings(self) -> list[Alert]:
+        """A ring whose in-flight flag stays set while its hit count does not move: the
+        agent cannot be preempted (IRQs are off), so the flag was forged, which would
+        silently switch the space off on that CPU."""
+        r = self.region
+        assert r is not None
+        alerts = []
+        for cpu in range(r.ncpus):
+            h = self.ring_header(cpu)
+            before = self._ring_seen.get(cpu)
+            self._ring_seen[cpu] = (int(h.inflight), int(h.hits))
+            if h.inflight and before is not None and before[0] and before[1] == h.hits:
+                alerts.append(Alert("ring-state", f"cpu {cpu} ring",
+                                    r.rings_va + cpu * r.ring_stride + 24, "inflight=0",
+                                    f"inflight={h.inflight} (stuck)"))  # fmt: skip
         return alerts
 
     def _check_cpu_state(self) -> list[Alert]:
@@ -536,6 +644,7 @@ class SecuritySpace:
             if not s.count:
                 continue
             now = {f: int(getattr(s, f)) for f in CPU_FIELDS}
+            now["cr4"] &= ~CR4_PER_TASK
             first = self.baseline.setdefault(cpu, now)
             for f in CPU_FIELDS:
                 if now[f] != first[f]:
@@ -556,6 +665,8 @@ class SecuritySpace:
             elif a.what == "site":
                 s = next(s for s in self.sites if s.address == a.address)
                 stub.write_memory(s.address, bytes.fromhex(s.patched))
+            elif a.what == "ring-state":
+                self._write_data(a.address, bytes(8))
             elif a.what == "ftrace-flags":
                 s = next(s for s in self.sites if s.ftrace_flags_va == a.address)
                 self._write_data(a.address, s.ftrace_flags_after.to_bytes(4, "little"))
@@ -566,10 +677,12 @@ class SecuritySpace:
         r = self.region
         if r is None:
             return
-        self.state_path.write_text(json.dumps({
+        tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({
             "region": asdict(r), "sites": [asdict(s) for s in self.sites],
             "time_base": list(self.time_base), "owned": self.owned, "user_pid": self.user_pid,
         }))  # fmt: skip
+        tmp.replace(self.state_path)
 
     def in_use_by(self) -> int | None:
         """The pid of another live process (a monitor) using this space, if any."""
@@ -589,8 +702,8 @@ class SecuritySpace:
         sp = cls(target, kernel)
         if not sp.state_path.is_file():
             return None
-        d: dict[str, Any] = json.loads(sp.state_path.read_text())
         try:
+            d: dict[str, Any] = json.loads(sp.state_path.read_text())
             sp.region = Region(**d["region"])
             sp.sites = [SiteState(**s) for s in d["sites"]]
             ns, host = d.get("time_base", (0, 0.0))
@@ -598,9 +711,26 @@ class SecuritySpace:
             sp.owned = bool(d.get("owned", True))
             user = d.get("user_pid")
             sp.user_pid = int(user) if user is not None else None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:
             raise SpaceError(f"{sp.state_path}: unreadable security space state ({e})") from e
         return sp
+
+
+# CR4 bits the kernel flips per task on context switch: TSD (prctl PR_SET_TSC), PCE (rdpmc).
+CR4_PER_TASK = (1 << 2) | (1 << 8)
+FTRACE_FLAGS = (
+    "FTRACE_FL_ENABLED", "FTRACE_FL_REGS", "FTRACE_FL_REGS_EN", "FTRACE_FL_TRAMP",
+    "FTRACE_FL_TRAMP_EN", "FTRACE_FL_IPMODIFY", "FTRACE_FL_DISABLED", "FTRACE_FL_DIRECT",
+    "FTRACE_FL_DIRECT_EN", "FTRACE_FL_CALL_OPS", "FTRACE_FL_CALL_OPS_EN", "FTRACE_FL_TOUCHED",
+    "FTRACE_FL_MODIFIED",
+)  # fmt: skip
+
+
+def ring_slots(ram_bytes: int, ncpus: int) -> int:
+    """Slots per CPU ring: 4096, fewer when all rings would exceed 1/64 of guest RAM
+    (the allocation is GFP_KERNEL: it must not push a small guest into its OOM killer)."""
+    fit = ram_bytes // 64 // max(1, ncpus) // L.SLOT_SIZE
+    return max(256, min(L.NSLOTS, 1 << max(0, fit.bit_length() - 1)))
 
 
 CPU_FIELDS = ("cr0", "cr4", "efer", "star", "lstar", "sysenter_eip", "idt_base",
