@@ -181,14 +181,20 @@ def test_tamper_from_inside_the_guest(lab: Lab, engine: tuple[Target, Kernel, Sp
     nop = bytes.fromhex(site.original)
     push_module(lab, build_tamper_module(release, site.address, nop, "vms_t1"), "vms_t1")
     push_module(lab, build_tamper_module(release, sp.region.base + 16, b"\x90"), "vms_t2")
+    # ...and hooks a syscall-table entry (afs_syscall, 183: unimplemented, never called).
+    entry = k.symbols.address("sys_call_table") + 183 * 8
+    original_entry = k.read(entry, 8)
+    hook = k.symbols.address("__x64_sys_getpid").to_bytes(8, "little")
+    push_module(lab, build_tamper_module(release, entry, hook), "vms_t3")
     deadline = time.monotonic() + 10 * eng.check_interval + 5
-    while time.monotonic() < deadline and len({str(e["fields"]) for e in events}) < 2:  # type: ignore[index]
+    while time.monotonic() < deadline and len({str(e["fields"]) for e in events}) < 3:  # type: ignore[index]
         eng._drain_once()
         eng._integrity(deep=True)
         time.sleep(eng.check_interval)
     whats = {e["fields"]["what"] for e in events if e["object"] == "space.integrity"}  # type: ignore[index]
-    assert {"site", "agent-code"} <= whats, events
-    # Re-armed: our bytes are back and the point still reports.
+    assert {"site", "agent-code", "kernel-table"} <= whats, events
+    # Re-armed: our bytes are back (and the guest's table) and the point still reports.
     assert k.read(site.address, 5).hex() == site.patched
+    assert k.read(entry, 8) == original_entry
     assert sp.check() == []
     lab.sh("vmstest open /etc/passwd")

@@ -201,3 +201,14 @@ def test_decoders_never_crash_on_garbage(
     except VmshieldError:
         return
     assert isinstance(fields, dict)
+
+
+def test_symbol_extent_stops_at_the_next_symbol() -> None:
+    from vmshield.guest.symtab import SymbolTable
+
+    names = ["sys_call_table", "next_thing", "user_sym"]
+    addrs = [0xFFFFFFFF82000000, 0xFFFFFFFF82000E80, 0x1000]
+    t = SymbolTable(names, addrs, "DDU")
+    assert t.extent("sys_call_table", 8192) == (addrs[0], 0xE80)
+    assert t.extent("sys_call_table", 16) == (addrs[0], 16)
+    assert t.extent("next_thing", 64) == (addrs[1], 64)  # the last symbol: the limit

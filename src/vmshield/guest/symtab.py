@@ -83,6 +83,15 @@ class SymbolTable:
         i = self._order[k]
         return self._sym(i), address - self.addrs[i]
 
+    def extent(self, name: str, limit: int) -> tuple[int, int]:
+        """(address, size) of a data symbol: up to the next higher symbol address,
+        at most ``limit`` bytes (kallsyms has no sizes)."""
+        start = self.address(name)
+        self.lookup(start)  # builds the sorted index
+        k = bisect.bisect_right(self._sorted_addrs, start)
+        nxt = self._sorted_addrs[k] if k < len(self._sorted_addrs) else start + limit
+        return start, max(0, min(limit, nxt - start))
+
     def kallsyms_lines(self) -> Iterator[str]:
         """The table in ``/proc/kallsyms`` format (``%016x %c %s``)."""
         for n, a, t in zip(self.names, self.addrs, self.types, strict=True):

@@ -127,6 +127,8 @@ class SecuritySpace:
         self.left_disabled: list[str] = []  # see unpatch()
         self.forged_inflight: list[str] = []  # see destroy()
         self._ring_seen: dict[int, tuple[int, int]] = {}  # cpu -> (inflight, hits)
+        self.tables: dict[str, tuple[int, bytes]] = {}  # protected kernel tables
+        self.table_findings: list[Alert] = []  # found wrong when first read
         self.state_path = target.gdb_path().with_suffix(".space.json")
 
     # -- guest memory helpers ---------------------------------------------------------
@@ -197,6 +199,7 @@ class SecuritySpace:
             self._image_bytes = code
             self._protect(b, region)
             self.sync_time(b)
+            self.snapshot_tables()
         except BaseException:
             if b.call_in_flight:  # the guest still runs a call we started: touch nothing
                 raise
@@ -233,6 +236,7 @@ class SecuritySpace:
         self.config = L.Config()
         self._fill_config(r.ncpus)
         self.write_config()
+        self.snapshot_tables()
         # Records and counters of an earlier session must not pass for this one's.
         for cpu in range(r.ncpus):
             self._write_data(r.rings_va + cpu * r.ring_stride, bytes(C.sizeof(L.RingHeader)))
@@ -271,6 +275,34 @@ class SecuritySpace:
         self.write_config()
         self._rehash()
         self.save_state()
+
+    def snapshot_tables(self) -> None:
+        """Reference copies of kernel tables a rootkit rewrites (syscall tables, IDT),
+        with a sanity check of the syscall table: every entry must point into kernel
+        text, or the copy is already corrupt and that is reported at the first check."""
+        k = self.k
+        self.tables, self.table_findings = {}, []
+        lo, hi = k.symbols.address("_stext"), k.symbols.address("_etext")
+        for name, limit in PROTECTED_TABLES:
+            if name not in k.symbols:
+                continue
+            va, size = k.symbols.extent(name, limit)
+            if size < 8:
+                continue
+            try:
+                data = k.read(va, size)
+            except VmshieldError:
+                continue
+            self.tables[name] = (va, data)
+            if name.endswith("sys_call_table"):
+                ptrs = [int.from_bytes(data[j : j + 8], "little") for j in range(0, size - 7, 8)]
+                while ptrs and ptrs[-1] == 0:  # alignment padding up to the next symbol
+                    ptrs.pop()
+                for i, ptr in enumerate(ptrs):
+                    if not lo <= ptr < hi:
+                        self.table_findings.append(Alert(
+                            "kernel-table", f"{name}[{i}]", va + 8 * i,
+                            "a kernel text address", f"{ptr:#x}"))  # fmt: skip
 
     def sync_time(self, b: Borrow) -> None:
         """Map the guest's monotonic clock to host time (it stops while the VM does, so
@@ -615,6 +647,18 @@ class SecuritySpace:
                                         f"pa={r.pages[i]:#x} ro nx={want_nx}",
                                         f"pa={m.pa:#x} rw={m.writable} nx={m.nx}"))  # fmt: skip
             alerts += self._check_rings()
+            alerts += self.table_findings
+            self.table_findings = []
+            for name, (va, ref) in self.tables.items():
+                try:
+                    cur = self.k.read(va, len(ref))
+                except VmshieldError as e:
+                    alerts.append(Alert("kernel-table", name, va, "readable", str(e)))
+                    continue
+                if cur != ref:
+                    at = next(i for i in range(len(ref)) if cur[i] != ref[i])
+                    alerts.append(Alert("kernel-table", name, va + at,
+                                        ref[at:at + 8].hex(), cur[at:at + 8].hex()))  # fmt: skip
         alerts += self._check_cpu_state()
         return alerts
 
@@ -665,6 +709,9 @@ class SecuritySpace:
             elif a.what == "site":
                 s = next(s for s in self.sites if s.address == a.address)
                 stub.write_memory(s.address, bytes.fromhex(s.patched))
+            elif a.what == "kernel-table" and a.where in self.tables:
+                va, want = self.tables[a.where]
+                self._write_data(va, want)  # data read by the CPU and kernel: no TB issue
             elif a.what == "ring-state":
                 self._write_data(a.address, bytes(8))
             elif a.what == "ftrace-flags":
@@ -716,6 +763,9 @@ class SecuritySpace:
         return sp
 
 
+# Kernel tables whose change is a classic rootkit move, and their size bounds.
+PROTECTED_TABLES = (("sys_call_table", 8 * 1024), ("ia32_sys_call_table", 8 * 1024),
+                    ("x32_sys_call_table", 8 * 1024), ("idt_table", 16 * 256))  # fmt: skip
 # CR4 bits the kernel flips per task on context switch: TSD (prctl PR_SET_TSC), PCE (rdpmc).
 CR4_PER_TASK = (1 << 2) | (1 << 8)
 FTRACE_FLAGS = (
