@@ -21,6 +21,7 @@ from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
 from vmshield.hv.target import Target
 from vmshield.lab.tampermod import build_tamper_module
+from vmshield.monitor.points import place_point
 from vmshield.monitor.request import IsolationRequest, resolve
 from vmshield.monitor.space_engine import SpaceEngine
 from vmshield.paths import cache_dir
@@ -198,3 +199,31 @@ def test_tamper_from_inside_the_guest(lab: Lab, engine: tuple[Target, Kernel, Sp
     assert k.read(entry, 8) == original_entry
     assert sp.check() == []
     lab.sh("vmstest open /etc/passwd")
+
+
+def test_tamper_policy_exit_moves_requests_out_of_the_guest(lab: Lab) -> None:
+    """--on-tamper exit: once the guest touches the space, it is removed and the same
+    requests go on through breakpoint exits."""
+    with Target(lab.name) as t:
+        k = attach(t)
+        site = place_point(k, "security_file_open").address
+        nop = k.read(site, 5)
+        release = k.release
+    mon = MonitorRun(lab.name, ["-o", "file.open", "--on-tamper", "exit",
+                                "--check-interval", "0.3"], engine="space")  # fmt: skip
+    try:
+        push_module(lab, build_tamper_module(release, site, nop, "vms_t4"), "vms_t4")
+        ev = mon.wait_for(lambda e: e["object"] == "space.integrity")
+        assert ev["fields"]["what"] == "site"
+        assert ev["fields"]["response"] == "fallback to the exit engine"
+        deadline = time.monotonic() + 60
+        while "engine exit" not in "".join(mon.stderr) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        g = kv(lab.sh("vmstest open /etc/passwd"))
+        ev = mon.wait_for(lambda e: e["object"] == "file.open"
+                          and e["process"]["pid"] == int(g["pid"]))  # fmt: skip
+        assert ev["point"]["engine"] == "exit"
+    finally:
+        assert mon.stop() == 0, "".join(mon.stderr)
+    with Target(lab.name) as t:
+        assert attach(t).read(site, 5) == nop

@@ -298,7 +298,11 @@ def monitor(
         float, typer.Option(help="Security space: seconds between full integrity checks.")
     ] = 1.0,
     on_tamper: Annotated[
-        str, typer.Option(help="Security space: rearm (write our bytes back) or alert.")
+        str,
+        typer.Option(
+            help="Security space, when it is tampered with: rearm (write our bytes "
+            "back), alert (report only) or exit (remove it, continue on the exit engine)."
+        ),
     ] = "rearm",
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
@@ -326,8 +330,8 @@ def monitor(
 
     if engine not in ("exit", "auto", "space"):
         _fail(VmshieldError(f"unknown engine {engine!r} (use space, exit or auto)"))
-    if on_tamper not in ("rearm", "alert"):
-        _fail(VmshieldError(f"unknown tamper policy {on_tamper!r} (use rearm or alert)"))
+    if on_tamper not in ("rearm", "alert", "exit"):
+        _fail(VmshieldError(f"unknown tamper policy {on_tamper!r} (use rearm, alert or exit)"))
     stop = {"now": False}
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -401,7 +405,24 @@ def monitor(
                 highlight=False,
                 soft_wrap=True,
             )
+            started = time.monotonic()
             eng.run(duration, lambda: stop["now"])
+            if isinstance(eng, SpaceEngine) and eng.fallback_requested and not stop["now"]:
+                err.print(
+                    "security space tampered with: removing it; the requests continue on "
+                    "the exit engine",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                eng.detach()
+                eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
+                eng.arm()
+                t.qmp.close()
+                err.print(f"armed {len(reqs)} point(s) (engine exit)", highlight=False)
+                left = (
+                    None if duration is None else max(0.1, duration - (time.monotonic() - started))
+                )
+                eng.run(left, lambda: stop["now"])
         finally:
             eng.detach()
             s = eng.stats

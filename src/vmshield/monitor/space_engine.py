@@ -35,7 +35,10 @@ from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
 AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
-POLICIES = ("rearm", "alert")
+POLICIES = ("rearm", "alert", "exit")
+
+
+_RESPONSE = {"rearm": "rearm", "alert": "reported", "exit": "fallback to the exit engine"}
 
 
 def unsupported(requests: list[ResolvedRequest]) -> str | None:
@@ -145,6 +148,9 @@ class SpaceEngine:
         self.stats = SpaceStats()
         self.paused = False
         self._drops_seen = 0
+        # Policy "exit": the space was tampered with; run() returns so that the caller
+        # can tear it down and carry on with breakpoint exits, out of the guest's reach.
+        self.fallback_requested = False
 
     # -- arm / detach -------------------------------------------------------------------
 
@@ -260,6 +266,8 @@ class SpaceEngine:
         end = time.monotonic() + duration if duration else None
         next_check = time.monotonic() + self.check_interval
         while not should_stop() and (end is None or time.monotonic() < end):
+            if self.fallback_requested:
+                return  # the caller moves the requests to the exit engine
             time.sleep(DRAIN_INTERVAL)
             if self.paused:
                 continue
@@ -297,11 +305,14 @@ class SpaceEngine:
                 "space.integrity", "alert",
                 {"what": a.what, "where": a.where, "address": f"{a.address:#x}",
                  "expected": a.expected, "found": a.found,
-                 "response": "rearm" if self.policy == "rearm" and a.what != "cpu-state"
+                 "response": _RESPONSE[self.policy] if a.what != "cpu-state"
                  else "reported"},
             )  # fmt: skip
+        repairable = [a for a in alerts if a.what != "cpu-state"]
         if self.policy == "rearm":
-            self._rearm([a for a in alerts if a.what != "cpu-state"])
+            self._rearm(repairable)
+        elif self.policy == "exit" and repairable:
+            self.fallback_requested = True
 
     def _rearm(self, alerts: list[Alert]) -> None:
         sp = self.space
