@@ -392,8 +392,9 @@ class SpaceEngine:
                 time=self.space.host_time(rec.ns) if self.space else time.time(),
                 vm=self.t.name, request=r.request.id, object=r.request.object,
                 action=action, process=proc, fields=decoded,
-                point=PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
-                                kind="kernel-function", engine="space", cpu=rec.cpu),
+                point=PointInfo(
+                    symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                    kind="kernel-function", engine="space", cpu=rec.cpu),
                 decode_errors=list(cap.errors), detail=detail,
             ))  # fmt: skip
         if pause:

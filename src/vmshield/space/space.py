@@ -577,14 +577,17 @@ class SecuritySpace:
             head, tail = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
             if head - tail > r.nslots or head < tail:  # corrupted by the guest: resync
                 tail = max(0, head - r.nslots)
-            n = 0
-            while tail < head and n < limit:
-                slot = ring + hsize + (tail % r.nslots) * L.SLOT_SIZE
-                data = self._read(slot, L.SLOT_SIZE)
-                rec = L.Record.from_buffer_copy(data[:rsize])
-                yield rec, data[rsize : rsize + min(rec.used, L.RECORD_DATA)]
-                tail += 1
-                n += 1
+            end = min(head, tail + limit)
+            while tail < end:
+                # One read per contiguous run of slots (up to the ring's wrap point).
+                first = tail % r.nslots
+                count = min(end - tail, r.nslots - first)
+                blob = self._read(ring + hsize + first * L.SLOT_SIZE, count * L.SLOT_SIZE)
+                for i in range(count):
+                    data = blob[i * L.SLOT_SIZE : (i + 1) * L.SLOT_SIZE]
+                    rec = L.Record.from_buffer_copy(data, 0)
+                    yield rec, data[rsize : rsize + min(rec.used, L.RECORD_DATA)]
+                tail += count
             self._write_data(ring + 8, tail.to_bytes(8, "little"))
 
     def counters(self) -> dict[str, int]:
