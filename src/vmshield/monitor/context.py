@@ -82,19 +82,23 @@ class HitContext:
 
     def sockaddr(self, va: int, length: int) -> dict[str, object]:
         """Family, address and port of a ``struct sockaddr *`` (kernel copy)."""
-        raw = self.kernel.read(va, max(2, min(length, 28)))
-        family = int.from_bytes(raw[:2], "little")
-        out: dict[str, object] = {"family": _family(family)}
-        if family == AF_INET and len(raw) >= 8:
-            out["port"] = struct.unpack(">H", raw[2:4])[0]
-            out["address"] = ".".join(str(b) for b in raw[4:8])
-        elif family == AF_INET6 and len(raw) >= 24:
-            out["port"] = struct.unpack(">H", raw[2:4])[0]
-            out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
-        elif family == AF_UNIX:
-            out["address"] = raw[2:].split(b"\0", 1)[0].decode(errors="backslashreplace")
-        return out
+        return decode_sockaddr(self.kernel.read(va, max(2, min(length, 28))))
 
 
-def _family(f: int) -> str:
+def decode_sockaddr(raw: bytes) -> dict[str, object]:
+    """Family, address and port from the bytes of a ``struct sockaddr`` (both engines)."""
+    family = int.from_bytes(raw[:2], "little")
+    out: dict[str, object] = {"family": family_name(family)}
+    if family == AF_INET and len(raw) >= 8:
+        out["port"] = struct.unpack(">H", raw[2:4])[0]
+        out["address"] = ".".join(str(b) for b in raw[4:8])
+    elif family == AF_INET6 and len(raw) >= 24:
+        out["port"] = struct.unpack(">H", raw[2:4])[0]
+        out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
+    elif family == AF_UNIX:
+        out["address"] = raw[2:].split(b"\0", 1)[0].decode(errors="backslashreplace")
+    return out
+
+
+def family_name(f: int) -> str:
     return {AF_INET: "inet", AF_INET6: "inet6", AF_UNIX: "unix"}.get(f, str(f))

@@ -27,6 +27,7 @@ from vmshield.guest.tasks import TaskReader
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
+from vmshield.monitor.actions import dump_memory, pause_vm
 from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.context import HitContext
 from vmshield.monitor.events import Event, PointInfo
@@ -172,10 +173,7 @@ class ExitEngine:
         self.stats.round_trips += 1
         stub.cont()
         if verdict == "pause":
-            try:
-                self.t.qmp.stop()
-            finally:
-                self.t.qmp.close()
+            pause_vm(self.t)
             self.paused = True
 
     def handle(self, regs: X86Registers, reqs: list[ResolvedRequest]) -> str:
@@ -240,13 +238,7 @@ class ExitEngine:
             self._kill(ctx.current)
             return {"signal": "SIGKILL"}
         if action == "dump":
-            name = f"vmshield-{Path(self.t.name).name}-{int(time.time() * 1000)}.elf"
-            path = (self.dump_dir / name).resolve()
-            try:
-                self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
-            finally:
-                self.t.qmp.close()
-            return {"dump": str(path)}
+            return dump_memory(self.t, self.dump_dir)
         if action == "pause":
             return {"paused": True}
         return {}

@@ -25,6 +25,7 @@ from typing import Any
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
+from vmshield.monitor.actions import dump_memory, pause_vm
 from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
@@ -398,21 +399,12 @@ class SpaceEngine:
                 decode_errors=list(cap.errors), detail=detail,
             ))  # fmt: skip
         if pause:
-            try:
-                self.t.qmp.stop()
-            finally:
-                self.t.qmp.close()
+            pause_vm(self.t)
             self.paused = True
 
     def _act(self, action: str) -> dict[str, Any]:
         if action == "dump":
-            name = f"vmshield-{Path(self.t.name).name}-{int(time.time() * 1000)}.elf"
-            path = (self.dump_dir / name).resolve()
-            try:
-                self.t.qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{path}")
-            finally:
-                self.t.qmp.close()
-            return {"dump": str(path)}
+            return dump_memory(self.t, self.dump_dir)
         if action == "pause":
             return {"paused": True}
         return {}

@@ -11,7 +11,6 @@ truncated or faulted item becomes a decode error on the event, as in the exit en
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
+from vmshield.monitor.context import decode_sockaddr, family_name
 from vmshield.space import layout as L
 
 PATH_MAX_CAPTURE = 400  # bytes per path in a record (two fit, for rename)
@@ -222,23 +222,9 @@ def _rename(c: Captured) -> dict[str, Any]:
     return {"path": c.item(0, "path").text(), "new_path": c.item(1, "new path").text()}
 
 
-def _family(f: int) -> str:
-    return {2: "inet", 10: "inet6", 1: "unix"}.get(f, str(f))
-
-
 def _sockaddr(c: Captured) -> dict[str, Any]:
     raw = c.item(0, "sockaddr").data[: max(2, min(c.arg(2) & 0xFFFF, 28))]
-    family = int.from_bytes(raw[:2], "little")
-    out: dict[str, Any] = {"family": _family(family)}
-    if family == 2 and len(raw) >= 8:
-        out["port"] = struct.unpack(">H", raw[2:4])[0]
-        out["address"] = ".".join(str(b) for b in raw[4:8])
-    elif family == 10 and len(raw) >= 24:
-        out["port"] = struct.unpack(">H", raw[2:4])[0]
-        out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
-    elif family == 1:
-        out["address"] = raw[2:].split(b"\0", 1)[0].decode(errors="backslashreplace")
-    return out
+    return decode_sockaddr(raw)
 
 
 def _listen(c: Captured) -> dict[str, Any]:
@@ -246,7 +232,7 @@ def _listen(c: Captured) -> dict[str, Any]:
     if len(addr) != 4:
         raise VmshieldError("address: short capture")
     return {
-        "family": _family(c.item(1, "family").u(0, 2)),
+        "family": family_name(c.item(1, "family").u(0, 2)),
         "address": ".".join(str(b) for b in addr),
         "port": c.item(0, "port").u(0, 2),
         "backlog": c.sarg(1),
