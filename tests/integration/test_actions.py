@@ -176,6 +176,19 @@ def test_process_object_follows_one_process(lab: Lab) -> None:
     assert all(e["process"]["comm"] == "vmstest" for e in mon.events)
 
 
+def test_process_object_with_deny_says_what_is_only_logged(lab: Lab) -> None:
+    mon = MonitorRun(lab.name, ["-o", "process:vmstest", "--action", "deny"], engine="auto")
+    try:
+        g = kv(lab.sh("vmstest open /etc/passwd", check=False))
+        assert int(g["errno"]) == EPERM  # file.open can be denied: it is
+        ev = mon.wait_for(lambda e: e["object"] == "file.open" and e["action"] == "deny")
+        assert ev["point"]["engine"] == "space"  # auto: every request fits the space
+    finally:
+        assert mon.stop() == 0, "".join(mon.stderr)
+    note = "".join(mon.stderr)
+    assert "logged only:" in note and "process.exec" in note and "cred.change" in note
+
+
 # User-space points (each test arms its own monitor: one gdb client per VM).
 
 

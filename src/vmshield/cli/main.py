@@ -350,7 +350,16 @@ def monitor(
                 req = IsolationRequest(
                     vm=target, object=name, filters={**flt, **o_flt}, action=o_action or action
                 )
-                reqs.extend(resolve_all(req, k))
+                subs = resolve_all(req, k)
+                logged = [r.request.object for r in subs if r.request.action != req.action]
+                if logged:  # process:X with an action not every behaviour can take
+                    err.print(
+                        f"{name}: action {req.action} applies where the behaviour allows it; "
+                        f"logged only: {', '.join(logged)}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                reqs.extend(subs)
         except ValueError as e:  # pydantic wraps our RequestError
             raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
         table_console = Console(highlight=False)
