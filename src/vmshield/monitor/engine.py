@@ -28,8 +28,8 @@ from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
 from vmshield.monitor.actions import dump_memory, pause_vm
-from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.context import HitContext
+from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
 from vmshield.monitor.request import ResolvedRequest
 
@@ -177,59 +177,25 @@ class ExitEngine:
             self.paused = True
 
     def handle(self, regs: X86Registers, reqs: list[ResolvedRequest]) -> str:
-        """Decode, filter and act for every request on the point; the strongest verdict
-        wins (deny > kill > pause > dump > log)."""
+        """Decode, filter and act for every request on the point (see
+        :mod:`vmshield.monitor.dispatch`); returns the strongest action taken."""
         cpu = 0
         if stub_stop := (self.stub.stop_reply if self.stub else None):
             cpu = max(0, (stub_stop.thread.tid - 1) if stub_stop.thread else 0)
         ctx = HitContext(self.k, self.tasks, regs, cpu)
-        proc = ctx.process()
-        proc_d: dict[str, Any] = proc.model_dump() if proc else {}
-        verdict = "log"
-        decoded: dict[str, Any] | None = None
-        for r in reqs:
-            flt = r.request.filters
-            if any(k in ("pid", "comm", "uid") and not match_filter(k, v, {}, proc_d)
-                   for k, v in flt.items()):  # fmt: skip
-                self.stats.filtered += 1
-                continue
-            if decoded is None:
-                try:
-                    got = r.obj.decoder(ctx)
-                except VmshieldError as e:
-                    ctx.errors.append(f"decode: {e}")
-                    got = {}
-                if got is None:  # e.g. another program at a user-space point's address
-                    self.stats.filtered += 1
-                    continue
-                decoded = got
-            if not all(match_filter(k, v, decoded, proc_d) for k, v in flt.items()):
-                self.stats.filtered += 1
-                continue
-            action = r.request.action
-            try:
-                detail = self._act(action, ctx)
-            except VmshieldError as e:  # the event still goes out, saying what failed
-                detail = {"error": f"{action} failed: {e}"}
-                action = "log"
-            verdict = max(verdict, action, key=_RANK.__getitem__)
-            self.stats.events += 1
-            self.stats.by_object[r.request.object] = (
-                self.stats.by_object.get(r.request.object, 0) + 1
-            )
-            self.stats.decode_errors += bool(ctx.errors)
-            self.emit(
-                Event(
-                    time=time.time(), vm=self.t.name, request=r.request.id,
-                    object=r.request.object, action=action, process=proc, fields=decoded,
-                    point=PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
-                                    kind="kernel-function" if r.point.on_nop or
-                                    r.point.address >> 63 else "user-function",
-                                    engine="exit", cpu=cpu),
-                    decode_errors=list(ctx.errors), detail=detail,
-                )
-            )  # fmt: skip
-        return verdict
+
+        def point(r: ResolvedRequest) -> PointInfo:
+            kernel = r.point.on_nop or bool(r.point.address >> 63)
+            return PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                             kind="kernel-function" if kernel else "user-function",
+                             engine="exit", cpu=cpu)  # fmt: skip
+
+        hit = Hit(
+            vm=self.t.name, time=time.time(), process=ctx.process(),
+            decode=lambda r: r.obj.decoder(ctx), act=lambda a: self._act(a, ctx),
+            point=point, errors=ctx.errors,
+        )  # fmt: skip
+        return dispatch(hit, reqs, self.stats, self.emit)
 
     # -- actions ------------------------------------------------------------------------
 
@@ -272,6 +238,3 @@ class ExitEngine:
         regs.rip = ret
         regs.rsp = regs.rsp + 8
         self.stub.write_registers(regs, use_g=True)
-
-
-_RANK = {"log": 0, "dump": 1, "pause": 2, "kill": 3, "deny": 4}

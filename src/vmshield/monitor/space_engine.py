@@ -26,7 +26,7 @@ from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
 from vmshield.monitor.actions import dump_memory, pause_vm
-from vmshield.monitor.catalog import match_filter
+from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
@@ -351,53 +351,18 @@ class SpaceEngine:
             gid=rec.gid, comm=rec.comm.decode(errors="backslashreplace"),
             task=f"{rec.task:#x}",
         )  # fmt: skip
-        proc_d = proc.model_dump()
-        decoded: dict[str, Any] | None = None
-        pause = False
-        for pos, r in enumerate(site.requests):
-            flt = r.request.filters
-            if pos in site.rule_of:
-                if not rec.matched >> site.rule_of[pos] & 1:
-                    self.stats.filtered += 1
-                    continue
-            elif any(k in ("pid", "comm", "uid") and not match_filter(k, v, {}, proc_d)
-                     for k, v in flt.items()):  # fmt: skip
-                self.stats.filtered += 1
-                continue
-            if decoded is None:
-                try:
-                    decoded = site.plan.decode(cap)
-                except VmshieldError as e:
-                    cap.errors.append(f"decode: {e}")
-                    decoded = {}
-            if pos not in site.rule_of and not all(
-                match_filter(k, v, decoded, proc_d) for k, v in flt.items()
-            ):
-                self.stats.filtered += 1
-                continue
-            action = r.request.action
-            detail: dict[str, Any] = {}
-            try:
-                detail = self._act(action)
-            except VmshieldError as e:
-                detail = {"error": f"{action} failed: {e}"}
-                action = "log"
-            if action == "kill":
-                detail = {"signal": "SIGKILL"}
-            pause |= action == "pause"
-            self.stats.events += 1
-            self.stats.by_object[r.request.object] = self.stats.by_object.get(
-                r.request.object, 0) + 1  # fmt: skip
-            self.stats.decode_errors += bool(cap.errors)
-            self.emit(Event(
-                time=self.space.host_time(rec.ns) if self.space else time.time(),
-                vm=self.t.name, request=r.request.id, object=r.request.object,
-                action=action, process=proc, fields=decoded,
-                point=PointInfo(
-                    symbol=r.point.symbol, address=f"{r.point.address:#x}",
-                    kind="kernel-function", engine="space", cpu=rec.cpu),
-                decode_errors=list(cap.errors), detail=detail,
-            ))  # fmt: skip
+
+        def point(r: ResolvedRequest) -> PointInfo:
+            return PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                             kind="kernel-function", engine="space", cpu=rec.cpu)  # fmt: skip
+
+        hit = Hit(
+            vm=self.t.name, time=self.space.host_time(rec.ns) if self.space else time.time(),
+            process=proc, decode=lambda r: site.plan.decode(cap), act=self._act, point=point,
+            errors=cap.errors,
+            decided={pos: bool(rec.matched >> bit & 1) for pos, bit in site.rule_of.items()},
+        )  # fmt: skip
+        pause = dispatch(hit, site.requests, self.stats, self.emit) == "pause"
         if pause:
             pause_vm(self.t)
             self.paused = True
@@ -407,4 +372,6 @@ class SpaceEngine:
             return dump_memory(self.t, self.dump_dir)
         if action == "pause":
             return {"paused": True}
+        if action == "kill":  # done in the guest by the agent's rule
+            return {"signal": "SIGKILL"}
         return {}
