@@ -69,6 +69,7 @@ class ExitEngine:
             self.by_addr.setdefault(r.point.address, []).append(r)
         self.stub: GdbStub | None = None
         self.stats = Stats()
+        self._pending: list[Event] = []  # events of the hit being handled
         self.paused = False
         self._guard: subprocess.Popen[bytes] | None = None
         self._guard_pipe: int | None = None
@@ -175,6 +176,11 @@ class ExitEngine:
         if verdict == "pause":
             pause_vm(self.t)
             self.paused = True
+        # Events go out once their actions have taken effect: whoever reads a pause
+        # event finds the VM paused.
+        events, self._pending = self._pending, []
+        for ev in events:
+            self.emit(ev)
 
     def handle(self, regs: X86Registers, reqs: list[ResolvedRequest]) -> str:
         """Decode, filter and act for every request on the point (see
@@ -195,7 +201,7 @@ class ExitEngine:
             decode=lambda r: r.obj.decoder(ctx), act=lambda a: self._act(a, ctx),
             point=point, errors=ctx.errors,
         )  # fmt: skip
-        return dispatch(hit, reqs, self.stats, self.emit)
+        return dispatch(hit, reqs, self.stats, self._pending.append)
 
     # -- actions ------------------------------------------------------------------------
 

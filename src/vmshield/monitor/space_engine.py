@@ -362,10 +362,12 @@ class SpaceEngine:
             errors=cap.errors,
             decided={pos: bool(rec.matched >> bit & 1) for pos, bit in site.rule_of.items()},
         )  # fmt: skip
-        pause = dispatch(hit, site.requests, self.stats, self.emit) == "pause"
-        if pause:
+        events: list[Event] = []
+        if dispatch(hit, site.requests, self.stats, events.append) == "pause":
             pause_vm(self.t)
             self.paused = True
+        for ev in events:  # after the pause: whoever reads the event finds the VM paused
+            self.emit(ev)
 
     def _act(self, action: str) -> dict[str, Any]:
         if action == "dump":
