@@ -27,6 +27,7 @@ from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
 from vmshield.monitor.actions import dump_memory, pause_vm
 from vmshield.monitor.dispatch import Hit, dispatch
+from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
@@ -112,16 +113,13 @@ class _Site:
 
 
 @dataclass
-class SpaceStats:
-    hits: int = 0
-    events: int = 0
-    filtered: int = 0
-    decode_errors: int = 0
+class SpaceStats(Stats):
+    """The exit engine's counters (round trips stay 0: no exit per event), plus the
+    space's own."""
+
     drops: int = 0
     alerts: int = 0
     drains: int = 0
-    round_trips: int = 0
-    by_object: dict[str, int] = field(default_factory=dict)
 
 
 class SpaceEngine:
