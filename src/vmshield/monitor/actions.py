@@ -27,3 +27,12 @@ def pause_vm(t: Target) -> None:
         t.qmp.stop()
     finally:
         t.qmp.close()
+
+
+def vm_status(t: Target) -> str:
+    """QEMU's run state (see :meth:`vmshield.hv.qmp.Qmp.status`); QMP is released again
+    so that the operator's ``vmshield resume`` can connect."""
+    try:
+        return t.qmp.status()
+    finally:
+        t.qmp.close()

@@ -24,10 +24,10 @@ from typing import Any
 from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import TaskReader
-from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
+from vmshield.hv.gdbpackets import SIGINT, GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm
+from vmshield.monitor.actions import dump_memory, pause_vm, vm_status
 from vmshield.monitor.context import HitContext
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
@@ -118,15 +118,21 @@ class ExitEngine:
             self._guard = None
 
     def detach(self) -> None:
-        """Remove every breakpoint and let the guest run; idempotent."""
+        """Remove every breakpoint and let the guest run; idempotent.
+
+        Works whatever state the session is in: a stop reply on its way, a VM that a
+        ``pause`` action (or an operator) left stopped, a VM running. A VM that our
+        ``pause`` left paused is paused again after the detach (QEMU resumes the VM on
+        ``D``): the pause is the operator's to end with ``vmshield resume``.
+        """
         stub, self.stub = self.stub, None
         if stub is None:
             return
         self._stop_guard()
+        keep_paused = False
         try:
             if stub.running:
-                stub.interrupt()
-                stub.wait_stop(5)
+                keep_paused = self._settle(stub)
             for addr in self.by_addr:
                 with contextlib.suppress(VmshieldError):
                     stub.remove_breakpoint(addr)
@@ -134,10 +140,30 @@ class ExitEngine:
         finally:
             stub.close()
             self._state.unlink(missing_ok=True)
+        if keep_paused:
+            pause_vm(self.t)
+
+    def _settle(self, stub: GdbStub) -> bool:
+        """Bring a session that expects a stop reply back to stopped; True when the VM
+        was left stopped by a pause (ours or an operator's), not by us now."""
+        stub.interrupt()
+        try:
+            stub.wait_stop(1.0)
+            return False
+        except GdbTimeout:
+            pass
+        status = vm_status(self.t)
+        if status == "running":  # the interrupt is slow to land: wait for its reply
+            stub.wait_stop(10)
+            return False
+        stub.assume_stopped()  # stopped with nothing on the way: QEMU ignored the 0x03
+        return status == "paused" or self.paused
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
+        """Handle stops until told to stop. A paused VM needs nothing special: once the
+        operator resumes it, its next hit arrives as an ordinary stop reply."""
         assert self.stub is not None
         end = time.monotonic() + duration if duration else None
         next_flush = time.monotonic() + 1.0
@@ -145,13 +171,11 @@ class ExitEngine:
             if time.monotonic() > next_flush:  # the guest may remap kernel memory
                 self.k.walker.flush()
                 next_flush = time.monotonic() + 1.0
-            if self.paused:
-                time.sleep(0.1)
-                continue
             try:
                 self.stub.wait_stop(0.2)
             except GdbTimeout:
                 continue
+            self.paused = False  # whatever stopped, the VM ran again since the pause
             self.on_stop()
 
     def on_stop(self) -> None:
@@ -162,6 +186,12 @@ class ExitEngine:
         reqs = self.by_addr.get(regs.rip)
         if reqs is None:
             self.stats.other_stops += 1
+            stop = stub.stop_reply
+            if stop is not None and stop.signal == SIGINT and vm_status(self.t) == "paused":
+                # Someone paused the VM through QMP (an operator, `virsh suspend`):
+                # QEMU told us with this stop. Continuing would undo their pause.
+                stub.await_external_resume()
+                return
             stub.cont()
             return
         self.stats.hits += 1
@@ -172,10 +202,16 @@ class ExitEngine:
             stub.write_register("rip", reqs[0].point.resume)
         # else: no NOP to skip (user code); cont() steps over the instruction first.
         self.stats.round_trips += 1
-        stub.cont()
-        if verdict == "pause":
-            pause_vm(self.t)
+        if verdict == "pause" and reqs[0].point.on_nop:
+            # The pause is this stop: the VM stays stopped past the NOP until the
+            # operator resumes it (QMP cont), and its next hit comes as a stop reply.
+            stub.await_external_resume()
             self.paused = True
+        else:
+            stub.cont()
+            if verdict == "pause":  # a user-code point: step over it first, then pause
+                pause_vm(self.t)
+                self.paused = True
         # Events go out once their actions have taken effect: whoever reads a pause
         # event finds the VM paused.
         events, self._pending = self._pending, []

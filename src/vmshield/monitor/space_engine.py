@@ -25,7 +25,7 @@ from typing import Any
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm
+from vmshield.monitor.actions import dump_memory, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
@@ -229,9 +229,20 @@ class SpaceEngine:
     def detach(self, attempts: int = 5) -> None:
         """Unpatch, free and leave no trace; refused while a vCPU is inside the space
         (retried a few times: a vCPU leaves the agent within microseconds)."""
-        sp, last = self.space, None
+        sp = self.space
         if sp is None:
             return
+        # Teardown borrows a vCPU and so runs the VM for a moment; a VM our pause
+        # action left paused is paused again afterwards (the pause is the operator's).
+        keep_paused = self._still_paused()
+        try:
+            self._detach(sp, attempts)
+        finally:
+            if keep_paused:
+                pause_vm(self.t)
+
+    def _detach(self, sp: SecuritySpace, attempts: int) -> None:
+        last: SpaceBusy | None = None
         for _ in range(attempts):
             self._drain_once()
             stub = self.t.gdbstub()
@@ -268,8 +279,9 @@ class SpaceEngine:
             if self.fallback_requested:
                 return  # the caller moves the requests to the exit engine
             time.sleep(DRAIN_INTERVAL)
-            if self.paused:
-                continue
+            # Draining and checking go on while the VM is paused (shared RAM needs no
+            # running vCPU): records written before the pause are delivered, and the
+            # monitor is there for the first event after the operator resumes.
             deep = time.monotonic() >= next_check
             if deep:
                 next_check = time.monotonic() + self.check_interval
@@ -313,9 +325,17 @@ class SpaceEngine:
         elif self.policy == "exit" and repairable:
             self.fallback_requested = True
 
+    def _still_paused(self) -> bool:
+        """True while a pause this engine made is in force. Repairs borrow a vCPU, which
+        runs the VM, so they wait for the operator's resume (the alert is already out;
+        the check repeats the finding every interval until then)."""
+        if self.paused:
+            self.paused = vm_status(self.t) != "running"
+        return self.paused
+
     def _rearm(self, alerts: list[Alert]) -> None:
         sp = self.space
-        if not alerts or sp is None:
+        if not alerts or sp is None or self._still_paused():
             return
         stub = self.t.gdbstub()
         try:
