@@ -294,6 +294,9 @@ def monitor(
         ),
     ] = "auto",
     dump_dir: Annotated[Path, typer.Option(help="Where the dump action writes.")] = Path("."),
+    dump_interval: Annotated[
+        float, typer.Option(help="At most one dump per this many seconds for each request.")
+    ] = 10.0,
     check_interval: Annotated[
         float, typer.Option(help="Security space: seconds between full integrity checks.")
     ] = 1.0,
@@ -317,6 +320,7 @@ def monitor(
 
     faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
 
+    from vmshield.monitor.actions import DumpPolicy
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
     from vmshield.monitor.request import (
@@ -362,6 +366,10 @@ def monitor(
                 reqs.extend(subs)
         except ValueError as e:  # pydantic wraps our RequestError
             raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
+        if not dump_interval >= 0:
+            raise VmshieldError(f"--dump-interval {dump_interval}: must be 0 or more seconds")
+        if any(r.request.action == "dump" for r in reqs):  # before anything is armed
+            DumpPolicy(dump_dir, dump_interval).check(t)
         table_console = Console(highlight=False)
 
         def emit(ev: Event) -> None:
@@ -383,7 +391,7 @@ def monitor(
         if engine == "space" and why:
             raise VmshieldError(f"the security space cannot serve this: {why}")
         if engine != "exit" and not why:
-            eng = SpaceEngine(t, k, reqs, emit, dump_dir=dump_dir,
+            eng = SpaceEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval,
                               check_interval=check_interval, policy=on_tamper)  # fmt: skip
             try:
                 eng.arm()
@@ -394,7 +402,7 @@ def monitor(
         if engine == "exit" or why:
             if engine == "auto":
                 err.print(f"engine auto: using exit ({why})", highlight=False, soft_wrap=True)
-            eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
+            eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval)
             eng.arm()
         t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
         try:
@@ -424,7 +432,7 @@ def monitor(
                     soft_wrap=True,
                 )
                 eng.detach()
-                eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
+                eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval)
                 eng.arm()
                 t.qmp.close()
                 err.print(f"armed {len(reqs)} point(s) (engine exit)", highlight=False)

@@ -27,7 +27,7 @@ from vmshield.guest.tasks import TaskReader
 from vmshield.hv.gdbpackets import SIGINT, GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm, vm_status
+from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.context import HitContext
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
@@ -57,12 +57,13 @@ class ExitEngine:
         requests: list[ResolvedRequest],
         emit: Callable[[Event], None],
         dump_dir: Path | None = None,
+        dump_interval: float = 10.0,
     ) -> None:
         self.t = target
         self.k = kernel
         self.requests = requests
         self.emit = emit
-        self.dump_dir = dump_dir or Path.cwd()
+        self.dumps = DumpPolicy(dump_dir or Path.cwd(), dump_interval)
         self.tasks = TaskReader(kernel)
         self.by_addr: dict[int, list[ResolvedRequest]] = {}
         for r in requests:
@@ -234,19 +235,19 @@ class ExitEngine:
 
         hit = Hit(
             vm=self.t.name, time=time.time(), process=ctx.process(),
-            decode=lambda r: r.obj.decoder(ctx), act=lambda a: self._act(a, ctx),
+            decode=lambda r: r.obj.decoder(ctx), act=lambda a, r: self._act(a, r, ctx),
             point=point, errors=ctx.errors,
         )  # fmt: skip
         return dispatch(hit, reqs, self.stats, self._pending.append)
 
     # -- actions ------------------------------------------------------------------------
 
-    def _act(self, action: str, ctx: HitContext) -> dict[str, Any]:
+    def _act(self, action: str, r: ResolvedRequest, ctx: HitContext) -> dict[str, Any]:
         if action == "kill":
             self._kill(ctx.current)
             return {"signal": "SIGKILL"}
         if action == "dump":
-            return dump_memory(self.t, self.dump_dir)
+            return self.dumps.dump(self.t, r.request.id)
         if action == "pause":
             return {"paused": True}
         return {}

@@ -25,7 +25,7 @@ from typing import Any
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm, vm_status
+from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
@@ -132,6 +132,7 @@ class SpaceEngine:
         dump_dir: Path | None = None,
         check_interval: float = 1.0,
         policy: str = "rearm",
+        dump_interval: float = 10.0,
     ) -> None:
         if policy not in POLICIES:
             raise VmshieldError(f"unknown tamper policy {policy!r} (use {', '.join(POLICIES)})")
@@ -139,7 +140,7 @@ class SpaceEngine:
         self.k = kernel
         self.requests = requests
         self.emit = emit
-        self.dump_dir = dump_dir or Path.cwd()
+        self.dumps = DumpPolicy(dump_dir or Path.cwd(), dump_interval)
         self.check_interval = check_interval
         self.policy = policy
         self.space: SecuritySpace | None = None
@@ -387,9 +388,9 @@ class SpaceEngine:
         for ev in events:  # after the pause: whoever reads the event finds the VM paused
             self.emit(ev)
 
-    def _act(self, action: str) -> dict[str, Any]:
+    def _act(self, action: str, r: ResolvedRequest) -> dict[str, Any]:
         if action == "dump":
-            return dump_memory(self.t, self.dump_dir)
+            return self.dumps.dump(self.t, r.request.id)
         if action == "pause":
             return {"paused": True}
         if action == "kill":  # done in the guest by the agent's rule
