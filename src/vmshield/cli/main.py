@@ -523,7 +523,7 @@ def detach(target: VmArg) -> None:
 def space_build(target: VmArg, as_json: JsonOpt = False) -> None:
     """Build the security space in a running guest and leave it there (monitors with
     --engine space then use it instead of building their own)."""
-    from vmshield.space.borrow import Borrow
+    from vmshield.space.borrow import borrowed
     from vmshield.space.space import SecuritySpace
 
     with attached(target) as (t, k), _errors():
@@ -531,16 +531,11 @@ def space_build(target: VmArg, as_json: JsonOpt = False) -> None:
             raise VmshieldError("space build needs a running VM, not a dump file")
         if SecuritySpace.load_state(t, k) is not None:
             raise VmshieldError(f"{target} already has a security space (vmshield space status)")
-        stub = t.gdbstub()
-        try:
-            sp = SecuritySpace(t, k)
-            with Borrow(stub, k, t.mem.write) as b:
-                sp.build(b, len(stub.threads()))
-                sp.owned = False
-                sp.save_state()
-            stub.detach()
-        finally:
-            stub.close()
+        sp = SecuritySpace(t, k)
+        with borrowed(t, k, "build") as b:
+            sp.build(b, len(b.stub.threads()))
+            sp.owned = False
+            sp.save_state()
         _space_report(sp, as_json)
 
 
@@ -589,12 +584,21 @@ def space_destroy(target: VmArg) -> None:
 
 
 def _destroy_space(target: str, required: bool) -> bool:
-    from vmshield.space.borrow import Borrow
+    from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
     from vmshield.space.space import SecuritySpace, StaleSpace
 
     with attached(target) as (t, k):
         if t is None:
             raise VmshieldError("needs a running VM")
+        if journal_path(t).exists():  # a monitor died while the guest ran its call
+            done = recover_orphaned_call(t, k)
+            if done is not None:
+                out.print(
+                    f"{target}: finished the {done.purpose} call to {done.function} that a "
+                    f"killed vmshield (pid {done.pid}) left running; task restored",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         sp = SecuritySpace.load_state(t, k)
         if sp is None:
             if required:
@@ -605,17 +609,12 @@ def _destroy_space(target: str, required: bool) -> bool:
                 f"{target}: a running monitor (pid {other}) uses the security space; stop it "
                 "first (it removes what it built when it exits)"
             )
-        stub = t.gdbstub()
         try:
-            with Borrow(stub, k, t.mem.write) as b:
+            with borrowed(t, k, "teardown") as b:
                 sp.destroy(b)
-            stub.detach()
-        except StaleSpace as e:
+        except StaleSpace as e:  # borrowed() let the VM run on
             out.print(f"{target}: {e}", highlight=False, soft_wrap=True)
-            stub.detach()
             return False
-        finally:
-            stub.close()
         for sym in sp.left_disabled:
             out.print(f"{target}: {sym}: FTRACE_FL_DISABLED left set (guest ftrace users active)")
         return True

@@ -32,7 +32,7 @@ from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
-from vmshield.space.borrow import Borrow
+from vmshield.space.borrow import Borrow, borrowed
 from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
@@ -155,39 +155,34 @@ class SpaceEngine:
     # -- arm / detach -------------------------------------------------------------------
 
     def arm(self) -> None:
-        stub = self.t.gdbstub()
-        try:
-            ncpus = len(stub.threads())
-            built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
-            if built is not None and (other := built.in_use_by()):
-                raise VmshieldError(
-                    f"{self.t.name}: the security space is in use by another monitor "
-                    f"(pid {other}); one space monitor per VM"
-                )
-            sp = built or SecuritySpace(self.t, self.k)
-            sp.user_pid = os.getpid()
-            with Borrow(stub, self.k, self.t.mem.write) as b:
-                if built is None:
-                    sp.build(b, ncpus)
-                else:
-                    sp.adopt(b)
-                self.space = sp
+        built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
+        if built is not None and (other := built.in_use_by()):
+            raise VmshieldError(
+                f"{self.t.name}: the security space is in use by another monitor "
+                f"(pid {other}); one space monitor per VM"
+            )
+        sp = built or SecuritySpace(self.t, self.k)
+        sp.user_pid = os.getpid()
+        # Afterwards the VM runs on with no debugger attached.
+        with borrowed(self.t, self.k, "build" if built is None else "adopt") as b:
+            if built is None:
+                sp.build(b, len(b.stub.threads()))
+            else:
+                sp.adopt(b)
+            self.space = sp
+            try:
+                self._configure(sp)
+                b.select()
+                sp.patch(b.stub)
+            except BaseException as e:
                 try:
-                    self._configure(sp)
-                    b.select()
-                    sp.patch(stub)
-                except BaseException as e:
-                    try:
-                        self._teardown(b)
-                    except VmshieldError as e2:
-                        raise SpaceError(
-                            f"{e}; and removing the half-built space failed ({e2}): "
-                            f"run `vmshield detach {self.t.name}`"
-                        ) from e
-                    raise
-            stub.detach()  # the VM runs on with no debugger attached
-        finally:
-            stub.close()
+                    self._teardown(b)
+                except VmshieldError as e2:
+                    raise SpaceError(
+                        f"{e}; and removing the half-built space failed ({e2}): "
+                        f"run `vmshield detach {self.t.name}`"
+                    ) from e
+                raise
 
     def _teardown(self, b: Borrow) -> None:
         """Free a space this engine built; only unpatch one it adopted."""
@@ -246,12 +241,10 @@ class SpaceEngine:
         last: SpaceBusy | None = None
         for _ in range(attempts):
             self._drain_once()
-            stub = self.t.gdbstub()
             try:
-                with Borrow(stub, self.k, self.t.mem.write) as b:
+                with borrowed(self.t, self.k, "teardown") as b:
                     self._drain_once()  # the VM is stopped: these are the last records
                     self._teardown(b)
-                stub.detach()
                 for sym in sp.left_disabled:
                     self._system_event("space.detach", "note", {
                         "where": sym, "what": "ftrace-flags",
@@ -262,13 +255,9 @@ class SpaceEngine:
                         "what": "ring-state", "where": why,
                         "found": "in-flight flag set with no vCPU in the agent"})  # fmt: skip
                 return
-            except SpaceBusy as e:
+            except SpaceBusy as e:  # borrowed() let the VM run on
                 last = e
-                if stub.connected and not stub.running:
-                    stub.detach()
                 time.sleep(0.05)
-            finally:
-                stub.close()
         raise SpaceBusy(f"{last}")
 
     # -- the loop -----------------------------------------------------------------------
@@ -338,15 +327,10 @@ class SpaceEngine:
         sp = self.space
         if not alerts or sp is None or self._still_paused():
             return
-        stub = self.t.gdbstub()
-        try:
-            with Borrow(stub, self.k, self.t.mem.write) as b:
-                b.select()
-                sp.repair(stub, alerts)
-                sp.sync_time(b)
-            stub.detach()
-        finally:
-            stub.close()
+        with borrowed(self.t, self.k, "rearm") as b:
+            b.select()
+            sp.repair(b.stub, alerts)
+            sp.sync_time(b)
 
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
         self.emit(Event(
