@@ -146,19 +146,28 @@ class ExitEngine:
 
     def _settle(self, stub: GdbStub) -> bool:
         """Bring a session that expects a stop reply back to stopped; True when the VM
-        was left stopped by a pause (ours or an operator's), not by us now."""
-        stub.interrupt()
-        try:
-            stub.wait_stop(1.0)
-            return False
-        except GdbTimeout:
-            pass
+        was left stopped by a pause (ours or an operator's), not by us now.
+
+        QEMU's run state decides: a running VM gets an interrupt and answers it; a
+        stopped one may still have a stop reply in the socket (a hit just before), and
+        otherwise none will come (QEMU ignores an interrupt byte while stopped).
+        """
         status = vm_status(self.t)
-        if status == "running":  # the interrupt is slow to land: wait for its reply
-            stub.wait_stop(10)
-            return False
-        stub.assume_stopped()  # stopped with nothing on the way: QEMU ignored the 0x03
-        return status == "paused" or self.paused
+        if status == "running":
+            stub.interrupt()
+            for _ in range(3):
+                with contextlib.suppress(GdbTimeout):
+                    stub.wait_stop(5)
+                    return False
+                if vm_status(self.t) != "running":  # stopped, the reply lost or late
+                    break
+            else:
+                raise HypervisorError("the VM did not stop for detach within 15 s")
+        with contextlib.suppress(GdbTimeout):
+            stub.wait_stop(0.3)  # a stop reported just before the VM stopped
+        if stub.running:
+            stub.assume_stopped()
+        return status == "paused" or (self.paused and status == "debug")
 
     # -- the loop -----------------------------------------------------------------------
 
