@@ -31,6 +31,7 @@ from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.context import HitContext
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
+from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 
 EPERM = 1
@@ -50,6 +51,8 @@ class Stats:
 
 
 class ExitEngine:
+    kind = EngineKind.EXIT
+
     def __init__(
         self,
         target: Target,

@@ -29,6 +29,7 @@ from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
@@ -123,6 +124,8 @@ class SpaceStats(Stats):
 
 
 class SpaceEngine:
+    kind = EngineKind.SPACE
+
     def __init__(
         self,
         target: Target,
