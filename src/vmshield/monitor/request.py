@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field, field_validator
 
 from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest.ftrace import MonitoringPoint, place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.monitor import ufunc
 from vmshield.monitor.catalog import CATALOG, KFUNC, CatalogObject, kfunc_object, ufunc_object
-from vmshield.monitor.points import MonitoringPoint, place_point
 
 
 class RequestError(VmshieldError):

@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmshield.errors import HypervisorError, SymbolError
+from vmshield.guest.ftrace import place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import current_task_offset
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor.points import place_point
 
 # Syscall entries that a live system reaches often; the first eligible hit is borrowed.
 BORROW_SITES = (
