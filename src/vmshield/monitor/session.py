@@ -139,16 +139,18 @@ class Monitor:
         return unsubscribe
 
     def events(self, maxsize: int = 65536) -> Iterator[Event]:
-        """Events as they come, until the monitor has stopped and all were read. A
-        reader more than ``maxsize`` events behind loses the newest (counted in
+        """Events from now on, until the monitor has stopped and all were read. The
+        reader's queue exists from this call (not from the first ``next``). A reader
+        more than ``maxsize`` events behind loses the newest (counted in
         :attr:`dropped`)."""
         q: queue.Queue[Any] = queue.Queue(maxsize)
         with self._lock:
             finished = self._thread is not None and not self._thread.is_alive()
             if not finished:
                 self._queues.append(q)
-        if finished:
-            return
+        return iter(()) if finished else self._read(q)
+
+    def _read(self, q: queue.Queue[Any]) -> Iterator[Event]:
         try:
             while True:
                 item = q.get()
@@ -266,18 +268,22 @@ class Monitor:
                     self.engine.detach()
             except BaseException as e:
                 self._error = self._error or e
-            with self._lock:
-                queues = list(self._queues)
-            for q in queues:
-                while True:
-                    try:
-                        q.put(_END, timeout=0.1)
-                        break
-                    except queue.Full:
-                        with self._lock:
-                            self.dropped += 1
-                        with contextlib.suppress(queue.Empty):
-                            q.get_nowait()
+            self._close_queues()
+
+    def _close_queues(self) -> None:
+        """Every events() reader ends after the events it already has."""
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            while True:
+                try:
+                    q.put(_END, timeout=0.1)
+                    break
+                except queue.Full:  # make room: the newest event is lost, and counted
+                    with self._lock:
+                        self.dropped += 1
+                    with contextlib.suppress(queue.Empty):
+                        q.get_nowait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the run to end (duration over, or stopped); True if it has ended.
@@ -296,8 +302,11 @@ class Monitor:
         """Detach: every point removed, every byte restored (returns when done)."""
         self._stop.set()
         if self._thread is None:
-            if self.engine is not None:  # armed but never started
-                self.engine.detach()
+            try:
+                if self.engine is not None:  # armed but never started
+                    self.engine.detach()
+            finally:
+                self._close_queues()
             return
         self.wait()
 
