@@ -24,6 +24,10 @@ class RequestError(VmshieldError):
 
 
 class IsolationRequest(BaseModel):
+    """``{vm, object, filters, action}``: what to watch in which VM and what to do when
+    it happens. The object must be in the catalog (checked here); its filters, action
+    and monitoring point are checked against the kernel when a monitor resolves it."""
+
     vm: str
     object: str
     filters: dict[str, str] = Field(default_factory=dict)
