@@ -19,8 +19,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
@@ -28,6 +28,7 @@ from vmshield.guest.symcache import SymbolCache
 from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
 from vmshield.paths import cache_dir
+from vmshield.text import cell, term
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
@@ -37,8 +38,10 @@ space_app = typer.Typer(
     help="The in-guest security space: build it, look at it, remove it.",
 )
 app.add_typer(space_app, name="space")
-out = Console()
-err = Console(stderr=True)
+# Markup off: arguments and guest strings are text, never Rich markup (a '[/x]' would
+# crash the print). Guest-controlled strings also go through vmshield.text.term.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -48,7 +51,8 @@ VmArg = Annotated[
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    """One line on stderr (control characters escaped, no wrapping), exit status 2."""
+    err.print(Text("error:", style="red") + Text(f" {term(e)}"), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -113,8 +117,8 @@ def vm_start(
         _print_json(asdict(info) | {"boot_seconds": round(time.monotonic() - t0, 2)})
     else:
         out.print(
-            f"VM {name} is up: kernel {info.kernel}, {info.memory} MiB, {info.cpus} vCPU, "
-            f"{info.accel}, pid {info.pid} ({time.monotonic() - t0:.1f} s)"
+            f"VM {term(name)} is up: kernel {term(info.kernel)}, {info.memory} MiB, "
+            f"{info.cpus} vCPU, {info.accel}, pid {info.pid} ({time.monotonic() - t0:.1f} s)"
         )
 
 
@@ -128,7 +132,7 @@ def vm_list(as_json: JsonOpt = False) -> None:
     table = Table("name", "kernel", "memory", "cpus", "accel", "pid", "state")
     for i, r in vms:
         table.add_row(
-            i.name, i.kernel, str(i.memory), str(i.cpus), i.accel, str(i.pid),
+            cell(i.name), cell(i.kernel), str(i.memory), str(i.cpus), cell(i.accel), str(i.pid),
             "running" if r else "stopped",
         )  # fmt: skip
     out.print(table)
@@ -139,7 +143,7 @@ def vm_stop(name: str) -> None:
     """Stop a lab VM and remove its run files."""
     with _errors():
         was_running = labvm.stop(name)
-    out.print(f"VM {name} {'stopped' if was_running else 'was not running; cleaned up'}")
+    out.print(f"VM {term(name)} {'stopped' if was_running else 'was not running; cleaned up'}")
 
 
 @vm_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -187,7 +191,7 @@ def kernel(target: VmArg, as_json: JsonOpt = False) -> None:
         return
     table = Table(show_header=False)
     for key, v in info.items():
-        table.add_row(key, str(v))
+        table.add_row(key, cell(v))
     out.print(table)
 
 
@@ -213,7 +217,7 @@ def symbols(
     if as_json:
         _print_json([{"address": f"{a:016x}", "type": ty, "name": n} for a, ty, n in rows])
         return
-    sys.stdout.write("".join(f"{a:016x} {ty} {n}\n" for a, ty, n in rows))
+    sys.stdout.write("".join(f"{a:016x} {term(ty)} {term(n)}\n" for a, ty, n in rows))
 
 
 @app.command()
@@ -246,7 +250,7 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
     table = Table("PID", "PPID", "UID", "COMM", box=None)
     for x in ts:
         comm = f"[{x.name}]" if x.kernel_thread else x.name
-        table.add_row(str(x.pid), str(x.ppid), str(x.uid), escape(comm))
+        table.add_row(str(x.pid), str(x.ppid), str(x.uid), cell(comm))
     out.print(table)
 
 
@@ -264,7 +268,7 @@ def modules(target: VmArg, as_json: JsonOpt = False) -> None:
         return
     table = Table("NAME", "STATE", "BASE", "SIZE", box=None)
     for m in ms:
-        table.add_row(escape(m.name), m.state, f"{m.base:#x}", str(m.size))
+        table.add_row(cell(m.name), cell(m.state), f"{m.base:#x}", str(m.size))
     out.print(table)
 
 
@@ -354,15 +358,15 @@ def monitor(
                 logged = [r.request.object for r in subs if r.request.action != req.action]
                 if logged:  # process:X with an action not every behaviour can take
                     err.print(
-                        f"{name}: action {req.action} applies where the behaviour allows it; "
-                        f"logged only: {', '.join(logged)}",
+                        f"{term(name)}: action {term(req.action)} applies where the behaviour "
+                        f"allows it; logged only: {', '.join(logged)}",
                         highlight=False,
                         soft_wrap=True,
                     )
                 reqs.extend(subs)
         except ValueError as e:  # pydantic wraps our RequestError
             raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
-        table_console = Console(highlight=False)
+        table_console = Console(highlight=False, markup=False)
 
         def emit(ev: Event) -> None:
             if as_json:
@@ -374,7 +378,7 @@ def monitor(
             what = " ".join(f"{k}={v}" for k, v in ev.fields.items())
             table_console.print(
                 f"{time.strftime('%H:%M:%S', time.localtime(ev.time))} "
-                f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}",
+                f"{term(ev.object):<14} {term(ev.action):<5} {term(who)} {term(what)}",
                 soft_wrap=True,
             )
 
@@ -393,12 +397,12 @@ def monitor(
                 why = f"building the security space failed: {e}"
         if engine == "exit" or why:
             if engine == "auto":
-                err.print(f"engine auto: using exit ({why})", highlight=False, soft_wrap=True)
+                err.print(f"engine auto: using exit ({term(why)})", highlight=False, soft_wrap=True)
             eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir)
             eng.arm()
         t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
         try:
-            points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
+            points = term(", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs))
             kind = "space" if isinstance(eng, SpaceEngine) else "exit"
             if isinstance(eng, SpaceEngine) and eng.space and eng.space.region:
                 r = eng.space.region
@@ -439,7 +443,7 @@ def monitor(
             summary.add_column("object")
             summary.add_column("events", justify="right")
             for name, count in sorted(s.by_object.items()):
-                summary.add_row(escape(name), str(count))
+                summary.add_row(cell(name), str(count))
             if not as_json:
                 err.print(summary)
             rt = s.round_trips / s.hits if s.hits else 0.0
@@ -486,7 +490,7 @@ def catalog(as_json: JsonOpt = False) -> None:
         return
     table = Table("object", "points", "fields", "filters", "actions")
     for r in rows:
-        table.add_row(*(escape(", ".join(r[k]) if isinstance(r[k], list) else str(r[k]))
+        table.add_row(*(cell(", ".join(r[k]) if isinstance(r[k], list) else str(r[k]))
                         for k in ("object", "points", "fields", "filters", "actions")))  # fmt: skip
     out.print(table)
 
@@ -497,7 +501,7 @@ def detach(target: VmArg) -> None:
     exit engine's breakpoints, and a security space with its patched sites."""
     with _errors():
         if _destroy_space(target, required=False):
-            out.print(f"{target}: security space removed")
+            out.print(f"{term(target)}: security space removed")
     with _errors(), Target(target) as t:
         state = t.gdb_path().with_suffix(".armed.json")
         stub = t.gdbstub()
@@ -508,7 +512,7 @@ def detach(target: VmArg) -> None:
         state.unlink(missing_ok=True)
         if not t.qmp.running():
             t.qmp.cont()
-    out.print(f"{target}: monitoring points cleared, guest running")
+    out.print(f"{term(target)}: monitoring points cleared, guest running")
 
 
 @space_app.command("build")
@@ -564,12 +568,14 @@ def _space_report(sp: Any, as_json: bool) -> None:
         return
     out.print(
         f"security space at {info['base']}: {r.text_pages} code + {r.config_pages} config "
-        f"page(s), {r.ncpus} ring(s); counters {info['counters']}",
+        f"page(s), {r.ncpus} ring(s); counters {term(info['counters'])}",
         highlight=False,
         soft_wrap=True,
     )
     for site in info["sites"]:
-        out.print(f"  {site['symbol']} {site['address']} live={site['live']}", highlight=False)
+        out.print(
+            f"  {term(site['symbol'])} {site['address']} live={site['live']}", highlight=False
+        )
 
 
 @space_app.command("destroy")
@@ -577,7 +583,7 @@ def space_destroy(target: VmArg) -> None:
     """Unpatch every site, free the security space and leave no trace."""
     with _errors():
         if _destroy_space(target, required=True):
-            out.print(f"{target}: security space removed")
+            out.print(f"{term(target)}: security space removed")
 
 
 def _destroy_space(target: str, required: bool) -> bool:
@@ -603,13 +609,17 @@ def _destroy_space(target: str, required: bool) -> bool:
                 sp.destroy(b)
             stub.detach()
         except StaleSpace as e:
-            out.print(f"{target}: {e}", highlight=False, soft_wrap=True)
+            out.print(f"{term(target)}: {term(e)}", highlight=False, soft_wrap=True)
             stub.detach()
             return False
         finally:
             stub.close()
         for sym in sp.left_disabled:
-            out.print(f"{target}: {sym}: FTRACE_FL_DISABLED left set (guest ftrace users active)")
+            out.print(
+                f"{term(target)}: {term(sym)}: FTRACE_FL_DISABLED left set "
+                "(guest ftrace users active)",
+                soft_wrap=True,
+            )
         return True
 
 
@@ -618,7 +628,7 @@ def resume(target: VmArg) -> None:
     """Resume a VM that a pause action stopped."""
     with _errors(), Target(target) as t:
         t.qmp.cont()
-    out.print(f"{target}: running")
+    out.print(f"{term(target)}: running")
 
 
 def main() -> None:
