@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vmshield.cli.oneline import OneLineErrors, seconds
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
@@ -30,7 +31,7 @@ from vmshield.lab import vm as labvm
 from vmshield.paths import cache_dir
 from vmshield.text import cell, term
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=OneLineErrors)
 vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
 app.add_typer(vm_app, name="vm")
 space_app = typer.Typer(
@@ -112,6 +113,7 @@ def vm_start(
     """Boot a lab VM in the background; returns when its shell is up."""
     t0 = time.monotonic()
     with _errors():
+        seconds("--timeout", timeout)
         info = labvm.start(name, kernel, memory, cpus, timeout)
     if as_json:
         _print_json(asdict(info) | {"boot_seconds": round(time.monotonic() - t0, 2)})
@@ -157,6 +159,7 @@ def vm_run(
     Prints the command's output and exits with its exit status.
     """
     with _errors():
+        seconds("--timeout", timeout)
         res = labvm.LabVM(name).run(" ".join(command), timeout)
     sys.stdout.write(res.output)
     raise typer.Exit(res.status)
@@ -321,14 +324,10 @@ def monitor(
 
     faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
 
+    from vmshield.cli import checks
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
-    from vmshield.monitor.request import (
-        IsolationRequest,
-        parse_filters,
-        parse_object_spec,
-        resolve_all,
-    )
+    from vmshield.monitor.request import resolve_all
     from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
     from vmshield.monitor.space_engine import unsupported as space_unsupported
 
@@ -336,6 +335,10 @@ def monitor(
         _fail(VmshieldError(f"unknown engine {engine!r} (use space, exit or auto)"))
     if on_tamper not in ("rearm", "alert", "exit"):
         _fail(VmshieldError(f"unknown tamper policy {on_tamper!r} (use rearm, alert or exit)"))
+    with _errors():  # everything that needs no VM, before anything is attached
+        seconds("--duration", duration, optional=True)
+        seconds("--check-interval", check_interval)
+        wanted = checks.requests(target, objects, filters or [], action)
     stop = {"now": False}
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -346,26 +349,18 @@ def monitor(
     with attached(target) as (t, k), _errors():
         if t is None:
             raise VmshieldError("monitor needs a running VM, not a dump file")
-        flt = parse_filters(filters or [])
-        try:
-            reqs = []
-            for spec in objects:
-                name, o_flt, o_action = parse_object_spec(spec)
-                req = IsolationRequest(
-                    vm=target, object=name, filters={**flt, **o_flt}, action=o_action or action
+        reqs = []
+        for req in wanted:
+            subs = resolve_all(req, k)
+            logged = [r.request.object for r in subs if r.request.action != req.action]
+            if logged:  # process:X with an action not every behaviour can take
+                err.print(
+                    f"{term(req.object)}: action {term(req.action)} applies where the "
+                    f"behaviour allows it; logged only: {', '.join(logged)}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
-                subs = resolve_all(req, k)
-                logged = [r.request.object for r in subs if r.request.action != req.action]
-                if logged:  # process:X with an action not every behaviour can take
-                    err.print(
-                        f"{term(name)}: action {term(req.action)} applies where the behaviour "
-                        f"allows it; logged only: {', '.join(logged)}",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-                reqs.extend(subs)
-        except ValueError as e:  # pydantic wraps our RequestError
-            raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
+            reqs.extend(subs)
         table_console = Console(highlight=False, markup=False)
 
         def emit(ev: Event) -> None:
