@@ -245,13 +245,16 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
                     "pid": x.pid, "ppid": x.ppid, "uid": x.uid, "euid": x.euid, "gid": x.gid,
                     "comm": x.comm, "name": x.name, "kernel_thread": x.kernel_thread,
                     "task": f"{x.address:#x}",
-                }
+                } | ({"error": x.error} if x.error else {})
                 for x in ts
             ]
         )  # fmt: skip
         return
     table = Table("PID", "PPID", "UID", "COMM", box=None)
     for x in ts:
+        if x.error:  # listed, not dropped: the walk went on past it
+            table.add_row("?", "?", "?", cell(f"<unreadable task {x.address:#x}: {x.error}>"))
+            continue
         comm = f"[{x.name}]" if x.kernel_thread else x.name
         table.add_row(str(x.pid), str(x.ppid), str(x.uid), cell(comm))
     out.print(table)
@@ -266,11 +269,18 @@ def modules(target: VmArg, as_json: JsonOpt = False) -> None:
         ms = walk(k)
     if as_json:
         _print_json(
-            [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in ms]
+            [
+                {"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size}
+                | ({"address": f"{m.address:#x}", "error": m.error} if m.error else {})
+                for m in ms
+            ]
         )
         return
     table = Table("NAME", "STATE", "BASE", "SIZE", box=None)
     for m in ms:
+        if m.error:
+            table.add_row(cell(f"<unreadable module {m.address:#x}: {m.error}>"), "?", "?", "?")
+            continue
         table.add_row(cell(m.name), cell(m.state), f"{m.base:#x}", str(m.size))
     out.print(table)
 
