@@ -332,8 +332,6 @@ def monitor(
     import faulthandler
     import signal as _signal
 
-    faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
-
     from vmshield.cli import checks
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
@@ -354,11 +352,12 @@ def monitor(
     def _on_signal(signum: int, _frame: object) -> None:
         stop["now"] = True
 
-    _signal.signal(_signal.SIGTERM, _on_signal)
-    _signal.signal(_signal.SIGINT, _on_signal)
     with attached(target) as (t, k), _errors():
         if t is None:
             raise VmshieldError("monitor needs a running VM, not a dump file")
+        faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
+        _signal.signal(_signal.SIGTERM, _on_signal)
+        _signal.signal(_signal.SIGINT, _on_signal)
         reqs = []
         for req in wanted:
             subs = resolve_all(req, k)

@@ -189,6 +189,7 @@ def start(
 ) -> VmInfo:
     """Boot a lab VM in the background; returns once its shell answers."""
     vm = LabVM(name)
+    private_dir()  # an unusable run directory is the first thing to say
     if vm.running():
         raise LabError(f"VM {name!r} is already running")
     if not 64 <= memory <= 16384:
@@ -198,7 +199,6 @@ def start(
     kpath = kernel_path(kernel)
     if shutil.which("qemu-system-x86_64") is None:
         raise LabError("qemu-system-x86_64 is not installed: run `make setup`")
-    private_dir()
     if vm.dir.is_symlink():
         vm.dir.unlink()
     elif vm.dir.exists():
