@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmshield.errors import LabError
+from vmshield.errors import LabError, VmshieldError
 from vmshield.lab.kernels import kernel_path
 from vmshield.lab.serial import CommandResult, SerialConsole
 from vmshield.paths import build_dir, private_dir, read_private, run_dir, write_private
@@ -103,7 +103,7 @@ class LabVM:
         the pid now belongs to another process (pids are reused)."""
         try:
             pid = int(read_private(self.pid_path, 64).strip())
-        except (OSError, ValueError, LabError):
+        except (OSError, ValueError, VmshieldError):
             return None
         return pid if is_lab_qemu(pid, self.name, self.pid_path) else None
 
