@@ -54,3 +54,23 @@ def test_rich_cell_prints_exactly_the_escaped_text(s: str) -> None:
     )
     assert buf.getvalue() == term(s) + "\n"
     assert controls(buf.getvalue()[:-1]) == []
+
+
+def test_event_lines_escape_guest_strings() -> None:
+    from vmshield.cli.render import event_line
+    from vmshield.monitor.events import Event, PointInfo, ProcessContext
+
+    proc = ProcessContext(pid=7, tgid=7, ppid=1, uid=0, euid=0, gid=0,
+                          comm="\x1b[1Aroot", task="0x1")  # fmt: skip
+    ev = Event(
+        time=0.0, vm="vm1", request="req-1", object="file.open", action="log", process=proc,
+        fields={"path": "/tmp/\x1b]0;pwned\x07\nfake line", "argv": ["a\x9bb"]},
+        point=PointInfo(symbol="security_file_open", address="0x1", kind="kernel-function",
+                        engine="exit", cpu=0),
+    )  # fmt: skip
+    line = event_line(ev)
+    assert controls(line) == [] and "\n" not in line
+    assert "\\x1b[1Aroot[7]" in line
+    assert "path=/tmp/\\x1b]0;pwned\\x07\\x0afake line" in line
+    assert '"\\x1b[1Aroot"' not in ev.to_json()  # JSON keeps the exact string
+    assert '"comm":"\\u001b[1Aroot"' in ev.to_json()

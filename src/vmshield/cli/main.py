@@ -333,6 +333,7 @@ def monitor(
     import signal as _signal
 
     from vmshield.cli import checks
+    from vmshield.cli.render import event_line
     from vmshield.monitor.engine import ExitEngine
     from vmshield.monitor.events import Event
     from vmshield.monitor.request import resolve_all
@@ -377,14 +378,7 @@ def monitor(
                 sys.stdout.write(ev.to_json() + "\n")
                 sys.stdout.flush()
                 return
-            p = ev.process
-            who = f"{p.comm}[{p.pid}] uid={p.uid}" if p else "?"
-            what = " ".join(f"{k}={v}" for k, v in ev.fields.items())
-            table_console.print(
-                f"{time.strftime('%H:%M:%S', time.localtime(ev.time))} "
-                f"{term(ev.object):<14} {term(ev.action):<5} {term(who)} {term(what)}",
-                soft_wrap=True,
-            )
+            table_console.print(event_line(ev), soft_wrap=True)
 
         eng: ExitEngine | SpaceEngine
         why = space_unsupported(reqs)
