@@ -238,3 +238,25 @@ def test_pid_file_through_a_symlink_is_not_trusted(
 def test_errors_are_vmshield_errors() -> None:
     assert issubclass(RunDirError, VmshieldError)
     assert paths.RunDirError is RunDirError
+
+
+def test_maps_cover_and_qemu_binary_checks() -> None:
+    import ctypes
+    import mmap
+
+    from vmshield.procs import exe_name, is_qemu_binary, maps_cover
+
+    m = mmap.mmap(-1, 4 << 20)
+    try:
+        view = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(view)
+        del view  # no export left, so the mapping can be closed
+        me = os.getpid()
+        assert maps_cover(me, [(addr, 4 << 20)])
+        assert maps_cover(me, [(addr + 4096, 8192)])
+        assert not maps_cover(me, [(0x1000, 4096)])  # nothing is mapped at page 1
+        assert not maps_cover(me, [(addr, 1 << 46)])
+        assert not maps_cover(2**22 + 7, [(addr, 1)])  # no such process
+    finally:
+        m.close()
+    assert exe_name(os.getpid()) is not None and not is_qemu_binary(os.getpid())
