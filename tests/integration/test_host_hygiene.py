@@ -4,8 +4,11 @@ stays fast."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +68,24 @@ def test_cached_attach_with_btf_check_stays_fast(lab: Lab, tmp_path: Path) -> No
         assert "btf_hash" in k.stats.seconds and {x.name for x in ts} >= {"sh"}
     print(f"cached attach + BTF check + ps: {min(times):.3f} s; hash {k.stats.seconds}")
     assert min(times) < 0.5
+
+
+def test_guest_process_name_with_escape_sequences_is_escaped(lab: Lab) -> None:
+    """A guest process renames itself to a terminal escape sequence (clear screen, set
+    the window title): `vmshield ps` shows it as text, `--json` exactly."""
+    # not the last command, so the shell does not exec it and keeps its new name
+    lab.sh("sh -c 'printf \"\\033[2J\\033]0;pwn\\007\" > /proc/$$/comm; sleep 60; true' &")
+    env = {**os.environ, "COLUMNS": "200"}  # room for the whole name in the table
+    res = subprocess.run(
+        [sys.executable, "-m", "vmshield", "ps", lab.name], env=env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "\\x1b[2J\\x1b]0;pwn\\x07" in res.stdout
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "vmshield", "ps", lab.name, "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "\x1b[2J\x1b]0;pwn\x07" in {p["comm"] for p in json.loads(res.stdout)}
