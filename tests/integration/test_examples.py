@@ -62,9 +62,7 @@ def test_watch_exec_open(lab61: Lab) -> None:
     assert any(
         line.startswith("process.exec") and "/bin/vmstest" in line for line in out.splitlines()
     )
-    assert any(
-        line.startswith("file.open") and "/etc/passwd" in line for line in out.splitlines()
-    )
+    assert any(line.startswith("file.open") and "/etc/passwd" in line for line in out.splitlines())
     assert "events on the space engine" in out
 
 
