@@ -31,7 +31,7 @@ def _signature(obj: object) -> str:
 
 
 def _members(cls: type) -> list[tuple[str, object]]:
-    out = []
+    out: list[tuple[str, object]] = []
     for name, member in vars(cls).items():
         if name.startswith("_") and name not in ("__init__",):
             continue
@@ -84,7 +84,7 @@ def render() -> str:
             lines.append("")
         else:
             lines.append(f"A `{type(obj).__name__}` of {len(obj)} entries: " + ", ".join(
-                f"`{k}`" for k in obj) + ".")  # type: ignore[arg-type]  # fmt: skip
+                f"`{k}`" for k in obj) + ".")  # fmt: skip
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
