@@ -32,8 +32,9 @@ from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
+from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow
-from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
+from vmshield.space.space import SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
 AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
@@ -285,10 +286,12 @@ class SpaceEngine:
             self._handle(rec, data)
         counters = sp.counters()
         self.stats.hits = counters["hits"]
-        if counters["drops"] > self._drops_seen:
-            lost = counters["drops"] - self._drops_seen
-            self._drops_seen = counters["drops"]
-            self.stats.drops = counters["drops"]
+        # Drops as the host counted them per CPU (rings.py): a counter the guest resets
+        # or saturates is an alert, and later drops are still reported.
+        lost = sp.rings.take_dropped() if sp.rings else 0
+        if lost:
+            self._drops_seen = sp.rings.total_dropped if sp.rings else 0
+            self.stats.drops = self._drops_seen
             self._system_event("space.ring", "drop", {"dropped": lost, "total": self._drops_seen})
 
     def _integrity(self, deep: bool) -> None:
@@ -298,34 +301,39 @@ class SpaceEngine:
         alerts = sp.check(deep)
         if not alerts:
             return
+        # Repair first, so that each alert says what really happened: "rearm" only for
+        # what was put back (a page-table repair is verified by a fresh walk).
+        repaired: list[Alert] = []
+        if self.policy == "rearm":
+            repaired = self._rearm([a for a in alerts if a.what != "cpu-state"])
+        elif self.policy == "exit" and any(a.what != "cpu-state" for a in alerts):
+            self.fallback_requested = True
         for a in alerts:
             self.stats.alerts += 1
+            if self.policy == "rearm":
+                response = "rearm" if any(a is d for d in repaired) else "reported"
+            else:
+                response = _RESPONSE[self.policy] if a.what != "cpu-state" else "reported"
             self._system_event(
                 "space.integrity", "alert",
                 {"what": a.what, "where": a.where, "address": f"{a.address:#x}",
-                 "expected": a.expected, "found": a.found,
-                 "response": _RESPONSE[self.policy] if a.what != "cpu-state"
-                 else "reported"},
+                 "expected": a.expected, "found": a.found, "response": response},
             )  # fmt: skip
-        repairable = [a for a in alerts if a.what != "cpu-state"]
-        if self.policy == "rearm":
-            self._rearm(repairable)
-        elif self.policy == "exit" and repairable:
-            self.fallback_requested = True
 
-    def _rearm(self, alerts: list[Alert]) -> None:
+    def _rearm(self, alerts: list[Alert]) -> list[Alert]:
         sp = self.space
         if not alerts or sp is None:
-            return
+            return []
         stub = self.t.gdbstub()
         try:
             with Borrow(stub, self.k, self.t.mem.write) as b:
                 b.select()
-                sp.repair(stub, alerts)
+                done = sp.repair(b, alerts)
                 sp.sync_time(b)
             stub.detach()
         finally:
             stub.close()
+        return done
 
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
         self.emit(Event(

@@ -8,7 +8,12 @@ the agent may write lives in the ring area; the config page is read-only in the 
 Region: ``[text pages][config pages][ring of CPU 0][ring of CPU 1]...``
 Ring: a :class:`RingHeader` then ``nslots`` fixed-size record slots, then one scratch
 slot used when the ring is full (the agent still decides deny/kill; the record is
-dropped and counted).
+dropped and counted), then ``PATH_SCRATCH`` bytes where the agent builds a whole path
+before it keeps the root-most part of it in the record. Every record carries ``seq``, the
+low 32 bits of its ring position plus one, so that a record shown twice (a forged head)
+is seen.
+The geometry of a ring is known here only (:func:`ring_bytes`, :func:`slot_offset`,
+:func:`path_scratch_offset`); the host's reader is :mod:`vmshield.space.rings`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ COMM_LEN = 16
 RULE_PATH_LEN = 128
 SLOT_SIZE = 1024
 NSLOTS = 4096
+PATH_SCRATCH = 4096  # PATH_MAX: d_absolute_path of any path the VFS accepts in one call
 
 # fetch kinds
 F_NONE, F_KMEM, F_KSTR, F_USTR, F_DPATH, F_ARGV = 0, 1, 2, 3, 4, 5
@@ -131,7 +137,7 @@ class Record(C.Structure):
         ("pid", C.c_int32), ("tgid", C.c_int32), ("ppid", C.c_int32),
         ("uid", C.c_uint32), ("euid", C.c_uint32), ("gid", C.c_uint32),
         ("comm", C.c_char * COMM_LEN), ("args", C.c_uint64 * 6),
-        ("nitems", C.c_uint16), ("used", C.c_uint16), ("pad", C.c_uint32),
+        ("nitems", C.c_uint16), ("used", C.c_uint16), ("seq", C.c_uint32),
     ]  # fmt: skip
 
 
@@ -141,9 +147,21 @@ assert C.sizeof(Record) == 128, C.sizeof(Record)
 
 
 def ring_bytes(nslots: int = NSLOTS, slot_size: int = SLOT_SIZE) -> int:
-    """Bytes of one CPU's ring, page-rounded (header, slots, the scratch slot)."""
-    n = C.sizeof(RingHeader) + (nslots + 1) * slot_size
+    """Bytes of one CPU's ring, page-rounded (header, slots, the scratch slot, the path
+    scratch area)."""
+    n = path_scratch_offset(nslots, slot_size) + PATH_SCRATCH
     return (n + 0xFFF) & ~0xFFF
+
+
+def slot_offset(position: int, nslots: int, slot_size: int = SLOT_SIZE) -> int:
+    """Where the record of ring position ``position`` lives, from the ring's start."""
+    return C.sizeof(RingHeader) + (position % nslots) * slot_size
+
+
+def path_scratch_offset(nslots: int, slot_size: int = SLOT_SIZE) -> int:
+    """The agent's path scratch area, from the ring's start (the agent computes the same
+    from the config: header, ``nslots`` + 1 slots)."""
+    return C.sizeof(RingHeader) + (nslots + 1) * slot_size
 
 
 _CTYPE = {
