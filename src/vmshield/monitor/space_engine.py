@@ -41,6 +41,7 @@ AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
 POLICIES = ("rearm", "alert", "exit")
 
 
+REPAIRABLE = frozenset({"agent-code", "config", "site", "kernel-table", "ftrace-flags"})
 _RESPONSE = {"rearm": "rearm", "alert": "reported", "exit": "fallback to the exit engine"}
 
 
@@ -305,7 +306,10 @@ class SpaceEngine:
         # what was put back (a page-table repair is verified by a fresh walk).
         repaired: list[Alert] = []
         if self.policy == "rearm":
-            repaired = self._rearm([a for a in alerts if a.what != "cpu-state"])
+            # Only what can be put back stops the VM for a borrowed call (a forged
+            # counter, say, has nothing to put back: the host re-based on it).
+            fixable = [a for a in alerts if a.fix or a.what in REPAIRABLE]
+            repaired = self._rearm(fixable)
         elif self.policy == "exit" and any(a.what != "cpu-state" for a in alerts):
             self.fallback_requested = True
         for a in alerts:
