@@ -414,3 +414,38 @@ def test_truncated_path_matches_a_prefix_rule_in_the_host_filter() -> None:
     assert match_filter("path", "/etc/*", {"path": ".../f", "path_truncated": True}, {})
     assert match_filter("path", "/tmp/*", {"path": deep}, {})
     assert not match_filter("path", "/tmp/x*", {"path": deep}, {})
+
+
+def _sample(mem: PhysMem, sp: SecuritySpace, idt_base: int) -> None:
+    """A CPU sample in ring 0's header, as the agent writes it."""
+    assert sp.region is not None
+    s = L.CpuSample()
+    s.count, s.idt_base, s.idt_limit = 1, idt_base, 0xFFF
+    mem.write(sp.region.pa(sp.region.rings_va) + L.RingHeader.sample.offset, bytes(s))
+
+
+def test_idtr_alias_must_map_idt_table(tmp_path: Path) -> None:
+    """The CPU reaches the IDT through IDTR (a read-only alias): an alias of another
+    frame is a forged IDT the table check would never read."""
+    mem, sp = space(tmp_path)
+    table, alias = BASE + 0x101000, BASE + 0x102000
+    mem.put(pte_of(table), 0x310000 | P | RW | NX)
+    mem.put(pte_of(alias), 0x320000 | P | NX)
+    sp.tables = {"idt_table": (table, bytes(PAGE))}
+    sp._record(table, "idt_table")
+    _sample(mem, sp, alias)
+    (a,) = sp.check(deep=True)
+    assert a.what == "pte" and a.where == "cpu 0 IDT (IDTR)" and "idt_table" in a.expected
+    mem.put(pte_of(alias), 0x330000 | P | NX)  # and once recorded, a remap is seen too
+    assert [a.where for a in sp.check(deep=True)] == ["cpu 0 IDT (IDTR)"]
+
+
+def test_idtr_alias_of_idt_table_is_fine(tmp_path: Path) -> None:
+    mem, sp = space(tmp_path)
+    table, alias = BASE + 0x101000, BASE + 0x102000
+    mem.put(pte_of(table), 0x310000 | P | RW | NX)
+    mem.put(pte_of(alias), 0x310000 | P | NX)
+    sp.tables = {"idt_table": (table, bytes(PAGE))}
+    sp._record(table, "idt_table")
+    _sample(mem, sp, alias)
+    assert sp.check(deep=True) == []

@@ -812,12 +812,31 @@ class SecuritySpace:
             now = {f: int(getattr(s, f)) for f in CPU_FIELDS}
             now["cr4"] &= ~CR4_PER_TASK
             first = self.baseline.setdefault(cpu, now)
+            if first is now:
+                alerts += self._record_idt(cpu, now["idt_base"])
             for f in CPU_FIELDS:
                 if now[f] != first[f]:
                     alerts.append(Alert("cpu-state", f"cpu {cpu} {f}", 0,
                                         f"{first[f]:#x}", f"{now[f]:#x}"))  # fmt: skip
                     first[f] = now[f]  # report each change once
         return alerts
+
+    def _record_idt(self, cpu: int, idt_base: int) -> list[Alert]:
+        """Protect the IDT as the CPU reaches it: IDTR holds a read-only alias (the CPU
+        entry area), which must map the very frame of ``idt_table`` that the table check
+        reads; from then on the alias is re-walked with the other protected pages."""
+        where = f"cpu {cpu} IDT (IDTR)"
+        try:
+            self._record(idt_base, where)
+        except VmshieldError as e:
+            return [Alert("pte", where, idt_base, "mapped", f"unreadable: {e}")]
+        alias = self.frames[idt_base & ~(PAGE - 1)]
+        table = self.tables.get("idt_table")
+        own = self.frames.get(table[0] & ~(PAGE - 1)) if table else None
+        if own is not None and alias.pa != own.pa:
+            return [Alert("pte", where, idt_base, f"pa={own.pa:#x} (idt_table)",
+                          f"pa={alias.pa:#x}")]  # fmt: skip
+        return []
 
     def repair(self, b: Borrow, alerts: list[Alert]) -> list[Alert]:
         """Re-arm after tampering: write our bytes back (VM stopped, kernel-mode vCPU
