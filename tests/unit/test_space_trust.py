@@ -449,3 +449,19 @@ def test_idtr_alias_of_idt_table_is_fine(tmp_path: Path) -> None:
     sp._record(table, "idt_table")
     _sample(mem, sp, alias)
     assert sp.check(deep=True) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([ROOT, PDPT, PD, PT]), st.integers(0, 511),
+                          st.integers(0, (1 << 64) - 1)), min_size=1, max_size=8))  # fmt: skip
+def test_forged_page_tables_give_alerts_never_exceptions(
+    tmp_path_factory: Any, writes: list[tuple[int, int, int]]
+) -> None:
+    mem, sp = space(tmp_path_factory.mktemp("pt"))
+    for table, index, value in writes:
+        mem.put(table + index * 8, value)
+    sp.walker.flush()
+    for alert in sp.check(deep=True):
+        assert isinstance(alert, Alert)
+    list(sp.drain())
+    sp.check()
