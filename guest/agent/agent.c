@@ -324,6 +324,36 @@ static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *
 	return 0;
 }
 
+/* The kernel half of the running task's page directory must be the kernel's own: it is
+ * copied from init_top_pgt into every directory at fork and never differs after (the
+ * per-mm LDT slot aside). An entry changed in one task's copy would let kernel code that
+ * runs in that task see other pages than the host checks. Compared here, in the task's
+ * own context, where its directory cannot have been freed yet; the host reports any
+ * increase of pgd_bad. */
+static void check_pgd(struct vms_cpusample *s)
+{
+	const struct vms_config *c = &vms_config;
+	u64 mine = c->page_offset_base + (s->cr3 & 0x000ffffffffff000ULL);
+	u64 want[8], have[8];
+	if (!c->kernel_pgd || c->pgd_lo < 256 || c->pgd_lo > 511)
+		return;
+	for (u32 i = (u32)c->pgd_lo & ~7u; i < 512; i += 8) {
+		if (copy_from_kernel_nofault(want, (const void *)(c->kernel_pgd + i * 8), 64) ||
+		    copy_from_kernel_nofault(have, (const void *)(mine + i * 8), 64))
+			return;
+		for (u32 j = 0; j < 8; j++) {
+			if (i + j < (u32)c->pgd_lo || i + j == (u32)c->pgd_ldt)
+				continue;
+			if ((want[j] ^ have[j]) & ~0x60ULL) { /* accessed/dirty aside */
+				s->pgd_index = i + j;
+				s->pgd_found = have[j];
+				s->pgd_bad++;
+				return;
+			}
+		}
+	}
+}
+
 static void sample_cpu(struct vms_ringheader *ring, u64 now)
 {
 	const struct vms_config *c = &vms_config;
@@ -337,6 +367,8 @@ static void sample_cpu(struct vms_ringheader *ring, u64 now)
 		return;
 	__asm__ __volatile__("mov %%cr0, %0" : "=r"(s->cr0));
 	__asm__ __volatile__("mov %%cr4, %0" : "=r"(s->cr4));
+	__asm__ __volatile__("mov %%cr3, %0" : "=r"(s->cr3));
+	check_pgd(s);
 #define RDMSR(msr, field)                                                           \
 	do {                                                                        \
 		__asm__ __volatile__("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));      \

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.tasks import tasks
 from vmshield.hv.target import Target
 from vmshield.lab.tampermod import build_tamper_module
 from vmshield.monitor.request import IsolationRequest, resolve
@@ -178,6 +179,40 @@ def test_forged_ring_counters(armed: Armed) -> None:
     a.cycle(4)
     found = [f for f in a.alerts(mark) if f["where"].endswith("inflight")]
     assert found and found[0]["response"] == "rearm", a.events[mark:]
+    a.open_reported()
+
+
+def test_kernel_half_changed_in_one_process(armed: Armed) -> None:
+    """The kernel half of every page directory is a copy of the kernel's own; one entry
+    changed in one process's copy is seen by the agent when that process runs into a
+    monitoring point (the attacker writes a not-present entry: harmless, but foreign)."""
+    a = armed
+    k = a.k
+    loop = "while :; do echo > /tmp/pg; sleep 0.3; done"  # opens in the shell itself
+    pid = int(a.lab.sh(f"sh -c '{loop}' >/dev/null 2>&1 & echo $!").strip())
+    try:
+        (task,) = [t for t in tasks(k) if t.pid == pid]
+        mm = k.u64(task.address + k.member_offset("task_struct", "mm"))
+        pgd = k.u64(mm + k.member_offset("mm_struct", "pgd"))
+        c = a.sp.config
+        ref = a.t.mem.read(a.sp.walker.root, PAGE)
+        index = next(i for i in range(c.pgd_lo, 512)
+                     if i != c.pgd_ldt and ref[i * 8 : i * 8 + 8] == bytes(8))  # fmt: skip
+        entry = pgd + index * 8
+        assert k.u64(entry) == 0
+        mark = len(a.events)
+        a.tamper(entry, (2).to_bytes(8, "little"))
+        try:
+            time.sleep(1)
+            a.cycle(3)
+            found = [f for f in a.alerts(mark) if "page directory" in f["where"]]
+            assert found, a.events[mark:]
+            assert found[0]["where"].endswith(f"entry {index}") and found[0]["found"] == "0x2"
+            assert found[0]["response"] == "reported"  # the directory may be gone by now
+        finally:
+            a.tamper(entry, bytes(8))
+    finally:
+        a.lab.sh(f"kill {pid}", check=False)
     a.open_reported()
 
 

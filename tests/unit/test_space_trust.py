@@ -465,3 +465,17 @@ def test_forged_page_tables_give_alerts_never_exceptions(
         assert isinstance(alert, Alert)
     list(sp.drain())
     sp.check()
+
+
+def test_foreign_kernel_half_seen_by_the_agent_is_an_alert_once(tmp_path: Path) -> None:
+    """The agent compares the running task's page directory with the kernel's own and
+    counts mismatches (pgd_bad); each new one is an alert naming the entry."""
+    mem, sp = space(tmp_path)
+    assert sp.region is not None
+    s = L.CpuSample()
+    s.count, s.cr3, s.pgd_bad, s.pgd_index, s.pgd_found = 1, 0x7000, 1, 300, 0x2
+    mem.write(sp.region.pa(sp.region.rings_va) + L.RingHeader.sample.offset, bytes(s))
+    (a,) = [a for a in sp.check() if "page directory" in a.where]
+    assert a.where == "cpu 0 page directory 0x7000 (CR3) entry 300" and a.found == "0x2"
+    assert a.address == 0xFFFF960000000000 and not a.fix  # reported: the task may be gone
+    assert [a for a in sp.check() if "page directory" in a.where] == []

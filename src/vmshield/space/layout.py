@@ -97,19 +97,27 @@ class Config(C.Structure):
         ("t_cred", C.c_int32), ("t_comm", C.c_int32), ("t_signal", C.c_int32),
         ("t_tiflags", C.c_int32), ("sig_pending", C.c_int32),
         ("c_uid", C.c_int32), ("c_euid", C.c_int32), ("c_gid", C.c_int32),
-        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32), ("pad", C.c_int32),
+        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32),
+        # the kernel's own top-level page table (direct-map address; 0: not checked), the
+        # first index of its kernel half to compare, and the per-mm LDT slot to skip
+        ("pgd_lo", C.c_int32), ("pgd_ldt", C.c_int32), ("pgd_pad", C.c_int32),
+        ("kernel_pgd", C.c_uint64),
         ("sites", Site * MAX_SITES),
     ]  # fmt: skip
 
 
 class CpuSample(C.Structure):
-    """Control state as the agent saw it on one CPU (ring 0 instructions)."""
+    """Control state as the agent saw it on one CPU (ring 0 instructions). ``cr3`` is the
+    page directory of the task that was running; ``pgd_bad`` counts samples where its
+    kernel half was not the kernel's own (the last one: entry ``pgd_index`` held
+    ``pgd_found``)."""
 
     _fields_ = [
         ("ns", C.c_uint64), ("count", C.c_uint64), ("cr0", C.c_uint64), ("cr4", C.c_uint64),
         ("efer", C.c_uint64), ("star", C.c_uint64), ("lstar", C.c_uint64),
         ("sysenter_eip", C.c_uint64), ("idt_base", C.c_uint64), ("gdt_base", C.c_uint64),
-        ("idt_limit", C.c_uint16), ("gdt_limit", C.c_uint16), ("pad", C.c_uint32),
+        ("idt_limit", C.c_uint16), ("gdt_limit", C.c_uint16), ("pgd_index", C.c_uint32),
+        ("cr3", C.c_uint64), ("pgd_bad", C.c_uint64), ("pgd_found", C.c_uint64),
     ]  # fmt: skip
 
 
@@ -122,7 +130,7 @@ class RingHeader(C.Structure):
         ("head", C.c_uint64), ("tail", C.c_uint64), ("drops", C.c_uint64),
         ("inflight", C.c_uint64), ("hits", C.c_uint64), ("nested", C.c_uint64),
         ("denied", C.c_uint64), ("killed", C.c_uint64),
-        ("sample", CpuSample), ("pad", C.c_uint8 * 104),
+        ("sample", CpuSample), ("pad", C.c_uint8 * 80),
     ]  # fmt: skip
 
 

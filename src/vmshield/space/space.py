@@ -142,6 +142,7 @@ class SecuritySpace:
         self.rings: RingReader | None = None  # the host's own ring state (see rings.py)
         self.frames: dict[int, Frame] = {}  # protected page VA -> how it was mapped
         self._walker: PageWalker | None = None
+        self._pgd_bad: dict[int, int] = {}  # cpu -> samples with a foreign kernel half
         self.tables: dict[str, tuple[int, bytes]] = {}  # protected kernel tables
         self.table_findings: list[Alert] = []  # found wrong when first read
         self.state_path = target.gdb_path().with_suffix(".space.json")
@@ -483,6 +484,12 @@ class SecuritySpace:
         c.c_uid, c.c_euid, c.c_gid = off("cred", "uid"), off("cred", "euid"), off("cred", "gid")
         c.path_dentry = off("path", "dentry")
         c.dentry_name = off("dentry", "d_name.name")
+        w = self.walker
+        if w is not k.walker:  # the kernel's own directory was found: tasks' are compared
+            shift = 48 if w.va_bits == 57 else 39
+            c.kernel_pgd = c.page_offset_base + w.root
+            c.pgd_lo = (c.page_offset_base >> shift) & 0x1FF
+            c.pgd_ldt = (-112 if w.va_bits == 57 else -240) & 0x1FF  # LDT_PGD_ENTRY_L5/_L4
 
     def write_config(self) -> None:
         """Publish the host's copy of the config (sites, rules) to the guest."""
@@ -814,6 +821,15 @@ class SecuritySpace:
             first = self.baseline.setdefault(cpu, now)
             if first is now:
                 alerts += self._record_idt(cpu, now["idt_base"])
+            if s.pgd_bad != self._pgd_bad.get(cpu, 0):
+                self._pgd_bad[cpu] = int(s.pgd_bad)
+                bits = self.walker.va_bits
+                va = (int(s.pgd_index) & 0x1FF) << (bits - 9)
+                if va >> (bits - 1):  # the kernel half: sign-extended
+                    va |= ((1 << 64) - 1) ^ ((1 << bits) - 1)
+                alerts.append(Alert(
+                    "pte", f"cpu {cpu} page directory {s.cr3:#x} (CR3) entry {s.pgd_index}",
+                    va, "the kernel's own entry (init_top_pgt)", f"{s.pgd_found:#x}"))  # fmt: skip
             for f in CPU_FIELDS:
                 if now[f] != first[f]:
                     alerts.append(Alert("cpu-state", f"cpu {cpu} {f}", 0,
