@@ -217,7 +217,7 @@ def test_largest_write_and_a_release_string() -> None:
     [
         (0x0000_7FFF_FFFF_F000, b"\x90", "vms_tamper"),  # user space
         (0x0000_8000_0000_0000, b"\x90", "vms_tamper"),  # non-canonical
-        (0xFFFF_7FFF_FFFF_FFFF, b"\x90", "vms_tamper"),  # just below the kernel half
+        (0xFEFF_FFFF_FFFF_FFFF, b"\x90", "vms_tamper"),  # just below the kernel half
         ((1 << 64) - 2, b"\x90" * 3, "vms_tamper"),  # wraps past the top
         (-1, b"\x90", "vms_tamper"),
         (TEXT_ADDR, b"", "vms_tamper"),

@@ -47,8 +47,10 @@ MAX_DATA = 256
 """Most bytes one module writes: enough for a patch site or a page's first bytes, small
 enough that the generated code stays a short, reviewable run of stores."""
 
-KERNEL_HALF = 0xFFFF_8000_0000_0000
-"""First kernel-half address with 4-level paging (the lab's CPUs have no LA57)."""
+KERNEL_HALF = 0xFF00_0000_0000_0000
+"""First kernel-half address with 5-level paging (QEMU's `-cpu max` has LA57, and the
+Debian kernels use it: the direct map, where page tables are written, then sits at
+0xff...; with 4 levels the kernel half starts at 0xffff8000_00000000)."""
 
 TEMPLATE_MODULE = "crc-itu-t.ko"
 """The real module of each cached kernel whose vermagic and ``module_layout`` CRC we copy."""
