@@ -99,7 +99,7 @@ class Kernel:
         walker: PageWalker,
         extents: list[Extent],
         build: CachedBuild,
-        relative_base: int,
+        addresses: list[int],
         stats: AttachStats,
     ) -> None:
         self._read_phys = read_phys
@@ -109,9 +109,7 @@ class Kernel:
         self.stats = stats
         self.text = extents[0].va
         self.slide = self.text - LINK_TEXT
-        self.symbols = SymbolTable(
-            build.names, kallsyms.addresses(build.offsets, relative_base), build.types
-        )
+        self.symbols = SymbolTable(build.names, addresses, build.types)
         self._check_anchors()
 
     # -- attach -----------------------------------------------------------------------
@@ -136,9 +134,9 @@ class Kernel:
             tables = kallsyms.find_tables(blob, base)
             build = CachedBuild.from_decoded(key, blob, tables, kallsyms.decode(blob, tables))
             t = stats.lap("kallsyms_decode", t)
-            if cache:
+            if cache and tables.encoding != "absolute":  # u64 entries, relocated each boot
                 cache.store(build)
-        k = cls(read_phys, walker, extents, build, build.relative_base(blob), stats)
+        k = cls(read_phys, walker, extents, build, build.addresses(blob, base), stats)
         stats.lap("model", t)
         return k
 

@@ -53,6 +53,8 @@ class CachedBuild:
     types: str
     offsets: list[int]
     layouts: dict[str, int] = field(default_factory=dict)
+    encoding: str = "relative-percpu"  # how offsets encode addresses (kallsyms.ENCODINGS)
+    offsets_at: int = -1  # blob offset of the entries (place-relative addresses need it)
     dirty: bool = False
     _btf: Btf | None = None
 
@@ -69,6 +71,8 @@ class CachedBuild:
             names=d.names,
             types=d.types,
             offsets=d.offsets,
+            encoding=t.encoding,
+            offsets_at=t.offsets,
             dirty=True,
         )
 
@@ -77,7 +81,15 @@ class CachedBuild:
         return hi <= len(blob) and _span_hash(blob, lo, hi, self.rb_at) == self.span_sha256
 
     def relative_base(self, blob: bytes) -> int:
+        if self.rb_at < 0:
+            return 0  # 7.0+: no kallsyms_relative_base
         return int.from_bytes(blob[self.rb_at : self.rb_at + 8], "little")
+
+    def addresses(self, blob: bytes, base_va: int) -> list[int]:
+        """Every symbol's address in this boot (``blob`` is the data at ``base_va``)."""
+        return kallsyms.addresses(
+            self.offsets, self.relative_base(blob), self.encoding, base_va + self.offsets_at
+        )
 
     def btf(self, read: Callable[[], bytes]) -> Btf:
         if self._btf is None:
@@ -109,6 +121,8 @@ class CachedBuild:
             "types": self.types,
             "offsets": base64.b64encode(array("i", self.offsets).tobytes()).decode(),
             "layouts": self.layouts,
+            "encoding": self.encoding,
+            "offsets_at": self.offsets_at,
         }
 
     @classmethod
@@ -129,6 +143,8 @@ class CachedBuild:
             types=d["types"],
             offsets=offs.tolist(),
             layouts={str(k): int(v) for k, v in d["layouts"].items()},
+            encoding=str(d.get("encoding", "relative-percpu")),
+            offsets_at=int(d.get("offsets_at", -1)),
         )
 
 
