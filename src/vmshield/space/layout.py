@@ -91,7 +91,8 @@ class Config(C.Structure):
         ("t_cred", C.c_int32), ("t_comm", C.c_int32), ("t_signal", C.c_int32),
         ("t_tiflags", C.c_int32), ("sig_pending", C.c_int32),
         ("c_uid", C.c_int32), ("c_euid", C.c_int32), ("c_gid", C.c_int32),
-        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32), ("pad", C.c_int32),
+        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32),
+        ("tif_sigpending", C.c_int32),  # bit number, read from the kernel's code
         ("sites", Site * MAX_SITES),
     ]  # fmt: skip
 
