@@ -17,9 +17,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from vmshield.errors import GuestFormatError, TranslationError
-from vmshield.guest import kallsyms
+from vmshield.guest import extsyms, kallsyms
 from vmshield.guest.btf import Btf
 from vmshield.guest.paging import PageWalker, ReadPhys
 from vmshield.guest.symcache import CachedBuild, SymbolCache
@@ -110,6 +111,8 @@ class Kernel:
         self.text = extents[0].va
         self.slide = self.text - LINK_TEXT
         self.symbols = SymbolTable(build.names, addresses, build.types)
+        self.symbol_source = "kallsyms"  # or the --symbols file (attach_external)
+        self.kallsyms_layout = ""  # the variant found (kallsyms.KallsymsTables.layout)
         self._check_anchors()
 
     # -- attach -----------------------------------------------------------------------
@@ -137,8 +140,72 @@ class Kernel:
             if cache and tables.encoding != "absolute":  # u64 entries, relocated each boot
                 cache.store(build)
         k = cls(read_phys, walker, extents, build, build.addresses(blob, base), stats)
+        if not stats.cached:
+            k.kallsyms_layout = tables.layout
         stats.lap("model", t)
         return k
+
+    @classmethod
+    def attach_external(cls, read_phys: ReadPhys, cr3: int, cr4: int, path: Path) -> Kernel:
+        """Attach with the symbols of ``path`` (``--symbols``: System.map, /proc/kallsyms
+        text or a Volatility 3 ISF) instead of kallsyms from memory: rebased by the slide
+        the page tables give, then checked against guest memory (see extsyms)."""
+        stats = AttachStats()
+        t = time.perf_counter()
+        walker = kernel_walker(read_phys, cr3, cr4)
+        extents = image_extents(walker)
+        t = stats.lap("page_walk", t)
+        f = extsyms.load_symbol_file(path)
+        syms = extsyms.rebased(f, extsyms.slide_of(f, extents[0].va))
+        build = CachedBuild(
+            key=f"external-{f.sha256}",
+            span=(0, 0),
+            span_sha256="",
+            rb_at=-1,
+            names=[s.name for s in syms],
+            types="".join(s.type for s in syms),
+            offsets=[],
+        )
+        try:
+            k = cls(read_phys, walker, extents, build, [s.address for s in syms], stats)
+        except GuestFormatError as e:
+            raise GuestFormatError(f"--symbols {path} does not match this guest: {e}") from None
+        k.symbol_source = f"{path} ({f.kind})"
+        k._check_external(path)
+        stats.lap("symbols_file", t)
+        return k
+
+    def _check_external(self, path: Path) -> None:
+        """Function prologues at the file's addresses, and text inside the image."""
+        checked = 0
+        for name in extsyms.PROLOGUE_CHECKS:
+            sym = self.symbols.get(name)
+            if sym is None:
+                continue
+            try:
+                problem = extsyms.entry_problem(self.read(sym.address, 16))
+            except TranslationError:
+                problem = "not mapped"
+            if problem:
+                raise GuestFormatError(
+                    f"--symbols {path} does not match this guest: {name} at "
+                    f"{sym.address:#x} is not a function entry ({problem})"
+                )
+            checked += 1
+        if checked < extsyms.MIN_PROLOGUES:
+            raise GuestFormatError(
+                f"--symbols {path}: fewer than {extsyms.MIN_PROLOGUES} of the functions "
+                f"checked against guest memory ({', '.join(extsyms.PROLOGUE_CHECKS)})"
+            )
+        lo, hi = self.text, max(e.va + e.size for e in self.extents)
+        for name, addr, typ in zip(
+            self.symbols.names, self.symbols.addrs, self.symbols.types, strict=True
+        ):
+            if typ in "Tt" and not lo <= addr < hi:
+                raise GuestFormatError(
+                    f"--symbols {path} does not match this guest: text symbol {name} at "
+                    f"{addr:#x} is outside the kernel image ({lo:#x}..{hi:#x})"
+                )
 
     def _check_anchors(self) -> None:
         text = self.symbols.get("_text")

@@ -1,0 +1,106 @@
+"""``--symbols FILE``: attach with a symbol table from outside the guest (here made from
+the guest's own /proc/kallsyms, as /proc/kallsyms text and as a System.map at link-time
+addresses), and refuse a table of another build. On 7.3 only: the path does not depend
+on the kernel beyond what the kallsyms tests already cover on every kernel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_kallsyms_synthetic import decode_all, real_rodata
+
+from .conftest import Lab, boot
+
+VMSHIELD = [sys.executable, "-m", "vmshield"]
+LINK_TEXT = 0xFFFF_FFFF_8100_0000
+
+
+@pytest.fixture(scope="module")
+def lab73() -> Iterator[Lab]:
+    yield from boot("7.3", "symfile-7.3")
+
+
+@pytest.fixture(scope="module")
+def guest_kallsyms(lab73: Lab) -> list[str]:
+    return lab73.fetch("/proc/kallsyms").decode().splitlines()
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VMSHIELD, *args], capture_output=True, text=True, timeout=300)
+
+
+def kernel_json(lab: Lab, *extra: str) -> dict[str, object]:
+    res = run("kernel", lab.name, "--json", *extra)
+    assert res.returncode == 0, res.stderr
+    info: dict[str, object] = json.loads(res.stdout)
+    return info
+
+
+def test_proc_kallsyms_copy(lab73: Lab, guest_kallsyms: list[str], tmp_path: Path) -> None:
+    path = tmp_path / "kallsyms.txt"
+    path.write_text("\n".join(guest_kallsyms) + "\n")
+    own = kernel_json(lab73)
+    info = kernel_json(lab73, "--symbols", str(path))
+    assert info["kaslr_slide"] == own["kaslr_slide"] and info["release"] == own["release"]
+    assert info["symbols"] == sum(1 for line in guest_kallsyms if "\t[" not in line)
+    res = run(
+        "symbols", lab73.name, "^(commit_creds|init_task|current_task)$", "--symbols", str(path)
+    )
+    assert res.returncode == 0, res.stderr
+    wanted = {" commit_creds", " init_task", " current_task"}
+    guest = sorted(line for line in guest_kallsyms if any(line.endswith(w) for w in wanted))
+    assert sorted(res.stdout.splitlines()) == guest
+    ps = run("ps", lab73.name, "--json", "--symbols", str(path))
+    assert ps.returncode == 0, ps.stderr
+    assert any(p["pid"] == 1 for p in json.loads(ps.stdout))
+
+
+def test_system_map_at_link_addresses(
+    lab73: Lab, guest_kallsyms: list[str], tmp_path: Path
+) -> None:
+    """A System.map has link-time addresses: vmshield moves them by the KASLR slide."""
+    slide = int(str(kernel_json(lab73)["kaslr_slide"]), 16)
+    rows = []
+    for line in guest_kallsyms:
+        if "\t[" in line:
+            continue
+        addr, typ, name = line.split()
+        a = int(addr, 16)
+        if 0xFFFF_FFFF_8000_0000 <= a < 0xFFFF_FFFF_C000_0000:
+            a -= slide
+        rows.append((a, typ, name))
+    rows.sort()
+    path = tmp_path / "System.map"
+    path.write_text("".join(f"{a:016x} {t} {n}\n" for a, t, n in rows))
+    assert f"{LINK_TEXT:016x} T _text\n" in path.read_text()
+    res = run("symbols", lab73.name, "^do_exit$", "--symbols", str(path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [x for x in guest_kallsyms if x.endswith(" do_exit")]
+    mods = run("modules", lab73.name, "--symbols", str(path))
+    assert mods.returncode == 0, mods.stderr
+
+
+def test_table_of_another_build_is_refused(lab73: Lab, tmp_path: Path) -> None:
+    """The 6.12 kernel's own table (decoded from its image) against the 7.3 guest: the
+    slide is a 2 MiB step, so only guest memory can tell, and it does."""
+    rodata, base = real_rodata("6.12")
+    _, d, addrs = decode_all(rodata, base)
+    path = tmp_path / "System.map-6.12"
+    rows = zip(d.names, addrs, d.types, strict=True)
+    path.write_text("".join(f"{a:016x} {t} {n}\n" for n, a, t in rows))
+    res = run("kernel", lab73.name, "--symbols", str(path))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and res.stderr.startswith("error: --symbols")
+    line = " ".join(res.stderr.split())  # rich wraps the one line at the console width
+    assert "does not match this guest" in line and "System.map-6.12" in line
+
+    junk = tmp_path / "junk.map"
+    junk.write_text("not a symbol table\n")
+    res = run("ps", lab73.name, "--symbols", str(junk))
+    assert res.returncode == 2 and "junk.map: line 1" in " ".join(res.stderr.split())
