@@ -640,5 +640,10 @@ def resume(target: VmArg) -> None:
     out.print(f"{target}: running")
 
 
+from vmshield.cli.doctor import doctor as _doctor  # noqa: E402  (doctor uses this module)
+
+app.command("doctor")(_doctor)
+
+
 def main() -> None:
     app()
