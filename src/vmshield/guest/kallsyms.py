@@ -58,6 +58,7 @@ line saying which tables were found and which one was missed. Pure: bytes in, sy
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
 import sys
 from array import array
@@ -71,6 +72,7 @@ MAX_SYMS = 2_000_000
 KSYM_NAME_LEN = 512
 _MAX_ANCHORS = 16
 KERNEL_HALF = 0xFFFF_8000_0000_0000
+_MASK64 = (1 << 64) - 1
 
 ENCODINGS = ("absolute", "relative-percpu", "relative", "place-relative")
 """How ``kallsyms_offsets``/``kallsyms_addresses`` encode an address (invariant 6)."""
@@ -632,7 +634,11 @@ def addresses(
     if encoding == "relative":
         return [rb + (off & 0xFFFFFFFF) for off in offsets]
     if encoding == "place-relative":
-        return [(offsets_va + 4 * i + off) & (2**64 - 1) for i, off in enumerate(offsets)]
+        # map/range keep the 200k additions in C: a cached 7.3 attach does this each time
+        out = list(map(operator.add, offsets, range(offsets_va, offsets_va + 4 * len(offsets), 4)))
+        if out and (min(out) < 0 or max(out) > _MASK64):  # only forged tables wrap
+            out = [a & _MASK64 for a in out]
+        return out
     if encoding == "absolute":
         return list(offsets)
     raise ValueError(f"unknown kallsyms encoding {encoding!r}")
