@@ -1,11 +1,13 @@
 """``--symbols FILE``: attach with a symbol table from outside the guest (here made from
 the guest's own /proc/kallsyms, as /proc/kallsyms text and as a System.map at link-time
-addresses), and refuse a table of another build. On 7.3 only: the path does not depend
-on the kernel beyond what the kallsyms tests already cover on every kernel."""
+addresses, or copied by the guest agent), and refuse a table of another build. On 7.3
+only: the path does not depend on the kernel beyond what the kallsyms tests already cover
+on every kernel."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_kallsyms_synthetic import decode_all, real_rodata
+from vmshield.paths import kernels_dir
 
 from .conftest import Lab, boot
 
@@ -104,3 +107,37 @@ def test_table_of_another_build_is_refused(lab73: Lab, tmp_path: Path) -> None:
     junk.write_text("not a symbol table\n")
     res = run("ps", lab73.name, "--symbols", str(junk))
     assert res.returncode == 2 and "junk.map: line 1" in " ".join(res.stderr.split())
+
+
+def test_transfer_through_the_guest_agent(
+    lab73: Lab, guest_kallsyms: list[str], tmp_path: Path
+) -> None:
+    """``--symbols guest-agent``: the guest's /proc/kallsyms copied by a script run through
+    its guest agent (the lab's vmsqga on the org.qemu.guest_agent.0 port), kptr_restrict=2
+    handled and put back, cached per build, checked against memory like any file."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "kernels").symlink_to(kernels_dir())
+    env = {**os.environ, "VMSHIELD_CACHE": str(cache)}
+    lab73.sh("echo 2 > /proc/sys/kernel/kptr_restrict")
+    try:
+        pattern = "^(commit_creds|do_exit)$"
+        res = subprocess.run(
+            [*VMSHIELD, "symbols", lab73.name, pattern, "--symbols", "guest-agent"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        guest = [x for x in guest_kallsyms if x.endswith((" commit_creds", " do_exit"))]
+        assert sorted(res.stdout.splitlines()) == sorted(guest)
+        entries = list((cache / "transfer").iterdir())
+        assert len(entries) == 1 and (entries[0] / "btf").stat().st_size > 1 << 20
+        assert lab73.sh("cat /proc/sys/kernel/kptr_restrict").strip() == "2"
+        doc = subprocess.run(  # the second time from the cache
+            [*VMSHIELD, "doctor", lab73.name, "--json", "--symbols", "guest-agent"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert doc.returncode == 0, doc.stderr
+        source = {r["what"]: r for r in json.loads(doc.stdout)["kernel"]}["symbol source"]
+        assert source["found"].startswith("guest agent") and "cached" in source["found"]
+    finally:
+        lab73.sh("echo 0 > /proc/sys/kernel/kptr_restrict", check=False)

@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vmshield.errors import VmshieldError
+from vmshield.errors import GuestFormatError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
 from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
-from vmshield.paths import cache_dir
+from vmshield.paths import cache_dir, run_dir
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
@@ -50,7 +50,8 @@ SymbolsOpt = Annotated[
     typer.Option(
         "--symbols",
         help="Kernel symbols from this file (System.map, a /proc/kallsyms copy or a "
-        "Volatility 3 ISF) instead of kallsyms from guest memory; rebased by the KASLR "
+        "Volatility 3 ISF) instead of kallsyms from guest memory, or 'guest-agent[:SOCKET]' "
+        "for the guest's own /proc/kallsyms through its guest agent; rebased by the KASLR "
         "slide and checked against guest memory.",
     ),
 ]
@@ -78,9 +79,31 @@ def attached(
     cache = SymbolCache(cache_dir() / "symtab")
 
     def attach(read: Any, cr3: int, cr4: int) -> Kernel:
+        from vmshield.guest import transfer
+
+        spec = str(symbols_file) if symbols_file is not None else ""
+        if spec == "guest-agent" or spec.startswith("guest-agent:"):
+            sock = transfer.agent_socket(target, run_dir(), spec)
+            return transfer.attach_via_agent(read, cr3, cr4, sock)
         if symbols_file is not None:
             return Kernel.attach_external(read, cr3, cr4, symbols_file)
-        return Kernel.attach(read, cr3, cr4, cache)
+        try:
+            return Kernel.attach(read, cr3, cr4, cache)
+        except GuestFormatError as e:
+            # The fallback of the method: the guest's own table, through its agent.
+            sock = transfer.agent_socket(target, run_dir(), "guest-agent")
+            if Path(target).is_file() or not sock.exists():
+                raise
+            err.print(
+                f"note: {e}; asking the guest agent at {sock} for /proc/kallsyms",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+            try:
+                return transfer.attach_via_agent(read, cr3, cr4, sock)
+            except VmshieldError as e2:
+                raise GuestFormatError(f"{e}; and the guest agent: {e2}") from None
 
     if Path(target).is_file():
         from vmshield.hv.dumpfile import GuestDump

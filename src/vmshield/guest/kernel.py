@@ -112,6 +112,7 @@ class Kernel:
         self.slide = self.text - LINK_TEXT
         self.symbols = SymbolTable(build.names, addresses, build.types)
         self.symbol_source = "kallsyms"  # or the --symbols file (attach_external)
+        self.btf_file: Path | None = None  # BTF copied by the guest agent, if any
         self.kallsyms_layout = ""  # the variant found (kallsyms.KallsymsTables.layout)
         self._check_anchors()
 
@@ -172,6 +173,8 @@ class Kernel:
             raise GuestFormatError(f"--symbols {path} does not match this guest: {e}") from None
         k.symbol_source = f"{path} ({f.kind})"
         k._check_external(path)
+        if (path.parent / "btf").is_file() and path.name == "kallsyms":
+            k.btf_file = path.parent / "btf"  # a guest agent transfer (guest.transfer)
         stats.lap("symbols_file", t)
         return k
 
@@ -255,6 +258,8 @@ class Kernel:
     @cached_property
     def btf(self) -> Btf:
         """The kernel's BTF, read from its own memory on first use."""
+        if "__start_BTF" not in self.symbols and self.btf_file is not None:
+            return self.build.btf(self.btf_file.read_bytes)  # from the guest agent
         start = self.symbols.address("__start_BTF")
         stop = self.symbols.address("__stop_BTF")
         if not 0 < stop - start <= 64 << 20:
