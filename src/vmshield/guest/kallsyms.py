@@ -260,17 +260,19 @@ def _walk_names(
     blob: bytes, start: int, count: int, stop: int, markers: list[int]
 ) -> tuple[int, int]:
     """Walk ``count`` length-prefixed entries from ``start``, checking every 256th
-    against the markers as it goes: (end offset, entries walked). A mismatch raises
-    after the block it occurs in, so a wrong start costs at most 256 entries."""
+    against the markers as it goes: (end offset, or -1 when the walk failed; entries
+    walked). A wrong start usually fails within its first block; the count is what the
+    caller's work bound charges, however far a forged stream got."""
     pos = start
+    n_blob = len(blob)
     for i in range(count):
-        if pos >= stop:
-            raise GuestFormatError("kallsyms names run past their end")
+        if pos >= stop or pos >= n_blob:
+            return -1, i
         if i & 0xFF == 0 and pos - start != markers[i >> 8]:
-            raise GuestFormatError("kallsyms names disagree with the markers")
-        n, pos = _name_len(blob, pos)
+            return -1, i
+        n, pos = _name_len(blob, pos) if pos + 1 < n_blob else (0, pos)
         if n == 0 or n > KSYM_NAME_LEN:
-            raise GuestFormatError(f"kallsyms name at {pos:#x} has length {n}")
+            return -1, i
         pos += n
     return pos, count
 
@@ -304,12 +306,8 @@ def _find_names(
         found = _num_syms_before(blob, s, base_va, m)
         if found is not None:
             n, num_at = found
-            try:
-                end, cost = _walk_names(blob, s, n, markers_at, markers)
-            except (GuestFormatError, IndexError):
-                cost = 256
-                end = -1
-            walked += cost
+            end, cost = _walk_names(blob, s, n, markers_at, markers)
+            walked += cost + 1
             if walked > 4 * MAX_SYMS:
                 raise GuestFormatError("kallsyms_names search exceeded its work bound")
             if markers_at in (_align4(end, base_va), _align8(end, base_va)):
