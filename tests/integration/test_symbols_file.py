@@ -141,3 +141,31 @@ def test_transfer_through_the_guest_agent(
         assert source["found"].startswith("guest agent") and "cached" in source["found"]
     finally:
         lab73.sh("echo 0 > /proc/sys/kernel/kptr_restrict", check=False)
+
+
+def test_agent_is_the_fallback_when_kallsyms_is_not_found(
+    lab73: Lab, guest_kallsyms: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel whose kallsyms the finder cannot read (stood in for by making the finder
+    fail: the guest, QEMU and the agent are real) still attaches through its agent, and
+    stderr says so."""
+    from typer.testing import CliRunner
+
+    from vmshield.cli.main import app
+    from vmshield.errors import GuestFormatError
+    from vmshield.guest.kernel import Kernel
+
+    def not_found(*_args: object, **_kw: object) -> Kernel:
+        raise GuestFormatError("kallsyms tables not found (a layout nobody has seen)")
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "kernels").symlink_to(kernels_dir())
+    monkeypatch.setenv("VMSHIELD_CACHE", str(cache))
+    monkeypatch.setattr(Kernel, "attach", staticmethod(not_found))
+    res = CliRunner().invoke(app, ["symbols", lab73.name, "^do_exit$"])
+    assert res.exit_code == 0, res.output
+    assert [x for x in guest_kallsyms if x.endswith(" do_exit")] == [
+        line for line in res.output.splitlines() if line.endswith(" do_exit")
+    ]
+    assert "asking the guest agent" in res.output  # the note (CliRunner mixes stderr in)
