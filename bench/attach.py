@@ -20,19 +20,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vmshield.guest.kernel import Kernel
+from vmshield import open_vm
 from vmshield.guest.symcache import SymbolCache
-from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
 from vmshield.lab.kernels import KNOWN_KERNELS
 
 
 def attach_once(name: str, cache: SymbolCache) -> tuple[float, bool]:
     t0 = time.perf_counter()
-    with Target(name) as t:
-        cpu = t.cpus()[0]
-        k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, cache)
-    return time.perf_counter() - t0, k.stats.cached
+    with open_vm(name, cache=cache) as vm:
+        cached = vm.kernel.stats.cached
+    return time.perf_counter() - t0, cached
 
 
 def main() -> None:
@@ -67,9 +65,8 @@ def main() -> None:
                     capture_output=True,
                 )
                 cli.append(time.perf_counter() - t0)
-            with Target(name) as t:
-                cpu = t.cpus()[0]
-                nsyms = len(Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4).symbols)
+            with open_vm(name) as vm:
+                nsyms = len(vm.kernel.symbols)
         finally:
             labvm.stop(name)
         c, w = statistics.median(cold), statistics.median(warm)

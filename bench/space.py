@@ -19,60 +19,31 @@ Run: ``.venv/bin/python bench/space.py [--kernel 6.1] [--calls N] [--rounds R]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from vmshield import Event, IsolationRequest, Monitor, open_vm
+from vmshield.guest.vm import VM
 from vmshield.lab import vm as labvm
+from vmshield.lab.vmstest import timed
 
-GETPID = ["-o", "kfunc:__x64_sys_getpid", "-f", "comm=vmstest"]
-MIX = ["-o", "process.exec", "-o", "file.open", "-o", "net.connect", "-f", "comm=vmstest"]
-
-
-def kv(line: str) -> dict[str, str]:
-    return dict(p.split("=", 1) for p in line.split() if "=" in p)
+GETPID = ["kfunc:__x64_sys_getpid"]
+MIX = ["process.exec", "file.open", "net.connect"]
 
 
-class Monitor:
-    """``vmshield monitor --json`` in the background; events collected from stdout."""
-
-    def __init__(self, vm: str, engine: str, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmshield", "monitor", vm, "--json", "--engine", engine,
-             *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        assert self.proc.stderr is not None and self.proc.stdout is not None
-        for line in self.proc.stderr:
-            if "armed" in line:
-                break
-        else:
-            raise SystemExit(f"monitor ({engine}) did not arm")
-        self._t = threading.Thread(target=self.lines.extend, args=(self.proc.stdout,))
-        self._t.start()
-
-    def stop(self) -> list[dict[str, Any]]:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
-        self._t.join(10)
-        return [json.loads(x) for x in self.lines]
-
-
-def timed(vm: labvm.LabVM, cmd: str) -> tuple[int, float]:
-    out = vm.run(cmd, timeout=900).output
-    g = kv(out.strip().splitlines()[-1])
-    return int(g["pid"]), int(g["ns"]) / 1e9
+def watch(vm: VM, engine: str, objects: list[str]) -> tuple[Monitor, list[Event]]:
+    """``objects`` armed (filtered to vmstest) on ``engine``, events collected here."""
+    events: list[Event] = []
+    reqs = [IsolationRequest(vm=vm.name, object=o, filters={"comm": "vmstest"}) for o in objects]
+    mon = Monitor(vm, reqs, engine=engine)
+    mon.subscribe(events.append)
+    mon.start()
+    return mon, events
 
 
 def main() -> None:
@@ -86,44 +57,47 @@ def main() -> None:
     os.environ.setdefault("VMSHIELD_RUN", tempfile.mkdtemp(prefix="vmshield-bench-"))
     name = "bench-space"
     labvm.start(name, args.kernel)
-    vm = labvm.LabVM(name)
+    lab = labvm.LabVM(name)
     n = args.calls
     rounds = {"space": args.rounds, "exit": args.exit_rounds}
 
     def median_of(cmd: str, times: int) -> float:
-        return statistics.median(timed(vm, cmd)[1] for _ in range(times))
+        return statistics.median(timed(lab, cmd)[1] for _ in range(times))
 
     # Each engine is compared with unmonitored runs of the same size taken right before
     # and right after it (TCG timing drifts over minutes).
     loop: dict[str, tuple[float, float, int, int]] = {}  # engine -> (base s, s, want, got)
     mix: dict[str, tuple[float, float, int]] = {}  # engine -> (base s, s, events per round)
     try:
-        timed(vm, "vmstest loop 1000")  # warm up: TCG translates the loops once
-        timed(vm, "vmstest mix 2")
+        vm = open_vm(name)
+        timed(lab, "vmstest loop 1000")  # warm up: TCG translates the loops once
+        timed(lab, "vmstest mix 2")
         for engine in ("exit", "space"):
             times = 1 if engine == "exit" else args.repeat
             cmd = f"vmstest loop {n}"
-            before = [timed(vm, cmd)[1] for _ in range(args.repeat)]
-            mon = Monitor(name, engine, GETPID)
+            before = [timed(lab, cmd)[1] for _ in range(args.repeat)]
+            mon, events = watch(vm, engine, GETPID)
             runs = []
             for _ in range(times):
-                runs.append(timed(vm, cmd))
+                runs.append(timed(lab, cmd))
                 time.sleep(1.0)  # one burst fills most of a ring: let the host drain it
-            events = mon.stop()
+            mon.stop()
             pids = {pid for pid, _ in runs}
-            got = sum(1 for ev in events if ev["process"] and ev["process"]["pid"] in pids)
+            got = sum(1 for ev in events if ev.process and ev.process.pid in pids)
             # vmstest calls getpid() once more itself (to print its pid): n + 1 per run.
-            after = [timed(vm, cmd)[1] for _ in range(args.repeat)]
+            after = [timed(lab, cmd)[1] for _ in range(args.repeat)]
             base = statistics.median(before + after)
             loop[engine] = (base, statistics.median(s for _, s in runs), (n + 1) * times, got)
             r = rounds[engine]
             cmd = f"vmstest mix {r}"
-            before = [timed(vm, cmd)[1] for _ in range(args.repeat)]
-            mon = Monitor(name, engine, MIX)
+            before = [timed(lab, cmd)[1] for _ in range(args.repeat)]
+            mon, events = watch(vm, engine, MIX)
             secs = median_of(cmd, times)
-            seen = [ev for ev in mon.stop() if ev["object"] != "space.integrity"]
-            after = [timed(vm, cmd)[1] for _ in range(args.repeat)]
+            mon.stop()
+            seen = [ev for ev in events if ev.object != "space.integrity"]
+            after = [timed(lab, cmd)[1] for _ in range(args.repeat)]
             mix[engine] = (statistics.median(before + after), secs, len(seen) // times // r)
+        vm.close()
     finally:
         labvm.stop(name)
     console = Console()

@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 
+from vmshield.lab.vmstest import kv
+
+__all__ = ["MonitorRun", "kv"]
+
 
 class MonitorRun:
     def __init__(self, vm: str, args: list[str], engine: str = "exit") -> None:
@@ -80,8 +84,3 @@ class MonitorRun:
             rc = self.proc.wait(10)
         time.sleep(0.1)
         return rc
-
-
-def kv(line: str) -> dict[str, str]:
-    """The ``key=value`` pairs of a vmstest output line."""
-    return dict(p.split("=", 1) for p in line.split() if "=" in p)

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmshield.guest.ftrace import place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
 from vmshield.hv.target import Target
 from vmshield.lab.tampermod import build_tamper_module
-from vmshield.monitor.points import place_point
 from vmshield.monitor.request import IsolationRequest, resolve
 from vmshield.monitor.space_engine import SpaceEngine
 from vmshield.paths import cache_dir

@@ -898,3 +898,62 @@ def test_stub_refuses_other_architectures(fake: Callable[..., FakeStub]) -> None
     srv = fake(handler)
     with pytest.raises(GdbProtocolError, match="aarch64"):
         GdbStub().connect(srv.path, timeout=2)
+
+
+def test_detach_in_multiprocess_mode_names_the_process(fake: Callable[..., FakeStub]) -> None:
+    """Stop replies in ``pX.Y`` form: detach is ``D;X`` (a plain D would get E22)."""
+
+    def mp(srv: FakeStub, p: bytes) -> bytes | None:
+        if p == b"D":
+            return b"E22"
+        if p.startswith(b"D;"):
+            return b"OK"
+        return None
+
+    srv = fake(mp, greeting=raw_frame(b"T02thread:p01.01;"))
+    gdb = GdbStub(request_timeout=2)
+    gdb.connect(srv.path, timeout=2)
+    assert gdb.multiprocess_pid == 1
+    gdb.detach()
+    assert srv.requests[-1] == b"D;1" and b"D" not in srv.requests
+    assert not gdb.connected
+
+
+def test_detach_retries_with_pid_after_e22(fake: Callable[..., FakeStub]) -> None:
+    """Multiprocess mode not visible in any reply: E22 to D, then D;1."""
+    srv = fake(lambda s, p: b"E22" if p == b"D" else (b"OK" if p == b"D;1" else None))
+    gdb = GdbStub(request_timeout=2)
+    gdb.connect(srv.path, timeout=2)
+    assert gdb.multiprocess_pid is None
+    gdb.detach()
+    assert srv.requests[-2:] == [b"D", b"D;1"]
+
+
+def test_detach_error_is_raised_not_swallowed(fake: Callable[..., FakeStub]) -> None:
+    srv = fake(lambda s, p: b"E01" if p.startswith(b"D") else None)
+    gdb = GdbStub(request_timeout=2)
+    gdb.connect(srv.path, timeout=2)
+    with pytest.raises(GdbError):
+        gdb.detach()
+
+
+def test_await_external_resume_takes_the_next_stop_unasked(fake: Callable[..., FakeStub]) -> None:
+    """After a pause the VM is resumed through QMP, not by us: the next stop reply
+    arrives unsolicited and is collected by wait_stop; nothing is sent meanwhile."""
+    srv = fake()
+    with GdbStub(request_timeout=2) as gdb:
+        gdb.connect(srv.path, timeout=2)
+        gdb.read_registers()
+        gdb.await_external_resume()
+        assert gdb.running
+        sent = len(srv.raw_in)
+        with pytest.raises(GdbTimeout):
+            gdb.wait_stop(0.1)
+        srv.send(raw_frame(b"T05thread:01;"))
+        stop = gdb.wait_stop(2)
+        assert stop.signal == 5 and not gdb.running
+        assert bytes(srv.raw_in[sent:]).strip(b"+") == b""  # no request, no interrupt
+        gdb.await_external_resume()
+        gdb.assume_stopped()  # QMP says still paused: back to stopped, no reply owed
+        assert not gdb.running
+        assert gdb.read_registers().rip == 0xFFF0

@@ -59,7 +59,7 @@ def _pti(k: Kernel) -> str:
 
 
 def _ftrace_nop(k: Kernel) -> str:
-    from vmshield.monitor.points import place_point
+    from vmshield.guest.ftrace import place_point
 
     p = place_point(k, "security_file_open")
     pad = k.read(p.function, p.address - p.function)

@@ -6,7 +6,8 @@ next hit waiting for a client that never comes. So the monitor starts this small
 duplicate of the gdbstub socket and the read end of a pipe. It never touches the socket
 while the monitor lives: no cost per event. On a clean detach the monitor writes one
 byte and the guard exits. If the pipe closes without it (the monitor was killed), the
-guard interrupts the VM and sends ``D``: QEMU removes every breakpoint and resumes.
+guard interrupts the VM and sends ``D`` (``D;1`` if the stub is in multiprocess mode):
+QEMU removes every breakpoint and resumes.
 
 Run as ``python -m vmshield.hv.gdbguard SOCK_FD PIPE_FD STATE_FILE`` (stdlib only).
 """
@@ -44,11 +45,22 @@ def rescue(s: socket.socket) -> None:
     got = _drain(s, 1.0, b"#")
     if got:
         s.sendall(b"+")
-    for _ in range(3):
-        s.sendall(b"$D#44")
-        if b"OK" in _drain(s, 2.0, b"OK"):
+    # A plain D is refused (E22) by a QEMU 7.2 stub in multiprocess mode, which it keeps
+    # once any earlier client asked for it: then detach the only process, D;1.
+    request = b"D"
+    for _ in range(4):
+        s.sendall(_frame(request))
+        got = _drain(s, 2.0, b"#")
+        if b"OK" in got:
             s.sendall(b"+")
             return
+        if b"E22" in got:
+            s.sendall(b"+")
+            request = b"D;1"
+
+
+def _frame(payload: bytes) -> bytes:
+    return b"$%b#%02x" % (payload, sum(payload) & 0xFF)
 
 
 def main() -> None:

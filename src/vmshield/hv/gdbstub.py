@@ -164,6 +164,7 @@ class GdbStub:
         self._stop_pc: int | None = None  # rip of the stop thread, when already read
         self._pending_stop: StopReply | None = None  # produced while stepping off a breakpoint
         self._watch_hangover = False  # the last stop was a watchpoint hit (see cont/step)
+        self._mp_pid: int | None = None  # multiprocess pid seen in a qC/thread-list reply
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,6 +203,7 @@ class GdbStub:
         self._acks_owed = 0
         self._running = False
         self._stop = self._initial_stop = None
+        self._mp_pid = None
         self._x_supported = self._p_supported = self._vcont_step = None
         self._forget_stop_state()
         try:
@@ -832,6 +834,7 @@ class GdbStub:
                 raise GdbUnsupported(request)
             page, last = parse_thread_list(reply)
             out.extend(t.tid for t in page)
+            self._note_pid(page)
             if last:
                 return out
             request = b"qsThreadInfo"
@@ -850,21 +853,81 @@ class GdbStub:
         reply = self.request(b"qC", timeout)
         if not reply.startswith(b"QC"):
             raise GdbProtocolError(f"bad qC reply {reply[:40]!r}")
-        return parse_thread_id(reply[2:]).tid
+        thread = parse_thread_id(reply[2:])
+        self._note_pid([thread])
+        return thread.tid
+
+    def _note_pid(self, threads: list[ThreadId]) -> None:
+        for t in threads:
+            if t.pid not in (None, -1):
+                self._mp_pid = t.pid
 
     # ------------------------------------------------------------------ misc
 
+    @property
+    def multiprocess_pid(self) -> int | None:
+        """The process id QEMU names in its replies once it is in multiprocess mode.
+
+        QEMU 7.2 keeps multiprocess mode for the rest of its life once any client asked
+        for it (gdb does): stop replies then read ``T05thread:p1.01;`` and a plain ``D``
+        is refused with ``E22``, leaving the VM paused. None while replies are plain.
+        """
+        stop = self._stop or self._initial_stop
+        if stop is not None and stop.thread is not None and stop.thread.pid not in (None, -1):
+            return stop.thread.pid
+        return self._mp_pid
+
     def detach(self, timeout: float | None = None) -> None:
-        """``D``: QEMU removes our breakpoints and resumes the VM; the socket is closed."""
+        """``D``: QEMU removes our breakpoints and resumes the VM; the socket is closed.
+
+        In multiprocess mode (see :attr:`multiprocess_pid`) this is ``D;PID``. A stub
+        that refuses a plain ``D`` with ``E22`` (multiprocess mode we could not see
+        from its replies) is asked again as ``D;1``, QEMU's only process.
+        """
         try:
             if self._running:
                 raise GdbStateError("interrupt and wait_stop before detaching")
             deadline = self._deadline(timeout)
-            self._command_ok(b"D", deadline, "detaching")
+            pid = self.multiprocess_pid
+            request = b"D" if pid is None else b"D;%x" % pid
+            reply = self._request(request, deadline)
+            if reply == b"E22" and pid is None:
+                request = b"D;1"
+                reply = self._request(request, deadline)
+            if reply != b"OK":
+                raise_for_error(reply, request, "detaching")
+                raise GdbProtocolError(f"expected OK to {request!r}, got {reply[:40]!r}")
             self._flush_acks(deadline)
         finally:
             if not self._running:
                 self.close()
+
+    def await_external_resume(self, timeout: float | None = None) -> None:
+        """Leave the stopped VM to someone else to resume (QMP ``cont``) and expect the
+        next stop reply unasked.
+
+        Why: a ``pause`` action keeps the VM stopped at the hit that caused it; the
+        operator resumes it through QMP (``vmshield resume``), which QEMU does without
+        telling the gdb client, and QEMU then reports the next breakpoint hit as an
+        ordinary stop reply. Owed acks are sent now, while a byte cannot be mistaken
+        for an interrupt. Afterwards :attr:`running` is True (collect the stop with
+        :meth:`wait_stop`); if the VM is still stopped when the session must end, use
+        :meth:`assume_stopped` (an interrupt cannot stop a VM that is not running, and
+        QEMU sends no reply to it).
+        """
+        if self._running:
+            raise GdbStateError("the VM is already running")
+        self._flush_acks(self._deadline(timeout))
+        self._pending_stop = None
+        self._running = True
+
+    def assume_stopped(self) -> None:
+        """The VM is known (from QMP) to be stopped with no stop reply on the way: take
+        the session back to the stopped state without waiting for one."""
+        self._pending_stop = None
+        self._running = False
+        self._g_thread = None
+        self._stop_pc = None
 
     def query_monitor(self, command: str, timeout: float | None = None) -> str:
         """Run a QEMU monitor (HMP) command through ``qRcmd`` and return its output."""

@@ -124,6 +124,11 @@ class Qmp:
     def running(self) -> bool:
         return bool(self.execute("query-status")["running"])
 
+    def status(self) -> str:
+        """QEMU's run state: ``running``, ``paused`` (QMP ``stop``), ``debug`` (stopped
+        by the gdbstub), ``shutdown``, ..."""
+        return str(self.execute("query-status")["status"])
+
     def stop(self) -> None:
         self.execute("stop")
 

@@ -8,19 +8,17 @@ are bounded and every failure becomes a decode error on the event, not a dead mo
 
 from __future__ import annotations
 
-import ipaddress
-import struct
 from dataclasses import dataclass, field
 
 from vmshield.errors import VmshieldError
 from vmshield.guest import files
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.sockets import decode_sockaddr
 from vmshield.guest.tasks import TaskReader, percpu_va
 from vmshield.hv.gdbpackets import X86Registers
 from vmshield.monitor.events import ProcessContext
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
-AF_INET, AF_INET6, AF_UNIX = 2, 10, 1
 
 
 @dataclass
@@ -83,22 +81,3 @@ class HitContext:
     def sockaddr(self, va: int, length: int) -> dict[str, object]:
         """Family, address and port of a ``struct sockaddr *`` (kernel copy)."""
         return decode_sockaddr(self.kernel.read(va, max(2, min(length, 28))))
-
-
-def decode_sockaddr(raw: bytes) -> dict[str, object]:
-    """Family, address and port from the bytes of a ``struct sockaddr`` (both engines)."""
-    family = int.from_bytes(raw[:2], "little")
-    out: dict[str, object] = {"family": family_name(family)}
-    if family == AF_INET and len(raw) >= 8:
-        out["port"] = struct.unpack(">H", raw[2:4])[0]
-        out["address"] = ".".join(str(b) for b in raw[4:8])
-    elif family == AF_INET6 and len(raw) >= 24:
-        out["port"] = struct.unpack(">H", raw[2:4])[0]
-        out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
-    elif family == AF_UNIX:
-        out["address"] = raw[2:].split(b"\0", 1)[0].decode(errors="backslashreplace")
-    return out
-
-
-def family_name(f: int) -> str:
-    return {AF_INET: "inet", AF_INET6: "inet6", AF_UNIX: "unix"}.get(f, str(f))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmshield.errors import VmshieldError
+from vmshield.monitor.actions import ActionRefused
 from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
@@ -37,7 +38,7 @@ class Hit:
     time: float
     process: ProcessContext | None
     decode: Callable[[ResolvedRequest], dict[str, Any] | None]  # None: not this behaviour
-    act: Callable[[str], dict[str, Any]]
+    act: Callable[[str, ResolvedRequest], dict[str, Any]]
     point: Callable[[ResolvedRequest], PointInfo]
     errors: list[str] = field(default_factory=list)  # decode errors, shared by the events
     # Position of a request -> whether the guest matched it (absent: filter here).
@@ -77,7 +78,10 @@ def dispatch(
             continue
         action = r.request.action
         try:
-            detail = hit.act(action)
+            detail = hit.act(action, r)
+        except ActionRefused as e:  # by policy (rate limit, no room): said in the event
+            detail = {"refused": f"{action}: {e}"}
+            action = "log"
         except VmshieldError as e:  # the event still goes out, saying what failed
             detail = {"error": f"{action} failed: {e}"}
             action = "log"

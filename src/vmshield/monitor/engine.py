@@ -25,14 +25,16 @@ from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.guest.kconsts import tif_sigpending_bit
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import TaskReader
-from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
+from vmshield.hv.gdbpackets import SIGINT, GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm
+from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.context import HitContext
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
+from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.paths import write_private
 
 EPERM = 1
 SIGKILL = 9
@@ -50,6 +52,8 @@ class Stats:
 
 
 class ExitEngine:
+    kind = EngineKind.EXIT
+
     def __init__(
         self,
         target: Target,
@@ -57,12 +61,13 @@ class ExitEngine:
         requests: list[ResolvedRequest],
         emit: Callable[[Event], None],
         dump_dir: Path | None = None,
+        dump_interval: float = 10.0,
     ) -> None:
         self.t = target
         self.k = kernel
         self.requests = requests
         self.emit = emit
-        self.dump_dir = dump_dir or Path.cwd()
+        self.dumps = DumpPolicy(dump_dir or Path.cwd(), dump_interval)
         self.tasks = TaskReader(kernel)
         self.by_addr: dict[int, list[ResolvedRequest]] = {}
         for r in requests:
@@ -84,9 +89,8 @@ class ExitEngine:
     def arm(self) -> None:
         self.stub = self.t.gdbstub()
         self._start_guard(self.stub.fileno())
-        self._state.write_text(
-            json.dumps({"points": {f"{a:#x}": [r.request.id for r in rs]
-                                   for a, rs in self.by_addr.items()}})
+        write_private(self._state, json.dumps({"points": {
+            f"{a:#x}": [r.request.id for r in rs] for a, rs in self.by_addr.items()}}).encode(),
         )  # fmt: skip
         try:
             for addr in self.by_addr:
@@ -122,15 +126,21 @@ class ExitEngine:
             self._guard = None
 
     def detach(self) -> None:
-        """Remove every breakpoint and let the guest run; idempotent."""
+        """Remove every breakpoint and let the guest run; idempotent.
+
+        Works whatever state the session is in: a stop reply on its way, a VM that a
+        ``pause`` action (or an operator) left stopped, a VM running. A VM that our
+        ``pause`` left paused is paused again after the detach (QEMU resumes the VM on
+        ``D``): the pause is the operator's to end with ``vmshield resume``.
+        """
         stub, self.stub = self.stub, None
         if stub is None:
             return
         self._stop_guard()
+        keep_paused = False
         try:
             if stub.running:
-                stub.interrupt()
-                stub.wait_stop(5)
+                keep_paused = self._settle(stub)
             for addr in self.by_addr:
                 with contextlib.suppress(VmshieldError):
                     stub.remove_breakpoint(addr)
@@ -138,10 +148,39 @@ class ExitEngine:
         finally:
             stub.close()
             self._state.unlink(missing_ok=True)
+        if keep_paused:
+            pause_vm(self.t)
+
+    def _settle(self, stub: GdbStub) -> bool:
+        """Bring a session that expects a stop reply back to stopped; True when the VM
+        was left stopped by a pause (ours or an operator's), not by us now.
+
+        QEMU's run state decides: a running VM gets an interrupt and answers it; a
+        stopped one may still have a stop reply in the socket (a hit just before), and
+        otherwise none will come (QEMU ignores an interrupt byte while stopped).
+        """
+        status = vm_status(self.t)
+        if status == "running":
+            stub.interrupt()
+            for _ in range(3):
+                with contextlib.suppress(GdbTimeout):
+                    stub.wait_stop(5)
+                    return False
+                if vm_status(self.t) != "running":  # stopped, the reply lost or late
+                    break
+            else:
+                raise HypervisorError("the VM did not stop for detach within 15 s")
+        with contextlib.suppress(GdbTimeout):
+            stub.wait_stop(0.3)  # a stop reported just before the VM stopped
+        if stub.running:
+            stub.assume_stopped()
+        return status == "paused" or (self.paused and status == "debug")
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
+        """Handle stops until told to stop. A paused VM needs nothing special: once the
+        operator resumes it, its next hit arrives as an ordinary stop reply."""
         assert self.stub is not None
         end = time.monotonic() + duration if duration else None
         next_flush = time.monotonic() + 1.0
@@ -149,13 +188,11 @@ class ExitEngine:
             if time.monotonic() > next_flush:  # the guest may remap kernel memory
                 self.k.walker.flush()
                 next_flush = time.monotonic() + 1.0
-            if self.paused:
-                time.sleep(0.1)
-                continue
             try:
                 self.stub.wait_stop(0.2)
             except GdbTimeout:
                 continue
+            self.paused = False  # whatever stopped, the VM ran again since the pause
             self.on_stop()
 
     def on_stop(self) -> None:
@@ -166,6 +203,12 @@ class ExitEngine:
         reqs = self.by_addr.get(regs.rip)
         if reqs is None:
             self.stats.other_stops += 1
+            stop = stub.stop_reply
+            if stop is not None and stop.signal == SIGINT and vm_status(self.t) == "paused":
+                # Someone paused the VM through QMP (an operator, `virsh suspend`):
+                # QEMU told us with this stop. Continuing would undo their pause.
+                stub.await_external_resume()
+                return
             stub.cont()
             return
         self.stats.hits += 1
@@ -176,10 +219,16 @@ class ExitEngine:
             stub.write_register("rip", reqs[0].point.resume)
         # else: no NOP to skip (user code); cont() steps over the instruction first.
         self.stats.round_trips += 1
-        stub.cont()
-        if verdict == "pause":
-            pause_vm(self.t)
+        if verdict == "pause" and reqs[0].point.on_nop:
+            # The pause is this stop: the VM stays stopped past the NOP until the
+            # operator resumes it (QMP cont), and its next hit comes as a stop reply.
+            stub.await_external_resume()
             self.paused = True
+        else:
+            stub.cont()
+            if verdict == "pause":  # a user-code point: step over it first, then pause
+                pause_vm(self.t)
+                self.paused = True
         # Events go out once their actions have taken effect: whoever reads a pause
         # event finds the VM paused.
         events, self._pending = self._pending, []
@@ -202,19 +251,19 @@ class ExitEngine:
 
         hit = Hit(
             vm=self.t.name, time=time.time(), process=ctx.process(),
-            decode=lambda r: r.obj.decoder(ctx), act=lambda a: self._act(a, ctx),
+            decode=lambda r: r.obj.decoder(ctx), act=lambda a, r: self._act(a, r, ctx),
             point=point, errors=ctx.errors,
         )  # fmt: skip
         return dispatch(hit, reqs, self.stats, self._pending.append)
 
     # -- actions ------------------------------------------------------------------------
 
-    def _act(self, action: str, ctx: HitContext) -> dict[str, Any]:
+    def _act(self, action: str, r: ResolvedRequest, ctx: HitContext) -> dict[str, Any]:
         if action == "kill":
             self._kill(ctx.current)
             return {"signal": "SIGKILL"}
         if action == "dump":
-            return dump_memory(self.t, self.dump_dir)
+            return self.dumps.dump(self.t, r.request.id)
         if action == "pause":
             return {"paused": True}
         return {}

@@ -25,14 +25,15 @@ from typing import Any
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.target import Target
-from vmshield.monitor.actions import dump_memory, pause_vm
+from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
-from vmshield.space.borrow import Borrow
+from vmshield.space.borrow import Borrow, borrowed
 from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
@@ -123,6 +124,8 @@ class SpaceStats(Stats):
 
 
 class SpaceEngine:
+    kind = EngineKind.SPACE
+
     def __init__(
         self,
         target: Target,
@@ -132,6 +135,7 @@ class SpaceEngine:
         dump_dir: Path | None = None,
         check_interval: float = 1.0,
         policy: str = "rearm",
+        dump_interval: float = 10.0,
     ) -> None:
         if policy not in POLICIES:
             raise VmshieldError(f"unknown tamper policy {policy!r} (use {', '.join(POLICIES)})")
@@ -139,7 +143,7 @@ class SpaceEngine:
         self.k = kernel
         self.requests = requests
         self.emit = emit
-        self.dump_dir = dump_dir or Path.cwd()
+        self.dumps = DumpPolicy(dump_dir or Path.cwd(), dump_interval)
         self.check_interval = check_interval
         self.policy = policy
         self.space: SecuritySpace | None = None
@@ -154,39 +158,34 @@ class SpaceEngine:
     # -- arm / detach -------------------------------------------------------------------
 
     def arm(self) -> None:
-        stub = self.t.gdbstub()
-        try:
-            ncpus = len(stub.threads())
-            built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
-            if built is not None and (other := built.in_use_by()):
-                raise VmshieldError(
-                    f"{self.t.name}: the security space is in use by another monitor "
-                    f"(pid {other}); one space monitor per VM"
-                )
-            sp = built or SecuritySpace(self.t, self.k)
-            sp.user_pid = os.getpid()
-            with Borrow(stub, self.k, self.t.mem.write) as b:
-                if built is None:
-                    sp.build(b, ncpus)
-                else:
-                    sp.adopt(b)
-                self.space = sp
+        built = SecuritySpace.load_state(self.t, self.k)  # `vmshield space build`
+        if built is not None and (other := built.in_use_by()):
+            raise VmshieldError(
+                f"{self.t.name}: the security space is in use by another monitor "
+                f"(pid {other}); one space monitor per VM"
+            )
+        sp = built or SecuritySpace(self.t, self.k)
+        sp.user_pid = os.getpid()
+        # Afterwards the VM runs on with no debugger attached.
+        with borrowed(self.t, self.k, "build" if built is None else "adopt") as b:
+            if built is None:
+                sp.build(b, len(b.stub.threads()))
+            else:
+                sp.adopt(b)
+            self.space = sp
+            try:
+                self._configure(sp)
+                b.select()
+                sp.patch(b.stub)
+            except BaseException as e:
                 try:
-                    self._configure(sp)
-                    b.select()
-                    sp.patch(stub)
-                except BaseException as e:
-                    try:
-                        self._teardown(b)
-                    except VmshieldError as e2:
-                        raise SpaceError(
-                            f"{e}; and removing the half-built space failed ({e2}): "
-                            f"run `vmshield detach {self.t.name}`"
-                        ) from e
-                    raise
-            stub.detach()  # the VM runs on with no debugger attached
-        finally:
-            stub.close()
+                    self._teardown(b)
+                except VmshieldError as e2:
+                    raise SpaceError(
+                        f"{e}; and removing the half-built space failed ({e2}): "
+                        f"run `vmshield detach {self.t.name}`"
+                    ) from e
+                raise
 
     def _teardown(self, b: Borrow) -> None:
         """Free a space this engine built; only unpatch one it adopted."""
@@ -229,17 +228,26 @@ class SpaceEngine:
     def detach(self, attempts: int = 5) -> None:
         """Unpatch, free and leave no trace; refused while a vCPU is inside the space
         (retried a few times: a vCPU leaves the agent within microseconds)."""
-        sp, last = self.space, None
+        sp = self.space
         if sp is None:
             return
+        # Teardown borrows a vCPU and so runs the VM for a moment; a VM our pause
+        # action left paused is paused again afterwards (the pause is the operator's).
+        keep_paused = self._still_paused()
+        try:
+            self._detach(sp, attempts)
+        finally:
+            if keep_paused:
+                pause_vm(self.t)
+
+    def _detach(self, sp: SecuritySpace, attempts: int) -> None:
+        last: SpaceBusy | None = None
         for _ in range(attempts):
             self._drain_once()
-            stub = self.t.gdbstub()
             try:
-                with Borrow(stub, self.k, self.t.mem.write) as b:
+                with borrowed(self.t, self.k, "teardown") as b:
                     self._drain_once()  # the VM is stopped: these are the last records
                     self._teardown(b)
-                stub.detach()
                 for sym in sp.left_disabled:
                     self._system_event("space.detach", "note", {
                         "where": sym, "what": "ftrace-flags",
@@ -250,13 +258,9 @@ class SpaceEngine:
                         "what": "ring-state", "where": why,
                         "found": "in-flight flag set with no vCPU in the agent"})  # fmt: skip
                 return
-            except SpaceBusy as e:
+            except SpaceBusy as e:  # borrowed() let the VM run on
                 last = e
-                if stub.connected and not stub.running:
-                    stub.detach()
                 time.sleep(0.05)
-            finally:
-                stub.close()
         raise SpaceBusy(f"{last}")
 
     # -- the loop -----------------------------------------------------------------------
@@ -268,8 +272,9 @@ class SpaceEngine:
             if self.fallback_requested:
                 return  # the caller moves the requests to the exit engine
             time.sleep(DRAIN_INTERVAL)
-            if self.paused:
-                continue
+            # Draining and checking go on while the VM is paused (shared RAM needs no
+            # running vCPU): records written before the pause are delivered, and the
+            # monitor is there for the first event after the operator resumes.
             deep = time.monotonic() >= next_check
             if deep:
                 next_check = time.monotonic() + self.check_interval
@@ -313,19 +318,22 @@ class SpaceEngine:
         elif self.policy == "exit" and repairable:
             self.fallback_requested = True
 
+    def _still_paused(self) -> bool:
+        """True while a pause this engine made is in force. Repairs borrow a vCPU, which
+        runs the VM, so they wait for the operator's resume (the alert is already out;
+        the check repeats the finding every interval until then)."""
+        if self.paused:
+            self.paused = vm_status(self.t) != "running"
+        return self.paused
+
     def _rearm(self, alerts: list[Alert]) -> None:
         sp = self.space
-        if not alerts or sp is None:
+        if not alerts or sp is None or self._still_paused():
             return
-        stub = self.t.gdbstub()
-        try:
-            with Borrow(stub, self.k, self.t.mem.write) as b:
-                b.select()
-                sp.repair(stub, alerts)
-                sp.sync_time(b)
-            stub.detach()
-        finally:
-            stub.close()
+        with borrowed(self.t, self.k, "rearm") as b:
+            b.select()
+            sp.repair(b.stub, alerts)
+            sp.sync_time(b)
 
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
         self.emit(Event(
@@ -367,9 +375,9 @@ class SpaceEngine:
         for ev in events:  # after the pause: whoever reads the event finds the VM paused
             self.emit(ev)
 
-    def _act(self, action: str) -> dict[str, Any]:
+    def _act(self, action: str, r: ResolvedRequest) -> dict[str, Any]:
         if action == "dump":
-            return dump_memory(self.t, self.dump_dir)
+            return self.dumps.dump(self.t, r.request.id)
         if action == "pause":
             return {"paused": True}
         if action == "kill":  # done in the guest by the agent's rule

@@ -12,21 +12,36 @@ never copied between vCPUs.
 
 A :class:`Borrow` keeps the task parked (VM stopped) between calls, so a build can
 allocate, write code, change permissions and patch sites in one stop.
+
+A call in flight is journaled (``gdb.borrow.json`` beside the gdbstub socket) before the
+vCPU is redirected: the saved registers, the forged return slot and the breakpoint. If
+the monitor dies meanwhile, the guest would crash on returning to the padding byte once
+a debugger resumed it blindly; :func:`finish_orphaned_call` (run by every later
+:func:`borrowed` session, and so by ``vmshield detach``) waits for that return, puts the
+task's registers and stack slot back, and undoes the call's result where it was an
+allocation nobody recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from vmshield.errors import HypervisorError, SymbolError
+from vmshield.guest.ftrace import place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import current_task_offset, percpu_va
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
-from vmshield.monitor.points import place_point
+from vmshield.hv.target import Target
+from vmshield.paths import read_private, write_private
 
 # Syscall entries that a live system reaches often; the first eligible hit is borrowed.
 BORROW_SITES = (
@@ -55,6 +70,58 @@ RESTORED = (
 
 class BorrowError(HypervisorError):
     """No vCPU could be borrowed, or a borrowed call failed."""
+
+
+FAULT_ENV = "VMSHIELD_FAULT"
+"""Fault injection for the recovery tests: ``kill-in-call:PURPOSE:FUNCTION`` (``*`` for
+any function) makes this process SIGKILL itself while that call runs in the guest."""
+
+
+@dataclass
+class CallJournal:
+    """What undoing a borrowed call needs if its caller dies while the guest runs it."""
+
+    purpose: str  # build, rearm, teardown, ...
+    function: str
+    task: int
+    pad: int  # the return breakpoint
+    ret_rsp: int  # rsp when the call has returned
+    slot_pa: int  # the forged return slot, and what it held before
+    saved_slot: str
+    regs: dict[str, int]  # the parked task's own registers (RESTORED)
+    undo: str | None  # a kernel function to call on the result (an unrecorded allocation)
+    pid: int  # the process that started the call
+
+    def save(self, path: Path) -> None:
+        write_private(path, json.dumps(asdict(self)).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> CallJournal | None:
+        try:
+            d = json.loads(read_private(path))
+            j = cls(**d)
+            j.regs = {str(k): int(v) for k, v in j.regs.items()}
+            if set(j.regs) != set(RESTORED):
+                raise ValueError("register set differs")
+            bytes.fromhex(j.saved_slot)
+        except FileNotFoundError:
+            return None
+        except (TypeError, ValueError, AttributeError, OSError) as e:
+            raise BorrowError(f"{path}: unreadable borrowed-call journal ({e})") from e
+        return j
+
+
+def journal_path(t: Target) -> Path:
+    return t.gdb_path().with_suffix(".borrow.json")
+
+
+def _fault(purpose: str, function: str) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("kill-in-call:"):
+        return
+    want_purpose, _, want_fn = spec[len("kill-in-call:") :].partition(":")
+    if want_purpose == purpose and want_fn in ("*", "", function):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -92,9 +159,18 @@ class Borrow:
     """
 
     def __init__(
-        self, stub: GdbStub, kernel: Kernel, write_phys: WritePhys, timeout: float = 30.0
+        self,
+        stub: GdbStub,
+        kernel: Kernel,
+        write_phys: WritePhys,
+        timeout: float = 30.0,
+        *,
+        journal: Path | None = None,
+        purpose: str = "call",
     ) -> None:
         self.stub = stub
+        self.journal = journal
+        self.purpose = purpose
         self.k = kernel
         self.write_phys = write_phys
         self.timeout = timeout
@@ -212,10 +288,19 @@ class Borrow:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def call(self, function: int | str, *args: int, timeout: float | None = None) -> int:
+    def call(
+        self,
+        function: int | str,
+        *args: int,
+        timeout: float | None = None,
+        undo: str | None = None,
+    ) -> int:
         """Run ``function(*args)`` (up to six integer arguments) on the parked task and
         return its ``rax``. The VM runs during the call (other vCPUs too: the callee may
-        send IPIs); on return the VM is stopped again with the task parked."""
+        send IPIs); on return the VM is stopped again with the task parked.
+
+        ``undo`` names a kernel function that reverses the call given its result (a
+        free for an allocation): used only if this process dies during the call."""
         p = self._parked
         if p is None:
             raise BorrowError("call() needs a parked task (use the Borrow as a context)")
@@ -235,12 +320,20 @@ class Borrow:
         regs.rsp = slot
         regs.rip = target
         regs.rax = 0
+        name = function if isinstance(function, str) else f"{function:#x}"
+        if self.journal is not None:
+            CallJournal(
+                purpose=self.purpose, function=name, task=p.task, pad=self._pad,
+                ret_rsp=slot + 8, slot_pa=slot_pa, saved_slot=saved_slot.hex(),
+                regs={n: int(getattr(p.regs, n)) for n in RESTORED}, undo=undo,
+                pid=os.getpid(),
+            ).save(self.journal)  # fmt: skip
         self.write_phys(slot_pa, self._pad.to_bytes(8, "little"))
         stub.insert_breakpoint(self._pad)
         try:
             stub.write_registers(regs, use_g=True)
             self.call_in_flight = True
-            result = self._wait_return(slot + 8, p.task, timeout or self.timeout)
+            result = self._wait_return(slot + 8, p.task, timeout or self.timeout, name)
             self.call_in_flight = False
             p.tid = self._stop_tid()  # the callee may have slept and moved to another vCPU
         finally:
@@ -249,9 +342,11 @@ class Borrow:
                 self.write_phys(slot_pa, saved_slot)
         self.calls += 1
         self._restore(p)  # parked again at its site, on whichever vCPU it now is
+        if self.journal is not None:
+            self.journal.unlink(missing_ok=True)
         return result
 
-    def _wait_return(self, rsp: int, task: int, timeout: float) -> int:
+    def _wait_return(self, rsp: int, task: int, timeout: float, name: str = "") -> int:
         """Wait for the call to come back. There is no safe way to abort a call the
         guest is running (its return address is our breakpoint), so after ``timeout``
         this only warns and keeps waiting, up to ``HARD_TIMEOUT_FACTOR`` times longer."""
@@ -261,6 +356,7 @@ class Borrow:
         warned = False
         while True:
             stub.cont()
+            _fault(self.purpose, name)
             while True:
                 try:
                     stub.wait_stop(min(1.0, max(0.01, deadline - time.monotonic())))
@@ -282,3 +378,108 @@ class Borrow:
             regs = stub.read_registers()
             if regs.rip == self._pad and regs.rsp == rsp and self._current(regs) == task:
                 return int(regs.rax)
+
+
+def _returned_vcpu(stub: GdbStub, k: Kernel, j: CallJournal) -> tuple[int, X86Registers] | None:
+    """The vCPU (thread id) sitting on the journaled call's return, if any."""
+    cur = current_task_offset(k)
+    for tid in stub.threads():
+        stub.select_thread(tid)
+        regs = stub.read_registers()
+        if regs.rip != j.pad or regs.rsp != j.ret_rsp:
+            continue
+        base = regs.k_gs_base if regs.cs & 3 else regs.gs_base
+        if k.u64(base + cur) == j.task:
+            return tid, regs
+    return None
+
+
+def finish_orphaned_call(
+    stub: GdbStub, k: Kernel, write_phys: WritePhys, path: Path, timeout: float = 300.0
+) -> tuple[CallJournal, int] | None:
+    """Complete a borrowed call whose caller died (see the module docstring).
+
+    The VM must be stopped (a fresh gdbstub session). Waits, with the VM running, until
+    the journaled call returns to its breakpoint, then puts the task back exactly as it
+    was parked and the stack slot as it was. Returns the journal and the call's result,
+    or None when no call was in flight. A journal of a process that still lives is
+    refused (that process is still handling its call).
+    """
+    j = CallJournal.load(path)
+    if j is None:
+        return None
+    if j.pid != os.getpid():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(j.pid, 0)
+            raise BorrowError(f"process {j.pid} is still running a borrowed call in this VM")
+    stub.insert_breakpoint(j.pad)
+    try:
+        deadline = time.monotonic() + timeout
+        found = _returned_vcpu(stub, k, j)
+        while found is None:
+            if time.monotonic() > deadline:
+                raise BorrowError(
+                    f"the orphaned call to {j.function} did not return within {timeout:.0f} s"
+                )
+            stub.cont()
+            try:
+                stub.wait_stop(max(0.01, deadline - time.monotonic()))
+            except GdbTimeout:
+                stub.interrupt()
+                stub.wait_stop(5)
+            found = _returned_vcpu(stub, k, j)
+        tid, regs = found
+        result = int(regs.rax)
+        for name in RESTORED:
+            setattr(regs, name, j.regs[name])
+        stub.select_thread(tid)
+        stub.write_registers(regs, use_g=True)
+        write_phys(j.slot_pa, bytes.fromhex(j.saved_slot))
+    finally:
+        with contextlib.suppress(HypervisorError):
+            stub.remove_breakpoint(j.pad)
+    path.unlink(missing_ok=True)
+    if j.undo and result >> 63:  # an allocation nobody recorded: give it back
+        with Borrow(stub, k, write_phys, purpose="recovery") as b:
+            b.call(j.undo, result)
+    return j, result
+
+
+def recover_orphaned_call(t: Target, k: Kernel) -> CallJournal | None:
+    """Finish a call a killed vmshield left running in ``t`` (see
+    :func:`finish_orphaned_call`) and let the VM run on; the journal of that call, or
+    None when there was none."""
+    stub = t.gdbstub()
+    try:
+        done = finish_orphaned_call(stub, k, t.mem.write, journal_path(t))
+        stub.detach()
+    finally:
+        stub.close()
+    return done[0] if done else None
+
+
+@contextlib.contextmanager
+def borrowed(t: Target, k: Kernel, purpose: str, timeout: float = 30.0) -> Iterator[Borrow]:
+    """One gdbstub session with a parked task for ``purpose``: the pattern every
+    in-guest call uses. An orphaned call of a dead monitor is finished first. On a
+    normal exit the task is put back and the VM runs on with no debugger attached; on
+    an error the VM is detached too (running), unless a call is still in flight, whose
+    journal then lets ``vmshield detach`` finish it."""
+    stub = t.gdbstub()
+    b: Borrow | None = None
+    try:
+        finish_orphaned_call(stub, k, t.mem.write, journal_path(t))
+        b = Borrow(stub, k, t.mem.write, timeout, journal=journal_path(t), purpose=purpose)
+        with b:
+            yield b
+        stub.detach()
+    except BaseException:
+        if stub.connected and (b is None or not b.call_in_flight):
+            with contextlib.suppress(HypervisorError):
+                if stub.running:
+                    stub.interrupt()
+                    stub.wait_stop(5)
+                stub.detach()
+        raise
+    finally:
+        stub.close()

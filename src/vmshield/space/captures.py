@@ -18,7 +18,7 @@ from typing import Any
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
-from vmshield.monitor.context import decode_sockaddr, family_name
+from vmshield.guest.sockets import decode_sockaddr, family_name
 from vmshield.space import layout as L
 
 PATH_MAX_CAPTURE = 400  # bytes per path in a record (two fit, for rename)

@@ -114,12 +114,10 @@ def _unseal_rox_cache(b: Borrow, r: Region) -> None:
     """7.x x86 serves ``execmem_alloc(EXECMEM_DEFAULT)`` from a cache of read-only +
     executable huge pages (ARCH_HAS_EXECMEM_ROX): the config and rings must not be
     executable and the rings must be writable, so do what ``execmem_alloc_rw`` does
-    (``set_memory_nx`` + ``set_memory_rw`` on the whole region) and remember to give
-    the pages back read-only + executable, as the cache expects them."""
+    (``set_memory_nx`` + ``set_memory_rw`` on the whole region); ``r.rox_cache`` (set
+    and saved by the caller first) makes teardown give the pages back read-only +
+    executable, as the cache expects them."""
     k = b.k
-    if k.walker.lookup(r.base).writable:
-        return
-    r.rox_cache = True  # from here on, a failure gives the pages back as ROX
     n = r.size // PAGE
     rc = [b.call("set_memory_nx", r.base, n), b.call("set_memory_rw", r.base, n)]
     k.walker.flush()
@@ -155,6 +153,9 @@ class SecuritySpace:
         self.user_pid: int | None = None  # the monitor process using the space now
         self.left_disabled: list[str] = []  # see unpatch()
         self.forged_inflight: list[str] = []  # see destroy()
+        # Where build/teardown stand, persisted so that a monitor killed half-way can be
+        # finished by `vmshield detach`: building -> ready -> scrubbed -> freeing.
+        self.phase = "ready"
         self._ring_seen: dict[int, tuple[int, int]] = {}  # cpu -> (inflight, hits)
         self.tables: dict[str, tuple[int, bytes]] = {}  # protected kernel tables
         self.table_findings: list[Alert] = []  # found wrong when first read
@@ -202,20 +203,23 @@ class SecuritySpace:
         config_pages = _pages(C.sizeof(L.Config))
         nslots = ring_slots(sum(size for _, size in self.t.mem.ranges()), ncpus)
         region = Region(0, text_pages, config_pages, L.ring_bytes(nslots), ncpus, nslots)
+        free = self._free_function()
         if "execmem_alloc" in k.symbols:
-            base = b.call("execmem_alloc", 0, region.size)  # EXECMEM_DEFAULT
-            free = "execmem_free"
+            base = b.call("execmem_alloc", 0, region.size, undo=free)  # EXECMEM_DEFAULT
         else:
-            base = b.call("module_alloc", region.size)
-            free = "module_memfree"
+            base = b.call("module_alloc", region.size, undo=free)
         if not base or base >> 63 == 0:
             raise SpaceError(f"the guest allocator returned {base:#x} (out of memory?)")
         region.base = base
         k.walker.flush()
         try:
             region.pages = [k.walker.translate(base + i * PAGE) for i in range(region.size // PAGE)]
-            _unseal_rox_cache(b, region)
+            region.rox_cache = not k.walker.lookup(base).writable  # 7.x execmem ROX cache
             self.region = region
+            self.phase = "building"
+            self.save_state()  # from here on `vmshield detach` can free it
+            if region.rox_cache:
+                _unseal_rox_cache(b, region)
             self.image = agentlib.link(obj, base, region.config_va, self._resolve)
             code = self.image.code + b"\xcc" * (text_pages * PAGE - len(self.image.code))
             self._fill_config(ncpus)
@@ -238,9 +242,12 @@ class SecuritySpace:
                 # resets the direct-map alias at free time): undo, then free.
                 _give_back_permissions(b, region)
                 b.call(free, base)
+                self.region = None
+                self.state_path.unlink(missing_ok=True)
             self.region = None
             raise
         self._rehash()
+        self.phase = "ready"
         self.save_state()
 
     def adopt(self, b: Borrow) -> None:
@@ -273,17 +280,29 @@ class SecuritySpace:
         self._rehash()
         self.save_state()
 
-    def holds_our_agent(self) -> bool:
-        """Whether the guest still holds this vmshield's agent at the recorded address
-        (a state file can outlive the guest it describes: a reboot, a new QEMU)."""
+    def _free_function(self) -> str:
+        return "execmem_free" if "execmem_free" in self.k.symbols else "module_memfree"
+
+    def still_mapped(self) -> bool:
+        """Whether the recorded region still maps to the frames it had (a state file can
+        outlive the guest it describes: a reboot, a new QEMU)."""
         r = self.region
         if r is None:
             return False
         try:
             self.k.walker.flush()
             pages = [self.k.walker.translate(r.base + i * PAGE) for i in range(len(r.pages))]
-            if pages != r.pages:
-                return False
+        except VmshieldError:
+            return False
+        return pages == r.pages
+
+    def holds_our_agent(self) -> bool:
+        """Whether the guest still holds this vmshield's agent at the recorded address
+        (a state file can outlive the guest it describes: a reboot, a new QEMU)."""
+        r = self.region
+        if r is None or not self.still_mapped():
+            return False
+        try:
             obj = agentlib.build().read_bytes()
             image = agentlib.link(obj, r.base, r.config_va, self._resolve)
         except VmshieldError:
@@ -544,16 +563,35 @@ class SecuritySpace:
         return out
 
     def destroy(self, b: Borrow) -> None:
-        """Unpatch, wait out RCU-tasks, scrub, restore permissions, free."""
+        """Unpatch, wait out RCU-tasks, scrub, restore permissions, free.
+
+        Each step is recorded in the state file first, so that a teardown (or build)
+        whose monitor was killed goes on from where it stopped, never repeating the free
+        (a double free would crash the guest; a missed one only leaks the region).
+        """
         r = self.region
         if r is None:
             return
-        if self.image is None and not self.holds_our_agent():
+        known = self.still_mapped() if self.phase != "ready" else (
+            self.image is not None or self.holds_our_agent())  # fmt: skip
+        if self.phase != "freeing" and not known:
             self.state_path.unlink(missing_ok=True)
             raise StaleSpace(
                 f"the guest no longer holds vmshield's agent at {r.base:#x} (rebooted or "
                 "another VM behind the same socket): nothing touched, stale state removed"
             )
+        if self.phase in ("ready", "building"):
+            self._quiesce_and_scrub(b, r)
+        if self.phase == "scrubbed":
+            _give_back_permissions(b, r)
+            self.phase = "freeing"
+            self.save_state()
+            b.call(self._free_function(), r.base)
+        # "freeing": the free ran (a killed monitor's call is finished by borrowed())
+        self.region = None
+        self.state_path.unlink(missing_ok=True)
+
+    def _quiesce_and_scrub(self, b: Borrow, r: Region) -> None:
         inside = self.inside(b.stub)
         if inside:
             raise SpaceBusy(
@@ -581,10 +619,8 @@ class SecuritySpace:
         zero = bytes(PAGE)  # nor any record: paths, argv, credentials
         for i in range(r.ncpus * r.ring_stride // PAGE):
             self._write_data(r.rings_va + i * PAGE, zero)
-        _give_back_permissions(b, r)
-        b.call("execmem_free" if "execmem_free" in k.symbols else "module_memfree", r.base)
-        self.region = None
-        self.state_path.unlink(missing_ok=True)
+        self.phase = "scrubbed"
+        self.save_state()
 
     # -- rings --------------------------------------------------------------------------
 
@@ -760,6 +796,7 @@ class SecuritySpace:
         tmp.write_text(json.dumps({
             "region": asdict(r), "sites": [asdict(s) for s in self.sites],
             "time_base": list(self.time_base), "owned": self.owned, "user_pid": self.user_pid,
+            "phase": self.phase,
         }))  # fmt: skip
         tmp.replace(self.state_path)
 
@@ -788,6 +825,9 @@ class SecuritySpace:
             ns, host = d.get("time_base", (0, 0.0))
             sp.time_base = (int(ns), float(host))
             sp.owned = bool(d.get("owned", True))
+            sp.phase = str(d.get("phase", "ready"))
+            if sp.phase not in ("building", "ready", "scrubbed", "freeing"):
+                raise ValueError(f"unknown phase {sp.phase!r}")
             user = d.get("user_pid")
             sp.user_pid = int(user) if user is not None else None
         except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:

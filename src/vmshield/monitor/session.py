@@ -1,0 +1,361 @@
+"""A monitor run as a library object: ``Monitor(vm, requests)``.
+
+Why here and not in the CLI: the choice of engine, the fallback from the security space
+to breakpoint exits, the switch after tampering (carrying the remaining duration), the
+event fan-out and the summary are what every front end needs (CLI, daemon, benchmarks,
+tests, users' scripts). The CLI only renders.
+
+    with vmshield.open_vm("lab1") as vm:
+        req = vmshield.IsolationRequest(vm=vm.name, object="file.open",
+                                        filters={"path": "/etc/*"})
+        with vmshield.Monitor(vm, [req]) as mon:
+            for event in mon.events():
+                print(event.process.comm, event.fields["path"])
+
+Threads: :meth:`Monitor.start` arms the points in the caller's thread (errors surface
+there, nothing is left armed), then one background thread runs the engine until
+:meth:`Monitor.stop` or the duration ends, and detaches. Subscribers' callbacks run in
+that thread; :meth:`Monitor.events` gives each reader its own bounded queue, and a
+reader that falls behind loses events counted in :attr:`Monitor.dropped`, never the
+monitor's time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vmshield.errors import VmshieldError
+from vmshield.guest.vm import VM
+from vmshield.monitor.actions import DumpPolicy
+from vmshield.monitor.engine import ExitEngine
+from vmshield.monitor.events import Event
+from vmshield.monitor.kinds import Action, EngineKind, TamperPolicy, parse_choice
+from vmshield.monitor.request import IsolationRequest, RequestError, ResolvedRequest, resolve_all
+from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
+from vmshield.monitor.space_engine import unsupported as space_unsupported
+
+Callback = Callable[[Event], None]
+_END = object()
+
+
+@dataclass
+class Summary:
+    """What a run did, for a person or a program to render."""
+
+    engine: str
+    hits: int = 0
+    events: int = 0
+    filtered: int = 0
+    decode_errors: int = 0
+    by_object: dict[str, int] = field(default_factory=dict)
+    drops: int = 0  # space: records the guest could not queue (rings full)
+    alerts: int = 0  # space: integrity alerts
+    round_trips_per_hit: float = 0.0  # exit engine: gdbstub requests per hit
+    subscriber_drops: int = 0  # events a slow events() reader did not get
+
+
+class Monitor:
+    """Isolation requests armed in one VM, with engine choice and fallback.
+
+    ``requests`` are validated against the catalog and this kernel when the monitor is
+    made (:class:`RequestError` names the object, the key and the reason); nothing
+    touches the guest before :meth:`start`. ``notes`` receives what a user should be
+    told (why the exit engine was chosen, which behaviours are only logged, ...).
+    """
+
+    def __init__(
+        self,
+        vm: VM,
+        requests: Sequence[IsolationRequest],
+        *,
+        engine: EngineKind | str = EngineKind.AUTO,
+        on_tamper: TamperPolicy | str = TamperPolicy.REARM,
+        dump_dir: Path | None = None,
+        dump_interval: float = 10.0,
+        check_interval: float = 1.0,
+        notes: Callable[[str], None] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.target = vm.require_live("monitor")
+        self.engine_choice = parse_choice(EngineKind, engine, "engine")
+        self.on_tamper = parse_choice(TamperPolicy, on_tamper, "tamper policy")
+        if not (math.isfinite(check_interval) and check_interval > 0):
+            raise VmshieldError(f"check interval {check_interval}: must be a positive number")
+        if not (math.isfinite(dump_interval) and dump_interval >= 0):
+            raise VmshieldError(f"dump interval {dump_interval}: must be 0 or more seconds")
+        if not requests:
+            raise RequestError("no isolation request given")
+        self.dump_dir = dump_dir or Path.cwd()
+        self.dump_interval = dump_interval
+        self.check_interval = check_interval
+        self._notes = notes or (lambda _text: None)
+        self.notes: list[str] = []
+        self.requests = list(requests)
+        self.resolved: list[ResolvedRequest] = []
+        for req in self.requests:
+            parse_choice(Action, req.action, "action")
+            subs = resolve_all(req, vm.kernel)
+            logged = [r.request.object for r in subs if r.request.action != req.action]
+            if logged:  # process:X with an action not every behaviour can take
+                self._note(
+                    f"{req.object}: action {req.action} applies where the behaviour allows "
+                    f"it; logged only: {', '.join(logged)}"
+                )
+            self.resolved.extend(subs)
+        self.engine: ExitEngine | SpaceEngine | None = None
+        self.fell_back = False  # the space was tampered with and removed mid-run
+        self._callbacks: list[Callback] = []
+        self._queues: list[queue.Queue[Any]] = []
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._duration: float | None = None
+        self._started_at = 0.0
+
+    # -- events ---------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callback) -> Callable[[], None]:
+        """Call ``callback`` for every event (in the monitor's thread: keep it short);
+        returns the function that unsubscribes it."""
+        with self._lock:
+            self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._callbacks:
+                    self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def events(self, maxsize: int = 65536) -> Iterator[Event]:
+        """Events from now on, until the monitor has stopped and all were read. The
+        reader's queue exists from this call (not from the first ``next``). A reader
+        more than ``maxsize`` events behind loses the newest (counted in
+        :attr:`dropped`)."""
+        q: queue.Queue[Any] = queue.Queue(maxsize)
+        with self._lock:
+            finished = self._thread is not None and not self._thread.is_alive()
+            if not finished:
+                self._queues.append(q)
+        return iter(()) if finished else self._read(q)
+
+    def _read(self, q: queue.Queue[Any]) -> Iterator[Event]:
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                yield item
+        finally:
+            with self._lock:
+                if q in self._queues:
+                    self._queues.remove(q)
+
+    def _publish(self, ev: Event) -> None:
+        with self._lock:
+            callbacks, queues = list(self._callbacks), list(self._queues)
+        for cb in callbacks:
+            cb(ev)
+        for q in queues:
+            try:
+                q.put_nowait(ev)
+            except queue.Full:
+                with self._lock:
+                    self.dropped += 1
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        self._notes(text)
+
+    # -- arming and running ---------------------------------------------------------------
+
+    @property
+    def engine_kind(self) -> EngineKind | None:
+        """The engine in use (after :meth:`start`)."""
+        if self.engine is None:
+            return None
+        return EngineKind.SPACE if isinstance(self.engine, SpaceEngine) else EngineKind.EXIT
+
+    def _exit_engine(self) -> ExitEngine:
+        return ExitEngine(
+            self.target, self.vm.kernel, self.resolved, self._publish,
+            dump_dir=self.dump_dir, dump_interval=self.dump_interval,
+        )  # fmt: skip
+
+    def arm(self) -> None:
+        """Choose the engine and place the points; the VM runs on. Raises (with nothing
+        left armed) when the requests cannot be served."""
+        if self.engine is not None:
+            raise VmshieldError("this monitor is already armed")
+        if any(r.request.action == Action.DUMP for r in self.resolved):
+            DumpPolicy(self.dump_dir, self.dump_interval).check(self.target)
+        choice = self.engine_choice
+        why = space_unsupported(self.resolved)
+        if choice == EngineKind.SPACE and why:
+            raise VmshieldError(f"the security space cannot serve this: {why}")
+        if choice != EngineKind.EXIT and not why:
+            eng = SpaceEngine(
+                self.target, self.vm.kernel, self.resolved, self._publish,
+                dump_dir=self.dump_dir, dump_interval=self.dump_interval,
+                check_interval=self.check_interval, policy=self.on_tamper.value,
+            )  # fmt: skip
+            try:
+                eng.arm()
+                self.engine = eng
+            except VmshieldError as e:
+                if choice == EngineKind.SPACE or eng.space is not None:  # never two engines
+                    raise
+                why = f"building the security space failed: {e}"
+        if self.engine is None:
+            if choice == EngineKind.AUTO:
+                self._note(f"engine auto: using exit ({why})")
+            ex = self._exit_engine()
+            ex.arm()
+            self.engine = ex
+        self.target.qmp.close()  # reconnected only for pause/dump: others may use QMP
+
+    def start(self, duration: float | None = None) -> Monitor:
+        """Arm, then run in a background thread until :meth:`stop` or ``duration``
+        seconds; returns once the points are in place."""
+        if duration is not None and not (math.isfinite(duration) and duration > 0):
+            raise VmshieldError(f"duration {duration}: must be a positive number of seconds")
+        self.arm()
+        self._duration = duration
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="vmshield-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _remaining(self) -> float | None:
+        if self._duration is None:
+            return None
+        return max(0.1, self._duration - (time.monotonic() - self._started_at))
+
+    def _loop(self) -> None:
+        try:
+            assert self.engine is not None
+            self.engine.run(self._remaining(), self._stop.is_set)
+            eng = self.engine
+            if isinstance(eng, SpaceEngine) and eng.fallback_requested and not self._stop.is_set():
+                self._note(
+                    "security space tampered with: removing it; the requests continue on "
+                    "the exit engine"
+                )
+                eng.detach()
+                self._summary_space = self._summarise(eng)
+                ex = self._exit_engine()
+                ex.arm()
+                self.target.qmp.close()
+                self.engine, self.fell_back = ex, True
+                self._note(f"armed {len(self.resolved)} point(s) (engine exit)")
+                ex.run(self._remaining(), self._stop.is_set)
+        except BaseException as e:
+            self._error = e
+        finally:
+            try:
+                if self.engine is not None:
+                    self.engine.detach()
+            except BaseException as e:
+                self._error = self._error or e
+            self._close_queues()
+
+    def _close_queues(self) -> None:
+        """Every events() reader ends after the events it already has."""
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            while True:
+                try:
+                    q.put(_END, timeout=0.1)
+                    break
+                except queue.Full:  # make room: the newest event is lost, and counted
+                    with self._lock:
+                        self.dropped += 1
+                    with contextlib.suppress(queue.Empty):
+                        q.get_nowait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end (duration over, or stopped); True if it has ended.
+        Re-raises an error that ended it."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return True
+
+    def stop(self) -> None:
+        """Detach: every point removed, every byte restored (returns when done)."""
+        self._stop.set()
+        if self._thread is None:
+            try:
+                if self.engine is not None:  # armed but never started
+                    self.engine.detach()
+            finally:
+                self._close_queues()
+            return
+        self.wait()
+
+    def __enter__(self) -> Monitor:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- results --------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Any:
+        """The engine's live counters (see :class:`Summary` for a stable view)."""
+        return self.engine.stats if self.engine is not None else None
+
+    _summary_space: Summary | None = None
+
+    def _summarise(self, eng: ExitEngine | SpaceEngine) -> Summary:
+        s = eng.stats
+        out = Summary(
+            engine=EngineKind.SPACE if isinstance(eng, SpaceEngine) else EngineKind.EXIT,
+            hits=s.hits, events=s.events, filtered=s.filtered,
+            decode_errors=s.decode_errors, by_object=dict(s.by_object),
+            subscriber_drops=self.dropped,
+        )  # fmt: skip
+        if isinstance(s, SpaceStats):
+            out.drops, out.alerts = s.drops, s.alerts
+        else:
+            out.round_trips_per_hit = s.round_trips / s.hits if s.hits else 0.0
+        return out
+
+    def summary(self) -> Summary:
+        """Counts of the run so far (both engines added up after a fallback)."""
+        if self.engine is None:
+            return Summary(engine=str(self.engine_choice))
+        cur = self._summarise(self.engine)
+        before = self._summary_space
+        if before is None:
+            return cur
+        for name, n in before.by_object.items():
+            cur.by_object[name] = cur.by_object.get(name, 0) + n
+        cur.hits += before.hits
+        cur.events += before.events
+        cur.filtered += before.filtered
+        cur.decode_errors += before.decode_errors
+        cur.drops, cur.alerts = before.drops, before.alerts
+        return cur
