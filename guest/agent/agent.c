@@ -426,7 +426,7 @@ static void kill_current(u64 current)
 			     : "r"(1ULL << 8) /* SIGKILL - 1 */);
 	__asm__ __volatile__("lock orq %1, %0"
 			     : "+m"(*(u64 *)(current + (s64)c->t_tiflags))
-			     : "r"(1ULL << 2) /* TIF_SIGPENDING */);
+			     : "r"(1ULL << (c->tif_sigpending & 63)));
 }
 
 /* Called by the gate with IRQs off. Returns 1 to deny (the function returns -EPERM). */

@@ -83,6 +83,7 @@ class LabVM:
     qmp_path = property(lambda self: self.dir / "qmp.sock")
     gdb_path = property(lambda self: self.dir / "gdb.sock")
     serial_path = property(lambda self: self.dir / "serial.sock")
+    qga_path = property(lambda self: self.dir / "qga.sock")  # guest agent (virtio-serial)
     serial_log = property(lambda self: self.dir / "serial.log")
     pid_path = property(lambda self: self.dir / "qemu.pid")
     meta_path = property(lambda self: self.dir / "vm.json")
@@ -177,6 +178,9 @@ def qemu_command(vm: LabVM, kernel: Path, memory: int, cpus: int, accel: str) ->
         "-qmp", f"unix:{vm.qmp_path},server=on,wait=off",
         "-chardev", f"socket,id=gdb0,path={vm.gdb_path},server=on,wait=off",
         "-gdb", "chardev:gdb0",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=qga0,path={vm.qga_path},server=on,wait=off",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-nic", "none",
         "-no-reboot",
         "-daemonize",

@@ -99,8 +99,9 @@ class Config(C.Structure):
         ("c_uid", C.c_int32), ("c_euid", C.c_int32), ("c_gid", C.c_int32),
         ("path_dentry", C.c_int32), ("dentry_name", C.c_int32),
         # the kernel's own top-level page table (direct-map address; 0: not checked), the
-        # first index of its kernel half to compare, and the per-mm LDT slot to skip
-        ("pgd_lo", C.c_int32), ("pgd_ldt", C.c_int32), ("pgd_pad", C.c_int32),
+        # first index of its kernel half to compare, and the per-mm LDT slot to skip;
+        # TIF_SIGPENDING's bit number, read from the kernel's code
+        ("pgd_lo", C.c_int32), ("pgd_ldt", C.c_int32), ("tif_sigpending", C.c_int32),
         ("kernel_pgd", C.c_uint64),
         ("sites", Site * MAX_SITES),
     ]  # fmt: skip

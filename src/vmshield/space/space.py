@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest.kconsts import tif_sigpending_bit
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import current_task_offset
@@ -79,6 +80,7 @@ class Region:
     ncpus: int
     nslots: int = L.NSLOTS
     pages: list[int] = field(default_factory=list)  # PA of every page, in VA order
+    rox_cache: bool = False  # came read-only + executable from execmem's ROX cache (7.x)
 
     @property
     def config_va(self) -> int:
@@ -120,6 +122,31 @@ PTE_HW_BITS = (1 << 5) | (1 << 6)
 
 def _pages(n: int) -> int:
     return (n + PAGE - 1) // PAGE
+
+
+def _unseal_rox_cache(b: Borrow, r: Region) -> None:
+    """7.x x86 serves ``execmem_alloc(EXECMEM_DEFAULT)`` from a cache of read-only +
+    executable huge pages (ARCH_HAS_EXECMEM_ROX): the config and rings must not be
+    executable and the rings must be writable, so do what ``execmem_alloc_rw`` does
+    (``set_memory_nx`` + ``set_memory_rw`` on the whole region); ``r.rox_cache`` (set
+    and saved by the caller first) makes teardown give the pages back read-only +
+    executable, as the cache expects them."""
+    k = b.k
+    n = r.size // PAGE
+    rc = [b.call("set_memory_nx", r.base, n), b.call("set_memory_rw", r.base, n)]
+    k.walker.flush()
+    if any(v & 0xFFFFFFFF for v in rc) or not k.walker.lookup(r.base).writable:
+        raise SpaceError(f"cannot make the execmem ROX cache pages writable: {rc}")
+
+
+def _give_back_permissions(b: Borrow, r: Region) -> None:
+    """Before the region goes back to the allocator: read-write + NX as the module
+    allocator gave it, or read-only + executable for the ROX cache (7.x)."""
+    if r.rox_cache:
+        b.call("set_memory_rox", r.base, r.size // PAGE)
+    else:
+        b.call("set_memory_nx", r.base, r.text_pages)
+        b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
 
 
 class SecuritySpace:
@@ -307,9 +334,12 @@ class SecuritySpace:
         k.walker.flush()
         try:
             region.pages = [k.walker.translate(base + i * PAGE) for i in range(region.size // PAGE)]
+            region.rox_cache = not k.walker.lookup(base).writable  # 7.x execmem ROX cache
             self.region = region
             self.phase = "building"
             self.save_state()  # from here on `vmshield detach` can free it
+            if region.rox_cache:
+                _unseal_rox_cache(b, region)
             self.image = agentlib.link(obj, base, region.config_va, self._resolve)
             code = self.image.code + b"\xcc" * (text_pages * PAGE - len(self.image.code))
             self._fill_config(ncpus)
@@ -332,8 +362,7 @@ class SecuritySpace:
             with contextlib.suppress(VmshieldError):
                 # Read-only pages must not go back to the allocator (on 5.10 nothing
                 # resets the direct-map alias at free time): undo, then free.
-                b.call("set_memory_nx", base, text_pages)
-                b.call("set_memory_rw", base, text_pages + config_pages)
+                _give_back_permissions(b, region)
                 b.call(free, base)
                 self.region = None
                 self.state_path.unlink(missing_ok=True)
@@ -492,6 +521,7 @@ class SecuritySpace:
         c.msr_mask = L.M_EFER | L.M_STAR | L.M_LSTAR | L.M_SYSENTER
         c.sample_interval_ns = SAMPLE_INTERVAL_NS
         c.pc_current = current_task_offset(k)
+        c.tif_sigpending = tif_sigpending_bit(k)
         if "cpu_number" in k.symbols:
             c.pc_cpu = k.symbols.address("cpu_number")
         else:
@@ -689,8 +719,7 @@ class SecuritySpace:
         if self.phase in ("ready", "building"):
             self._quiesce_and_scrub(b, r)
         if self.phase == "scrubbed":
-            b.call("set_memory_nx", r.base, r.text_pages)
-            b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
+            _give_back_permissions(b, r)
             self.phase = "freeing"
             self.save_state()
             b.call(self._free_function(), r.base)
