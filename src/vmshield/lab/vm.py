@@ -16,6 +16,7 @@ file is only trusted, or signalled, while its command line still names this VM.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -129,8 +130,10 @@ def initramfs_path() -> Path:
 
 
 def ram_path(vm: LabVM) -> str:
-    """The shared guest RAM file of a lab VM."""
-    return f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+    """The shared guest RAM file of a lab VM: per user and per run folder, so that two
+    run folders (two test runs, two checkouts) may each have a VM of the same name."""
+    tag = hashlib.sha256(str(vm.dir.resolve()).encode()).hexdigest()[:8]
+    return f"/dev/shm/vmshield-{os.getuid()}-{tag}-{vm.name}"
 
 
 def create_ram_file(path: str) -> None:
