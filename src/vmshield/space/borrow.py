@@ -389,7 +389,7 @@ def _returned_vcpu(stub: GdbStub, k: Kernel, j: CallJournal) -> tuple[int, X86Re
         if regs.rip != j.pad or regs.rsp != j.ret_rsp:
             continue
         base = regs.k_gs_base if regs.cs & 3 else regs.gs_base
-        if k.u64(base + cur) == j.task:
+        if k.u64(percpu_va(base, cur)) == j.task:
             return tid, regs
     return None
 
