@@ -82,7 +82,7 @@ class SerialConsole:
                     except TimeoutError:
                         # Never block on a nudge: while the VM is stopped (a pause, a
                         # dump) QEMU reads nothing from the socket and its buffer fills.
-                        with contextlib.suppress(BlockingIOError, InterruptedError):
+                        with contextlib.suppress(BlockingIOError, InterruptedError, TimeoutError):
                             s.send(b"\n", socket.MSG_DONTWAIT)
                         continue
                     if not chunk:
