@@ -188,11 +188,22 @@ def test_kernel_half_changed_in_one_process(armed: Armed) -> None:
     monitoring point (the attacker writes a not-present entry: harmless, but foreign)."""
     a = armed
     k = a.k
-    loop = "while :; do echo > /tmp/pg; sleep 0.3; done"  # opens in the shell itself
+    a.lab.sh("rm -f /tmp/pg")
+    # The shell writes its own pid on each round: opens in the shell itself (its `sleep`
+    # runs in a child, whose directory is a fresh copy of the kernel's).
+    loop = "while :; do echo $$ > /tmp/pg; sleep 0.3; done"
     pid = int(a.lab.sh(f"sh -c '{loop}' >/dev/null 2>&1 & echo $!").strip())
     try:
+        # `$!` is known once the child is forked, before it has exec'd `sh -c`; exec
+        # gives it a new mm and frees the forked directory. The directory is read only
+        # once the loop has run (its pid in the file): no exec follows in that process.
+        deadline = time.monotonic() + 20
+        while a.lab.sh("cat /tmp/pg 2>/dev/null", check=False).strip() != str(pid):
+            assert time.monotonic() < deadline, "the loop's shell did not start"
+            time.sleep(0.2)
         (task,) = [t for t in tasks(k) if t.pid == pid]
-        mm = k.u64(task.address + k.member_offset("task_struct", "mm"))
+        at_mm = task.address + k.member_offset("task_struct", "mm")
+        mm = k.u64(at_mm)
         pgd = k.u64(mm + k.member_offset("mm_struct", "pgd"))
         c = a.sp.config
         ref = a.t.mem.read(a.sp.walker.root, PAGE)
@@ -203,19 +214,34 @@ def test_kernel_half_changed_in_one_process(armed: Armed) -> None:
         mark = len(a.events)
         a.tamper(entry, (2).to_bytes(8, "little"))
         try:
-            # Seen when the loop's shell runs into security_file_open with a sample due
-            # (every 200 ms at most): a few of its rounds.
-            deadline = time.monotonic() + 20
+            # The write landed in the directory the loop's shell runs on, still its own.
+            assert k.u64(at_mm) == mm and k.u64(entry) == 2
+            # Seen when the loop's shell runs into security_file_open with a sample due:
+            # one is due 200 ms after the last; the shell opens 300 ms and more after its
+            # `sleep` child's exec (the only other open in the guest), so each of its
+            # rounds is sampled. Waited for by the guest's progress, not a fixed time (a
+            # loaded host runs a TCG guest slowly): the shell seen sampled since the write
+            # with no alert is the agent's miss; the long bound is only for a stuck guest.
+            base = k.u64(k.symbols.address("page_offset_base"))
+            start = a.sp.ring_header(0).sample.count
+            deadline = time.monotonic() + 180
             found: list[dict[str, Any]] = []
-            while not found and time.monotonic() < deadline:
+            shell_seen = 0
+            while not found and time.monotonic() < deadline and shell_seen < 3:
                 a.cycle(1)
                 found = [f for f in a.alerts(mark) if "page directory" in f["where"]]
+                smp = a.sp.ring_header(0).sample
+                if smp.count > start and smp.cr3 & 0x000F_FFFF_FFFF_F000 == pgd - base:
+                    shell_seen += 1
             smp = a.sp.ring_header(0).sample
-            assert found, (hex(entry), hex(smp.cr3), smp.pgd_bad, smp.pgd_index, a.alerts(mark))
+            assert found, (hex(entry), hex(smp.cr3), smp.pgd_bad, smp.pgd_index, smp.count - start,
+                           shell_seen, a.alerts(mark))  # fmt: skip
             assert found[0]["where"].endswith(f"entry {index}") and found[0]["found"] == "0x2"
+            cr3 = int(found[0]["where"].split()[4], 16)  # "cpu N page directory CR3 ..."
+            assert cr3 & 0x000F_FFFF_FFFF_F000 == pgd - base  # the shell's own directory
             assert found[0]["response"] == "reported"  # the directory may be gone by now
         finally:
-            a.tamper(entry, bytes(8))
+            a.tamper(entry, bytes(8))  # before the kill: the directory is still the shell's
     finally:
         a.lab.sh(f"kill {pid}", check=False)
     a.open_reported()
