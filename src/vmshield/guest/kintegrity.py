@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 JUMP_ENTRY_SIZE = 16
@@ -197,16 +197,24 @@ def jump_form(site: Site, data: bytes) -> int | None:
     return None
 
 
-def allowed_at(site: Site, ref: bytes, now: bytes) -> bool:
+def allowed_at(
+    site: Site, ref: bytes, now: bytes, call_ok: Callable[[int], bool] | None = None
+) -> bool:
     """Whether ``now`` (the site's bytes today) is something the kernel itself may have
     written over ``ref`` (the bytes when the reference was taken). Both are ``site.size``
-    bytes long, at ``site.address``."""
+    bytes long, at ``site.address``. ``call_ok`` says which targets an ftrace site may
+    call (ftrace's own entry code and trampolines); without it any call is allowed."""
     if now == ref:
         return True
     if site.kind == "jump_label":
         form = jump_form(site, now)
         return form == 5 or (form == 2 and now[2:] == ref[2:])
-    if site.kind in ("static_call", "ftrace"):
+    if site.kind == "ftrace":
+        # ftrace writes only the nop or a call into its own code: never a jmp, and a
+        # call elsewhere is a hook wearing ftrace's clothes.
+        target = _rel32_to(now, site.address, CALL32)
+        return now in NOPS[5] or (target is not None and (call_ok is None or call_ok(target)))
+    if site.kind == "static_call":
         # A call (or tail jmp) to whatever function is current, or the nop.
         return now in NOPS[5] or now[0] in (CALL32, JMP32)
     if site.kind == "static_call_tramp":
@@ -251,7 +259,13 @@ def diff_runs(ref: bytes, now: bytes, base: int) -> list[tuple[int, int]]:
     return runs
 
 
-def foreign_changes(ref: bytes, now: bytes, base: int, sites: list[Site]) -> list[Change]:
+def foreign_changes(
+    ref: bytes,
+    now: bytes,
+    base: int,
+    sites: list[Site],
+    call_ok: Callable[[int], bool] | None = None,
+) -> list[Change]:
     """The changes between ``ref`` and ``now`` (both loaded at ``base``) not explained by
     the kernel's own patch sites. ``sites`` must be sorted by address."""
     addrs = [s.address for s in sites]
@@ -268,7 +282,11 @@ def foreign_changes(ref: bytes, now: bytes, base: int, sites: list[Site]) -> lis
                 s = sites[j]
                 if s.address <= a < s.address + s.size:
                     lo, hi = s.address - base, s.address - base + s.size
-                    if lo >= 0 and hi <= len(now) and allowed_at(s, ref[lo:hi], now[lo:hi]):
+                    if (
+                        lo >= 0
+                        and hi <= len(now)
+                        and allowed_at(s, ref[lo:hi], now[lo:hi], call_ok)
+                    ):
                         explained = True
                         break
             if not explained:

@@ -200,17 +200,20 @@ class ExitEngine:
             self.on_stop()
 
     def _quiesced(self, fn: Callable[[GdbStub], None]) -> None:
-        """Run ``fn`` with every vCPU stopped: interrupt, ``fn``, then handle the stop as
-        any other (a breakpoint hit that won the race is handled, not lost)."""
+        """Run ``fn`` with every vCPU stopped: interrupt, ``fn``, resume. A breakpoint hit
+        that won the race with the interrupt is handled as any hit, not lost."""
         stub = self.stub
         if stub is None or not stub.running:
             return
         stub.interrupt()
-        stub.wait_stop(5)
+        stop = stub.wait_stop(5)
         try:
             fn(stub)
         finally:
-            self.on_stop()
+            if stop.signal == SIGINT:
+                stub.cont_all()
+            else:
+                self.on_stop()
 
     def on_stop(self) -> None:
         stub = self.stub

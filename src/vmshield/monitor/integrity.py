@@ -368,7 +368,7 @@ class Checker:
             kp = self._kprobe_sites()  # kprobes come and go: read them when text changed
             if kp:
                 sites = sorted(sites + kp, key=lambda s: s.address)
-            changes = ki.foreign_changes(ref, now, r.va + lo, sites)
+            changes = ki.foreign_changes(ref, now, r.va + lo, sites, self._ftrace_call_ok)
             # Sites straddling the chunk's edges are explained with the whole region.
             changes = [c for c in changes if not self._edge_site(r, c, sites)]
         else:
@@ -400,8 +400,17 @@ class Checker:
                     now = self.k.read(s.address, s.size)
                 except VmshieldError:
                     return False
-                return ki.allowed_at(s, r.ref[off : off + s.size], now)
+                return ki.allowed_at(s, r.ref[off : off + s.size], now, self._ftrace_call_ok)
         return False
+
+    def _ftrace_call_ok(self, target: int) -> bool:
+        """What an ftrace site may call: ftrace's entry code in the core image, or a
+        trampoline outside it (ftrace_ops and BPF trampolines live in the module area;
+        which allocation owns one is not checked yet)."""
+        if not self.k.extents[0].va <= target < self.k.symbols.address("_etext"):
+            return True
+        hit = self.k.symbols.lookup(target)
+        return hit is not None and hit[0].name.startswith(("ftrace_", "__fentry__"))
 
     def _check_cpus(self) -> list[Finding]:
         out: list[Finding] = []
@@ -536,9 +545,14 @@ class Checker:
                   "count": self.restores.get(place, 0), **f.extra}  # fmt: skip
         if f.cpu is not None:
             fields["cpu"] = f.cpu
+        # The task on the vCPU when the change was seen: a hint, not proof of who made it
+        # (a check every interval sees the change after the fact), so not ``process``.
+        cur = self._process(f.task)
+        if cur is not None:
+            fields["current"] = {"pid": cur.pid, "comm": cur.comm, "task": cur.task}
         self.emit(Event(
             time=time.time(), vm=self.t.name, request=req.id, object=f.object, action=action,
-            process=self._process(f.task), fields=fields,
+            process=None, fields=fields,
             point=PointInfo(symbol=f.where, address=f"{f.address:#x}", kind="integrity-check",
                             engine=self.engine, cpu=f.cpu or 0),
             detail=detail,
