@@ -34,6 +34,7 @@ class Write:
     address: int
     data: bytes
     keep_wp_clear: bool = False
+    unlink: bool = False  # address is a list_head to take off its list at run time
 
 
 def hook_syscall(k: Kernel, nr: int = NR_GETPID, to: int = NR_GETPPID) -> Write:
@@ -65,12 +66,11 @@ def clear_wp(k: Kernel) -> Write:
     return Write(at, k.read(at, 8), keep_wp_clear=True)
 
 
-def hide_module(k: Kernel, name: str) -> list[Write]:
-    """Unlink module ``name`` from the ``modules`` list (``list_del`` by hand): the
-    previous entry's ``next`` and the next entry's ``prev`` skip it. Its sysfs kobject
-    stays, as with most rootkits that hide from ``lsmod``."""
+def hide_module(k: Kernel, name: str) -> Write:
+    """Take module ``name`` off the ``modules`` list (``list_del_init`` by hand, the
+    neighbours read in the guest at run time: the tamper module is itself on the list
+    while it runs). Its sysfs kobject stays, as with most rootkits that hide from
+    ``lsmod``."""
     off = k.member_offset("module", "list")
     mod = next(m for m in modules(k) if m.name == name)
-    node = mod.address + off
-    nxt, prev = k.u64(node), k.u64(node + 8)
-    return [Write(prev, struct.pack("<Q", nxt)), Write(nxt + 8, struct.pack("<Q", prev))]
+    return Write(mod.address + off, b"\0", unlink=True)

@@ -271,19 +271,34 @@ def _read_template(folder: Path) -> KernelTemplate:
     )
 
 
-def init_source(address: int, data: bytes, keep_wp_clear: bool = False) -> str:
+def init_source(
+    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False
+) -> str:
     """C source of the init function: one volatile store per byte, all constants.
 
     Stores of immediates (rather than a copy loop over an array) keep the code free of
     data sections and relocations; the empty asm hides the address's value from the
     optimiser, so every store is a plain ``movb $imm, i(%reg)`` off one base register.
     ``keep_wp_clear`` leaves ``CR0.WP`` clear on that vCPU afterwards (the "clear WP and
-    leave it" rootkit technique).
+    leave it" rootkit technique). ``unlink`` ignores ``data`` and takes ``address`` as a
+    ``struct list_head``: it is taken off its list with the neighbours read at run time
+    (the tamper module itself may be one of them) and left pointing at itself, as
+    ``list_del_init`` does (the "hide a module" technique).
     ``write_cr0`` is not used: the kernel pins WP in it. If ``CR4.CET`` is on (IBT kernels
     on CET hardware) WP cannot be cleared, so CET is dropped around the write too; with
     interrupts off nothing runs in between.
     """
     stores = "\n".join(f"\tp[{i}] = {b:#04x};" for i, b in enumerate(data))
+    if unlink:
+        stores = (
+            "\tvolatile unsigned long *node = (volatile unsigned long *)p;\n"
+            "\tvolatile unsigned long *next = (volatile unsigned long *)node[0];\n"
+            "\tvolatile unsigned long *prev = (volatile unsigned long *)node[1];\n"
+            "\tprev[0] = (unsigned long)next;\n"
+            "\tnext[1] = (unsigned long)prev;\n"
+            "\tnode[0] = (unsigned long)node;\n"
+            "\tnode[1] = (unsigned long)node;"
+        )
     # CET cannot be on while WP is clear: left clear, CET stays off too.
     restore = (
         '\tasm volatile("mov %0, %%cr0" :: "r"(cr0 & ~CR0_WP) : "memory");'
@@ -333,7 +348,9 @@ def _validate(address: int, data: bytes, name: str) -> None:
         )
 
 
-def compile_init(address: int, data: bytes, keep_wp_clear: bool = False) -> bytes:
+def compile_init(
+    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False
+) -> bytes:
     """Machine code of the init function (starting at its first byte), from the host gcc.
 
     The compiler's object is checked rather than trusted: the code must be alone in
@@ -346,7 +363,7 @@ def compile_init(address: int, data: bytes, keep_wp_clear: bool = False) -> byte
     with tempfile.TemporaryDirectory(prefix="vmshield-tamper-") as tmp:
         src = Path(tmp) / "tamper.c"
         obj = Path(tmp) / "tamper.o"
-        src.write_text(init_source(address, data, keep_wp_clear))
+        src.write_text(init_source(address, data, keep_wp_clear, unlink))
         res = subprocess.run(
             [gcc, *CFLAGS, "-c", str(src), "-o", str(obj)],
             capture_output=True,
@@ -512,6 +529,7 @@ def build_tamper_module(
     data: bytes,
     name: str = "vms_tamper",
     keep_wp_clear: bool = False,
+    unlink: bool = False,
 ) -> bytes:
     """A ``.ko`` for cached kernel ``kernel_version`` whose init writes ``data`` at the
     kernel virtual ``address`` (read-only text and vmalloc'd code included) and fails with
@@ -522,6 +540,6 @@ def build_tamper_module(
     """
     _validate(address, data, name)
     template = kernel_template(kernel_version)
-    code = compile_init(address, bytes(data), keep_wp_clear)
+    code = compile_init(address, bytes(data), keep_wp_clear, unlink)
     description = f"vmshield tamper test: {len(data)} byte(s) at {address:#x}"
     return link_module(template, name, code, description)
