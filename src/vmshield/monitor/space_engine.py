@@ -282,9 +282,9 @@ class SpaceEngine:
             if deep:
                 next_check = time.monotonic() + self.check_interval
             self._drain_once()
-            self._integrity(deep)
-            if self.periodic is not None:
+            if self.periodic is not None:  # requested integrity objects report first
                 self.periodic(self._quiesced)
+            self._integrity(deep)
 
     periodic: Callable[[Callable[[Callable[[GdbStub], None]], None]], None] | None = None
     """Called from the loop with a way to stop every vCPU (the integrity checker)."""
