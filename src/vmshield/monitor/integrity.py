@@ -64,6 +64,7 @@ MAX_TEXT = 64 << 20
 MAX_SYSCALLS = 1024
 MAX_FTRACE_PAGES = 1 << 14
 MAX_FTRACE_RECORDS = 1 << 18
+FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
 MAX_KOBJECTS = 8192
@@ -244,6 +245,10 @@ class Checker:
             if sym.name.startswith("__SCT__"):  # static call trampolines
                 sites.append(ki.Site(sym.address, 5, "static_call_tramp"))
         sites += self._ftrace_sites()
+        # ftrace's own entry code calls the current tracer through patched call sites.
+        for name in FTRACE_CALL_SITES:
+            for sym in syms.all_named(name):
+                sites.append(ki.Site(sym.address, 5, "static_call"))
         sites.sort(key=lambda s: s.address)
         return sites
 
