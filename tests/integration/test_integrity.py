@@ -127,9 +127,11 @@ def test_every_technique_is_reported_and_restored(lab61: Lab, engine: str) -> No
         assert mon.engine_kind == engine
         seen = Seen(mon)
         for name in names:
-            if name == "hide" and engine == "space":
-                # The module hidden on the exit engine's run is still hidden: reported
-                # at the first check of this run.
+            hidden = "crc_itu_t" in lab61.sh("ls /sys/module") and "crc_itu_t" not in (
+                lab61.sh("cat /proc/modules")
+            )
+            if name == "hide" and hidden:
+                # Hidden by an earlier run in this guest: reported at the first check.
                 ev = seen.wait("kernel.modules")
             else:
                 address, before = technique(lab61, vm, name)
