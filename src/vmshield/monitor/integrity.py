@@ -21,6 +21,7 @@ alert (``what`` = ``unreadable``), never an exception that ends the monitor.
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,25 +307,33 @@ class Checker:
             return
         self._next = time.monotonic() + self.interval
         t0 = time.process_time()
-        try:
-            findings = self.check()
-        except VmshieldError as e:  # a walk the guest broke: an alert, not a crash
-            findings = [Finding("kernel.text", "unreadable", "integrity check", 0, "", str(e))]
+        findings = self.check()
         self.stats.checks += 1
         self.stats.check_seconds += time.process_time() - t0
         for f in findings:
             self._act(f, quiesce)
 
     def check(self) -> list[Finding]:
-        out: list[Finding] = []
-        for r in self.regions:
-            out += self._check_region(r)
+        """Every watched object once. Guest memory is hostile: a check that fails (a
+        page unmapped, a list looping) is a finding about that object, and the others
+        are still checked."""
+        parts: list[tuple[str, Callable[[], list[Finding]]]] = [
+            (r.object, functools.partial(self._check_region, r)) for r in self.regions
+        ]
         if self.cpu_ref:
-            out += self._check_cpus()
-        if self.msr_ref and self.msr_source is not None:
-            out += self._check_msrs()
+            obj = "cpu.control" if "cpu.control" in self.requests else "kernel.idt"
+            parts.append((obj, self._check_cpus))
+        if self.msr_source is not None and "cpu.msr" in self.requests:
+            parts.append(("cpu.msr", self._check_msrs))
         if "kernel.modules" in self.requests:
-            out += self._check_modules()
+            parts.append(("kernel.modules", self._check_modules))
+        out: list[Finding] = []
+        for obj, fn in parts:
+            try:
+                out += fn()
+            except Exception as e:  # hostile input must not end the monitor
+                out.append(Finding(obj, "unreadable", f"{obj} check", 0, "readable",
+                                   f"{type(e).__name__}: {e}"))  # fmt: skip
         return out
 
     def _check_region(self, r: Region) -> list[Finding]:
