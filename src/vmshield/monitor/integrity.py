@@ -302,24 +302,32 @@ class Checker:
         return time.monotonic() >= self._next
 
     def tick(self, quiesce: Quiesce, force: bool = False) -> None:
-        """Check if the interval has passed (or ``force``); never raises."""
-        if not (force or self.due()):
-            return
-        self._next = time.monotonic() + self.interval
+        """Check everything if the interval has passed (or ``force``), else only the
+        small tables (system call tables, IDT: a few KiB, read at every call: a hook
+        there is the commonest rootkit move and costs nothing to see early). Never
+        raises."""
+        full = force or self.due()
+        if full:
+            self._next = time.monotonic() + self.interval
         t0 = time.process_time()
-        findings = self.check()
-        self.stats.checks += 1
+        findings = self.check(light=not full)
+        if full:
+            self.stats.checks += 1
         self.stats.check_seconds += time.process_time() - t0
         for f in findings:
             self._act(f, quiesce)
 
-    def check(self) -> list[Finding]:
+    def check(self, light: bool = False) -> list[Finding]:
         """Every watched object once. Guest memory is hostile: a check that fails (a
         page unmapped, a list looping) is a finding about that object, and the others
         are still checked."""
         parts: list[tuple[str, Callable[[], list[Finding]]]] = [
-            (r.object, functools.partial(self._check_region, r)) for r in self.regions
+            (r.object, functools.partial(self._check_region, r))
+            for r in self.regions
+            if r.entry or not light
         ]
+        if light:
+            return self._run(parts)
         if self.cpu_ref:
             obj = "cpu.control" if "cpu.control" in self.requests else "kernel.idt"
             parts.append((obj, self._check_cpus))
@@ -327,6 +335,9 @@ class Checker:
             parts.append(("cpu.msr", self._check_msrs))
         if "kernel.modules" in self.requests:
             parts.append(("kernel.modules", self._check_modules))
+        return self._run(parts)
+
+    def _run(self, parts: list[tuple[str, Callable[[], list[Finding]]]]) -> list[Finding]:
         out: list[Finding] = []
         for obj, fn in parts:
             try:

@@ -274,10 +274,7 @@ class Monitor:
             ck.msr_source = eng.msr_samples
             if "cpu.msr" in ck.requests:
                 ck.msr_ref = {}
-        if isinstance(eng, ExitEngine):
-            eng.periodic = ck.tick
-        else:  # at each deep check of the space, just before it (same interval)
-            eng.periodic = lambda q: ck.tick(q, force=True)
+        eng.periodic = ck.tick
 
     def start(self, duration: float | None = None) -> Monitor:
         """Arm, then run in a background thread until :meth:`stop` or ``duration``

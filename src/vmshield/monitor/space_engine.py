@@ -282,7 +282,7 @@ class SpaceEngine:
             if deep:
                 next_check = time.monotonic() + self.check_interval
             self._drain_once()
-            if self.periodic is not None and deep:  # requested integrity objects first
+            if self.periodic is not None:  # requested integrity objects first
                 self.periodic(self._quiesced)
             self._integrity(deep)
 
