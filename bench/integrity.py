@@ -5,7 +5,7 @@ Boots one lab VM (``--kernel``, default 6.1, 2 vCPUs), then for each engine arms
 integrity object (``restore`` where it applies) and runs each technique of
 :mod:`vmshield.lab.rootkit`: the latency is from the moment ``insmod`` returns (the
 write is done) to the event, so it is bounded by the check interval. The cost is the
-monitor process's CPU time spent in checks (``time.process_time`` around each check,
+CPU time the monitor thread spends in checks (``time.thread_time`` around each check,
 so other threads are not counted; the system call tables and the IDT are also read at
 every loop turn), per second of monitoring at the given interval, and per GiB of guest
 memory watched (kernel text, read-only data, tables) per second.
