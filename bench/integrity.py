@@ -137,7 +137,9 @@ def soak(name: str, kernel: str, seconds: float, interval: float) -> tuple[int, 
                    f"echo 'p:vms_soak do_sys_openat2' > {tr}/kprobe_events;"
                    f"echo 1 > {tr}/events/kprobes/vms_soak/enable; cat /etc/hostname;"
                    f"echo 0 > {tr}/events/kprobes/vms_soak/enable; echo > {tr}/kprobe_events;"
-                   f"echo function > {tr}/current_tracer; echo nop > {tr}/current_tracer;"
+                   f"echo 'do_sys_openat2 vfs_read' > {tr}/set_ftrace_filter;"
+                   f"echo function > {tr}/current_tracer; cat /etc/hostname;"
+                   f"echo nop > {tr}/current_tracer; echo > {tr}/set_ftrace_filter;"
                    "echo 1 > /proc/sys/kernel/sched_schedstats;"
                    "echo 0 > /proc/sys/kernel/sched_schedstats")  # fmt: skip
                 rounds += 1

@@ -199,6 +199,7 @@ def test_soak_of_self_patching_raises_nothing(soak61: Lab) -> None:
     lab61 = soak61
     objs = ["patch", "hook", "idt", "wp", "hide"]
     with vmshield.open_vm(lab61.name) as vm, monitor(vm, "exit", objs) as mon:
+        mon.subscribe(lambda ev: print("FINDING", ev.to_json()))
         seen = Seen(mon)
         ko = (kernels_dir() / lab61.kernel / "modules" / "crc-itu-t.ko").read_bytes()
         push(lab61, ko, "/tmp/soak.ko")
@@ -212,7 +213,11 @@ def test_soak_of_self_patching_raises_nothing(soak61: Lab) -> None:
                 f"echo 'p:vms_soak do_sys_openat2' > {tr}/kprobe_events;"
                 f"echo 1 > {tr}/events/kprobes/vms_soak/enable; cat /etc/hostname >/dev/null;"
                 f"echo 0 > {tr}/events/kprobes/vms_soak/enable; echo > {tr}/kprobe_events;"
-                f"echo function > {tr}/current_tracer; echo nop > {tr}/current_tracer;"
+                # The function tracer on a few functions (all of them make a TCG guest
+                # too slow to answer its console): the same enable/disable path.
+                f"echo 'do_sys_openat2 vfs_read' > {tr}/set_ftrace_filter;"
+                f"echo function > {tr}/current_tracer; cat /etc/hostname >/dev/null;"
+                f"echo nop > {tr}/current_tracer; echo > {tr}/set_ftrace_filter;"
                 "echo 1 > /proc/sys/kernel/sched_schedstats;"
                 "echo 0 > /proc/sys/kernel/sched_schedstats",
                 timeout=120,
