@@ -118,3 +118,19 @@ def test_changes_outside_sites_are_always_reported(
     for c in changes:  # old/new bytes are the real ones
         lo = c.address - base
         assert c.old == ref[lo : lo + len(c.old)] and c.new == bytes(now[lo : lo + len(c.new)])
+
+
+def test_two_adjacent_two_byte_labels_flip_together() -> None:
+    """normalize_rt_tasks on 6.1 has two 2-byte jump labels side by side: both flipping
+    at once (nop2 nop2 -> jmp8 jmp8) is the kernel's own doing, seen in the soak."""
+    base = 0xFFFF_FFFF_8100_0000
+    ref = b"\x90" * 3 + b"\x66\x90\x66\x90" + b"\x90" * 16
+    a, b = base + 3, base + 5
+    raw = [ki.Site(a, 5, "jump_label", a + 2 + 0x54), ki.Site(b, 5, "jump_label", b + 2 + 0x45)]
+    sites = ki.sized_jump_sites(raw, ref, base)
+    assert [s.size for s in sites] == [2, 2]
+    now = ref[:3] + b"\xeb\x54\xeb\x45" + ref[7:]
+    assert ki.foreign_changes(ref, now, base, sites) == []
+    # Either label jumping elsewhere is still foreign.
+    bad = ref[:3] + b"\xeb\x54\xeb\x46" + ref[7:]
+    assert ki.foreign_changes(ref, bad, base, sites) != []

@@ -173,6 +173,22 @@ def jump_sites(entries: Iterable[JumpEntry]) -> Iterator[Site]:
         yield Site(e.code, 5, "jump_label", e.target)
 
 
+def sized_jump_sites(sites: list[Site], text: bytes, base: int) -> list[Site]:
+    """Jump label sites with their real instruction size, read from ``text`` (loaded at
+    ``base``): the build picks a 2- or a 5-byte form per site and the kernel keeps it,
+    so two 2-byte labels may sit side by side and each must be judged on its own two
+    bytes. Sites outside ``text`` are left as they are."""
+    out = []
+    for st in sites:
+        off = st.address - base
+        head = text[off : off + 5] if off >= 0 else b""
+        two = st.kind == "jump_label" and len(head) >= 2 and head not in NOPS[5]
+        if two and jump_form(st, head) == 2:
+            st = Site(st.address, 2, st.kind, st.target)
+        out.append(st)
+    return out
+
+
 def _rel32_to(data: bytes, at: int, opcode: int) -> int | None:
     if len(data) < 5 or data[0] != opcode:
         return None
@@ -217,6 +233,8 @@ def allowed_at(
         )
     if site.kind == "jump_label":
         form = jump_form(site, now)
+        if site.size == 2:
+            return form == 2
         return form == 5 or (form == 2 and now[2:] == ref[2:])
     if site.kind == "ftrace":
         # ftrace writes only the nop or a call into its own code: never a jmp, and a

@@ -157,9 +157,9 @@ class Checker:
                 end = k.symbols.address("_etext")
                 if not 0 < end - start <= MAX_TEXT:
                     raise VmshieldError(f"kernel text {start:#x}..{end:#x} is implausible")
-                self.regions.append(
-                    Region("kernel.text", "core", start, k.read(start, end - start), True, sites)
-                )
+                text = k.read(start, end - start)
+                sites = ki.sized_jump_sites(sites, text, start)
+                self.regions.append(Region("kernel.text", "core", start, text, True, sites))
             else:
                 self.regions.append(self._module_text(module, sites))
         if "kernel.rodata" in want:
@@ -206,7 +206,9 @@ class Checker:
                     size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
                 sites = core_sites + list(self._module_jump_sites(m.address))
                 sites.sort(key=lambda s: s.address)
-                return Region("kernel.text", name, m.base, k.read(m.base, size), True, sites)
+                text = k.read(m.base, size)
+                sites = ki.sized_jump_sites(sites, text, m.base)
+                return Region("kernel.text", name, m.base, text, True, sites)
         raise VmshieldError(f"kernel.text: no loaded module named {name!r}")
 
     def _module_jump_sites(self, mod: int) -> list[ki.Site]:
