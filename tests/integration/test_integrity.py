@@ -190,7 +190,9 @@ SOAK_SECONDS = 60.0
 
 @pytest.fixture(scope="module")
 def soak61() -> Iterator[Lab]:
-    yield from boot("6.1", "integsoak-6.1", cpus=2)  # no technique ever ran in it
+    # One vCPU: with two, this workload stalls a TCG guest's console with or without a
+    # monitor (seen after about 30 rounds).
+    yield from boot("6.1", "integsoak-6.1", cpus=1)  # no technique ever ran in it
 
 
 def test_soak_of_self_patching_raises_nothing(soak61: Lab) -> None:
