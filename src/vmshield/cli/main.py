@@ -343,7 +343,9 @@ def monitor(
     filters: Annotated[
         list[str] | None, typer.Option("--filter", "-f", help="KEY=VALUE (repeatable).")
     ] = None,
-    action: Annotated[str, typer.Option(help="log, deny, kill, pause or dump.")] = "log",
+    action: Annotated[
+        str, typer.Option(help="log, deny, kill, pause, dump or restore (integrity objects).")
+    ] = "log",
     as_json: JsonOpt = False,
     duration: Annotated[float | None, typer.Option(help="Stop after S seconds.")] = None,
     engine: Annotated[
@@ -467,7 +469,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @app.command()
 def catalog(as_json: JsonOpt = False) -> None:
     """The isolation objects: points, fields, filters and allowed actions."""
-    from vmshield.monitor.catalog import CATALOG
+    from vmshield.monitor.catalog import CATALOG, INTEGRITY
 
     rows = [
         {
@@ -475,6 +477,13 @@ def catalog(as_json: JsonOpt = False) -> None:
             "fields": list(o.fields), "filters": list(o.filters), "actions": list(o.actions),
         }
         for o in CATALOG.values()
+    ]  # fmt: skip
+    rows += [
+        {
+            "object": o.name, "summary": o.summary, "points": ["host check"],
+            "fields": list(o.fields), "filters": list(o.filters), "actions": list(o.actions),
+        }
+        for o in INTEGRITY.values()
     ]  # fmt: skip
     rows.append(
         {

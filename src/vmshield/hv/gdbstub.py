@@ -736,6 +736,16 @@ class GdbStub:
         self._send(b"c", deadline)
         self._running = True
 
+    def cont_all(self, timeout: float | None = None) -> None:
+        """Resume every vCPU with ``vCont;c`` after a stop that was no breakpoint (an
+        :meth:`interrupt`). Why not ``c``: with QEMU's TCG and two vCPUs, a plain ``c``
+        after an interrupt was seen to leave the second vCPU stopped (the guest's serial
+        interrupts then went unserved); ``vCont;c`` resumes them all."""
+        if self._running:
+            raise GdbStateError("the VM is already running")
+        self._send(b"vCont;c", self._deadline(timeout))
+        self._running = True
+
     def _step_off_breakpoint(self, deadline: float) -> StopReply | None:
         stop = self._stop
         if not self._breakpoints or stop is None or not stop.stopped or stop.watch_kind:

@@ -73,6 +73,8 @@ class ExitEngine:
         for r in requests:
             self.by_addr.setdefault(r.point.address, []).append(r)
         self.stub: GdbStub | None = None
+        # Called from the loop with a way to stop every vCPU (the integrity checker).
+        self.periodic: Callable[[Callable[[Callable[[GdbStub], None]], None]], None] | None = None
         self.stats = Stats()
         self._pending: list[Event] = []  # events of the hit being handled
         self.paused = False
@@ -188,12 +190,30 @@ class ExitEngine:
             if time.monotonic() > next_flush:  # the guest may remap kernel memory
                 self.k.walker.flush()
                 next_flush = time.monotonic() + 1.0
+            if self.periodic is not None:
+                self.periodic(self._quiesced)
             try:
                 self.stub.wait_stop(0.2)
             except GdbTimeout:
                 continue
             self.paused = False  # whatever stopped, the VM ran again since the pause
             self.on_stop()
+
+    def _quiesced(self, fn: Callable[[GdbStub], None]) -> None:
+        """Run ``fn`` with every vCPU stopped: interrupt, ``fn``, resume. A breakpoint hit
+        that won the race with the interrupt is handled as any hit, not lost."""
+        stub = self.stub
+        if stub is None or not stub.running:
+            return
+        stub.interrupt()
+        stop = stub.wait_stop(5)
+        try:
+            fn(stub)
+        finally:
+            if stop.signal == SIGINT:
+                stub.cont_all()
+            else:
+                self.on_stop()
 
     def on_stop(self) -> None:
         stub = self.stub

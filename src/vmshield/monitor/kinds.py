@@ -26,6 +26,7 @@ class Action(StrEnum):
     PAUSE = "pause"
     KILL = "kill"
     DENY = "deny"
+    RESTORE = "restore"  # integrity objects only: the original bytes or value written back
 
 
 class EngineKind(StrEnum):

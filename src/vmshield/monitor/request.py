@@ -24,6 +24,7 @@ from vmshield.monitor import ufunc
 from vmshield.monitor.catalog import (
     ALL_ACTIONS,
     CATALOG,
+    INTEGRITY,
     KFUNC,
     CatalogObject,
     kfunc_object,
@@ -87,10 +88,10 @@ def catalog_object(name: str) -> CatalogObject:
         if not sym or not sym.replace("_", "a").replace(".", "a").isalnum():
             raise RequestError(f"bad kernel function name in {name!r}")
         return kfunc_object(sym)
-    obj = CATALOG.get(name)
+    obj = CATALOG.get(name) or INTEGRITY.get(name)
     if obj is None:
         known = (
-            ", ".join(sorted(CATALOG))
+            ", ".join(sorted(CATALOG) + sorted(INTEGRITY))
             + ", kfunc:SYMBOL, ufunc:PATH:SYMBOL|OFFSET, process:PID|COMM"
         )
         raise RequestError(f"unknown isolation object {name!r} (known: {known})")
@@ -189,6 +190,11 @@ PROCESS_OBJECTS = (
     "file.rename", "net.connect", "net.bind", "net.listen", "cred.change",
     "ptrace.attach", "bpf.load", "module.load",
 )  # fmt: skip
+
+
+def is_integrity(name: str) -> bool:
+    """Whether ``name`` is a sensitive-module object (checked from the host, no point)."""
+    return name in INTEGRITY
 
 
 def resolve_all(req: IsolationRequest, kernel: Kernel) -> list[ResolvedRequest]:

@@ -38,8 +38,16 @@ from vmshield.guest.vm import VM
 from vmshield.monitor.actions import DumpPolicy
 from vmshield.monitor.engine import ExitEngine
 from vmshield.monitor.events import Event
+from vmshield.monitor.integrity import Checker
 from vmshield.monitor.kinds import Action, EngineKind, TamperPolicy, parse_choice
-from vmshield.monitor.request import IsolationRequest, RequestError, ResolvedRequest, resolve_all
+from vmshield.monitor.request import (
+    IsolationRequest,
+    RequestError,
+    ResolvedRequest,
+    is_integrity,
+    resolve_all,
+    validate,
+)
 from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
 from vmshield.monitor.space_engine import unsupported as space_unsupported
 
@@ -101,7 +109,18 @@ class Monitor:
         self.notes: list[str] = []
         self.requests = list(requests)
         self.resolved: list[ResolvedRequest] = []
+        # Sensitive-module objects have no monitoring point: the host checks them
+        # (monitor/integrity.py) from whichever engine's loop runs.
+        self.integrity = [r for r in self.requests if is_integrity(r.object)]
+        for req in self.integrity:
+            parse_choice(Action, req.action, "action")
+            validate(req)
+        if len({r.object for r in self.integrity}) != len(self.integrity):
+            raise RequestError("an integrity object may be requested once per monitor")
+        self.checker: Checker | None = None
         for req in self.requests:
+            if is_integrity(req.object):
+                continue
             parse_choice(Action, req.action, "action")
             subs = resolve_all(req, vm.kernel)
             logged = [r.request.object for r in subs if r.request.action != req.action]
@@ -198,10 +217,26 @@ class Monitor:
         left armed) when the requests cannot be served."""
         if self.engine is not None:
             raise VmshieldError("this monitor is already armed")
-        if any(r.request.action == Action.DUMP for r in self.resolved):
+        dumps = any(r.request.action == Action.DUMP for r in self.resolved)
+        if dumps or any(r.action == Action.DUMP for r in self.integrity):
             DumpPolicy(self.dump_dir, self.dump_interval).check(self.target)
         choice = self.engine_choice
         why = space_unsupported(self.resolved)
+        if not self.resolved:  # integrity objects alone: a gdbstub with no points
+            why = "integrity objects only (checked from the host)"
+        needs_space = [r.object for r in self.integrity if r.object in ("cpu.msr", "space.self")]
+        if needs_space and (choice == EngineKind.EXIT or why):
+            raise RequestError(
+                f"{', '.join(needs_space)} need(s) the security space (QEMU does not show "
+                "MSRs): use --engine space with at least one behaviour object"
+            )
+        if self.integrity:  # the reference: before our own breakpoints or gates exist
+            self.checker = Checker(
+                self.target, self.vm.kernel, self.integrity, self._publish, engine="?",
+                interval=self.check_interval,
+                dump_policy=DumpPolicy(self.dump_dir, self.dump_interval),
+            )  # fmt: skip
+            self.checker.reference()
         if choice == EngineKind.SPACE and why:
             raise VmshieldError(f"the security space cannot serve this: {why}")
         if choice != EngineKind.EXIT and not why:
@@ -223,7 +258,23 @@ class Monitor:
             ex = self._exit_engine()
             ex.arm()
             self.engine = ex
+        self._hook_checker()
         self.target.qmp.close()  # reconnected only for pause/dump: others may use QMP
+
+    def _hook_checker(self) -> None:
+        """Give the engine in use the integrity checker (one small call in its loop)."""
+        ck, eng = self.checker, self.engine
+        if ck is None or eng is None:
+            return
+        ck.engine = str(eng.kind)
+        if isinstance(eng, ExitEngine):
+            for addr in eng.by_addr:  # our breakpoints are int3 in guest memory on KVM
+                ck.allow_breakpoint(addr)
+        else:
+            ck.msr_source = eng.msr_samples
+            if "cpu.msr" in ck.requests:
+                ck.msr_ref = {}
+        eng.periodic = ck.tick
 
     def start(self, duration: float | None = None) -> Monitor:
         """Arm, then run in a background thread until :meth:`stop` or ``duration``
@@ -258,6 +309,7 @@ class Monitor:
                 ex.arm()
                 self.target.qmp.close()
                 self.engine, self.fell_back = ex, True
+                self._hook_checker()
                 self._note(f"armed {len(self.resolved)} point(s) (engine exit)")
                 ex.run(self._remaining(), self._stop.is_set)
         except BaseException as e:

@@ -24,6 +24,7 @@ from typing import Any
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
+from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
 from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
@@ -281,7 +282,34 @@ class SpaceEngine:
             if deep:
                 next_check = time.monotonic() + self.check_interval
             self._drain_once()
+            if self.periodic is not None:  # requested integrity objects first
+                self.periodic(self._quiesced)
             self._integrity(deep)
+
+    periodic: Callable[[Callable[[Callable[[GdbStub], None]], None]], None] | None = None
+    """Called from the loop with a way to stop every vCPU (the integrity checker)."""
+
+    def _quiesced(self, fn: Callable[[GdbStub], None]) -> None:
+        """Run ``fn`` with a gdbstub, every vCPU stopped (connecting stops them; the
+        detach resumes). The space holds no gdbstub between its own borrows."""
+        stub = self.t.gdbstub()
+        try:
+            fn(stub)
+            stub.detach()
+        finally:
+            stub.close()
+
+    def msr_samples(self) -> dict[int, dict[str, int]]:
+        """Per vCPU, the MSRs the agent last sampled inside the guest (QEMU shows none)."""
+        sp = self.space
+        out: dict[int, dict[str, int]] = {}
+        if sp is None or sp.region is None:
+            return out
+        for cpu in range(sp.region.ncpus):
+            s = sp.ring_header(cpu).sample
+            if s.count:
+                out[cpu] = {f: int(getattr(s, f)) for f in ("lstar", "star", "sysenter_eip")}
+        return out
 
     def _drain_once(self) -> None:
         sp = self.space

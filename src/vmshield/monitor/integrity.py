@@ -1,0 +1,624 @@
+"""Sensitive-module isolation: kernel integrity and CPU state as isolation objects.
+
+One host-side implementation serves both engines. Guest memory is read through shared
+RAM (no VM exit); control registers come from QMP ``info registers -a``; the MSRs
+(LSTAR, STAR, SYSENTER_EIP), which QEMU's interfaces do not show, come from the security
+space's in-guest samples where the space runs. Each engine calls :meth:`Checker.tick`
+from its own loop and lends a *quiesced* gdbstub (every vCPU stopped) for the writes
+that must go through QEMU: code (TCG only drops stale translations for writes QEMU
+makes) and registers. Data is put back through shared RAM.
+
+Why a reference taken after boot, and the kernel's own patch tables: alternatives,
+retpolines and boot-time patching are done by then; what the kernel still rewrites at
+run time (jump labels, static calls, ftrace, kprobes) is explained site by site
+(:mod:`vmshield.guest.kintegrity`), so a foreign write is never hidden by them and they
+never raise an alarm.
+
+Guest memory is hostile: every walk is bounded; a page that cannot be read is an
+alert (``what`` = ``unreadable``), never an exception that ends the monitor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest import kintegrity as ki
+from vmshield.guest.kernel import Kernel
+from vmshield.guest.lists import walk_entries
+from vmshield.guest.modules import modules
+from vmshield.guest.tasks import TaskReader, current_task
+from vmshield.hv.gdbstub import GdbStub
+from vmshield.hv.target import CpuState, Target
+from vmshield.monitor.actions import DumpPolicy, pause_vm
+from vmshield.monitor.events import Event, PointInfo, ProcessContext
+
+OBJECTS = (
+    "kernel.text",
+    "kernel.rodata",
+    "kernel.syscall_table",
+    "kernel.idt",
+    "cpu.control",
+    "cpu.msr",
+    "kernel.modules",
+    "space.self",
+)
+RESTORABLE = frozenset({"kernel.text", "kernel.rodata", "kernel.syscall_table", "kernel.idt",
+                        "cpu.control"})  # fmt: skip
+
+CR0_WP = 1 << 16
+CR4_UMIP, CR4_SMEP, CR4_SMAP = 1 << 11, 1 << 20, 1 << 21
+EFER_NXE = 1 << 11
+CONTROL_BITS: dict[str, tuple[tuple[str, int], ...]] = {
+    "cr0": (("WP", CR0_WP),),
+    "cr4": (("SMEP", CR4_SMEP), ("SMAP", CR4_SMAP), ("UMIP", CR4_UMIP)),
+    "efer": (("NXE", EFER_NXE),),
+}
+MSR_FIELDS = ("lstar", "star", "sysenter_eip")
+CHUNK = 1 << 16  # bytes compared at once; a differing chunk is diffed byte by byte
+MAX_TEXT = 64 << 20
+MAX_SYSCALLS = 1024
+MAX_FTRACE_PAGES = 1 << 14
+MAX_FTRACE_RECORDS = 1 << 18
+FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
+KPROBE_TABLE_SIZE = 64
+MAX_KPROBES = 4096
+MAX_KOBJECTS = 8192
+
+
+Quiesce = Callable[[Callable[[GdbStub], None]], None]
+"""Runs a function with a gdbstub while every vCPU is stopped (the engine's own)."""
+
+
+@dataclass
+class Region:
+    """Bytes watched against a reference: ``code`` regions are written back through the
+    gdbstub, the others through shared RAM."""
+
+    object: str
+    name: str  # "core", a module's name, "sys_call_table", ...
+    va: int
+    ref: bytes
+    code: bool
+    sites: list[ki.Site] = field(default_factory=list)
+    entry: int = 0  # >0: a table of entries this wide (syscall: 8, IDT: 16)
+
+
+@dataclass
+class Finding:
+    """One change: what, where, the values, and what was done."""
+
+    object: str
+    what: str
+    where: str
+    address: int
+    old: str
+    new: str
+    cpu: int | None = None
+    task: int | None = None
+    restore: Callable[[Quiesce], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IntegrityStats:
+    checks: int = 0
+    findings: int = 0
+    restored: int = 0
+    check_seconds: float = 0.0
+    bytes_watched: int = 0
+
+
+class Checker:
+    """The integrity objects of a monitor, checked at an interval from the host."""
+
+    def __init__(
+        self,
+        target: Target,
+        kernel: Kernel,
+        requests: list[Any],  # IsolationRequest (not imported: kept a leaf of monitor)
+        emit: Callable[[Event], None],
+        engine: str,
+        interval: float = 1.0,
+        dump_policy: DumpPolicy | None = None,
+        msr_source: Callable[[], dict[int, dict[str, int]]] | None = None,
+    ) -> None:
+        self.t, self.k, self.emit, self.engine = target, kernel, emit, engine
+        self.requests = {r.object: r for r in requests}
+        self.interval = interval
+        self.dumps = dump_policy
+        self.msr_source = msr_source
+        self.stats = IntegrityStats()
+        self.regions: list[Region] = []
+        self.cpu_ref: dict[int, dict[str, int]] = {}
+        self.msr_ref: dict[int, dict[str, int]] = {}
+        self.module_view: set[int] = set()
+        self.hidden_seen: set[int] = set()
+        self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
+        self.restores: dict[tuple[str, int], int] = {}
+        self._next = 0.0
+        self._tasks = TaskReader(kernel)
+
+    # -- reference ----------------------------------------------------------------------
+
+    def reference(self) -> None:
+        """Take the reference: the bytes and values as they are now (after boot)."""
+        k, want = self.k, self.requests
+        sites = self._sites() if "kernel.text" in want else []
+        if "kernel.text" in want:
+            module = want["kernel.text"].filters.get("module")
+            if module is None or module == "core":
+                start = k.symbols.address("_stext")
+                end = k.symbols.address("_etext")
+                if not 0 < end - start <= MAX_TEXT:
+                    raise VmshieldError(f"kernel text {start:#x}..{end:#x} is implausible")
+                text = k.read(start, end - start)
+                sites = ki.sized_jump_sites(sites, text, start)
+                self.regions.append(Region("kernel.text", "core", start, text, True, sites))
+            else:
+                self.regions.append(self._module_text(module, sites))
+        if "kernel.rodata" in want:
+            start = k.symbols.address("__start_rodata")
+            end = k.symbols.address("__end_rodata")
+            if not 0 < end - start <= MAX_TEXT:
+                raise VmshieldError(f"kernel rodata {start:#x}..{end:#x} is implausible")
+            self.regions.append(
+                Region("kernel.rodata", "rodata", start, k.read(start, end - start), False)
+            )
+        if "kernel.syscall_table" in want:
+            for name in ("sys_call_table", "ia32_sys_call_table", "x32_sys_call_table"):
+                if name in k.symbols:
+                    va, size = k.symbols.extent(name, 8 * MAX_SYSCALLS)
+                    size -= size % 8
+                    self.regions.append(
+                        Region("kernel.syscall_table", name, va, k.read(va, size), False, entry=8)
+                    )
+        if "kernel.idt" in want:
+            va = k.symbols.address("idt_table")
+            self.regions.append(Region("kernel.idt", "idt_table", va, k.read(va, 4096), False,
+                                       entry=16))  # fmt: skip
+        if "cpu.control" in want or "kernel.idt" in want:
+            self.cpu_ref = {c.index: _cpu_values(c) for c in self.t.cpus()}
+        if "cpu.msr" in want and self.msr_source is not None:
+            self.msr_ref = self.msr_source()
+        if "kernel.modules" in want:
+            self.module_view = {m.address for m in modules(self.k) if m.address}
+        self.stats.bytes_watched = sum(len(r.ref) for r in self.regions)
+
+    def allow_breakpoint(self, va: int) -> None:
+        """An exit-engine breakpoint at ``va``: QEMU/KVM writes an ``int3`` there."""
+        for r in self.regions:
+            if r.code and r.va <= va < r.va + len(r.ref):
+                bisect.insort(r.sites, ki.Site(va, 5, "kprobe"), key=lambda s: s.address)
+
+    def _module_text(self, name: str, core_sites: list[ki.Site]) -> Region:
+        k = self.k
+        for m in modules(k):
+            if m.name == name and m.base:
+                try:
+                    size = k.u32(m.address + k.member_offset("module", "core_layout.text_size"))
+                except SymbolError:
+                    size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
+                sites = core_sites + list(self._module_jump_sites(m.address))
+                sites.sort(key=lambda s: s.address)
+                text = k.read(m.base, size)
+                sites = ki.sized_jump_sites(sites, text, m.base)
+                return Region("kernel.text", name, m.base, text, True, sites)
+        raise VmshieldError(f"kernel.text: no loaded module named {name!r}")
+
+    def _module_jump_sites(self, mod: int) -> list[ki.Site]:
+        k = self.k
+        try:
+            entries = k.u64(mod + k.member_offset("module", "jump_entries"))
+            n = k.u32(mod + k.member_offset("module", "num_jump_entries"))
+        except SymbolError:
+            return []
+        if not entries or n > ki.MAX_ENTRIES:
+            return []
+        blob = k.read(entries, n * ki.JUMP_ENTRY_SIZE)
+        return list(ki.jump_sites(ki.parse_jump_table(blob, entries)))
+
+    def _sites(self) -> list[ki.Site]:
+        """Every place the kernel may patch its text itself, sorted by address."""
+        k = self.k
+        sites: list[ki.Site] = []
+        syms = k.symbols
+        if "__start___jump_table" in syms and "__stop___jump_table" in syms:
+            a, b = syms.address("__start___jump_table"), syms.address("__stop___jump_table")
+            if 0 <= b - a <= ki.MAX_ENTRIES * ki.JUMP_ENTRY_SIZE:
+                sites += ki.jump_sites(ki.parse_jump_table(k.read(a, b - a), a))
+        else:  # kallsyms without the table's bounds: find it by structure in rodata
+            ra, rb = syms.address("__start_rodata"), syms.address("__end_rodata")
+            text = (syms.address("_stext"), syms.address("_etext"))
+            found = ki.find_jump_table(k.read(ra, rb - ra), ra, text, (ra, 1 << 64))
+            if found:
+                sites += ki.jump_sites(ki.parse_jump_table(k.read(*found), found[0]))
+        if "__start_static_call_sites" in syms and "__stop_static_call_sites" in syms:
+            a = syms.address("__start_static_call_sites")
+            b = syms.address("__stop_static_call_sites")
+            if 0 <= b - a <= ki.MAX_ENTRIES * ki.STATIC_CALL_SITE_SIZE:
+                for s in ki.parse_static_call_sites(k.read(a, b - a), a):
+                    sites.append(ki.Site(s.addr, 5, "static_call"))
+        for sym in syms:
+            if sym.name.startswith("__SCT__"):  # static call trampolines
+                sites.append(ki.Site(sym.address, 5, "static_call_tramp"))
+        sites += self._ftrace_sites()
+        # ftrace's own entry code calls the current tracer through patched call sites.
+        for name in FTRACE_CALL_SITES:
+            for sym in syms.all_named(name):
+                sites.append(ki.Site(sym.address, 5, "static_call"))
+        sites.sort(key=lambda s: s.address)
+        return sites
+
+    def _ftrace_sites(self) -> list[ki.Site]:
+        """Every ftrace record (``ftrace_pages_start`` -> pages of ``dyn_ftrace``): the
+        call sites ftrace turns between a nop and a call."""
+        k = self.k
+        if "ftrace_pages_start" not in k.symbols:
+            return []
+        off_next = k.member_offset("ftrace_page", "next")
+        off_recs = k.member_offset("ftrace_page", "records")
+        off_index = k.member_offset("ftrace_page", "index")
+        size = k.sizeof("dyn_ftrace")
+        out: list[ki.Site] = []
+        page = k.u64(k.symbols.address("ftrace_pages_start"))
+        seen: set[int] = set()
+        while page and page not in seen and len(seen) < MAX_FTRACE_PAGES:
+            seen.add(page)
+            recs, n = k.u64(page + off_recs), k.u32(page + off_index)
+            if recs and 0 < n <= MAX_FTRACE_RECORDS and len(out) + n <= MAX_FTRACE_RECORDS:
+                blob = k.read(recs, n * size)
+                for i in range(n):
+                    ip = int.from_bytes(blob[i * size : i * size + 8], "little")
+                    out.append(ki.Site(ip, 5, "ftrace"))
+            page = k.u64(page + off_next)
+        return out
+
+    def _kprobe_sites(self) -> list[ki.Site]:
+        """The kernel's registered kprobes (``kprobe_table``): an ``int3`` (or an
+        optimized probe's ``jmp``) at each probed address is the kernel's own."""
+        k = self.k
+        if "kprobe_table" not in k.symbols:
+            return []
+        table = k.symbols.address("kprobe_table")
+        off_addr = k.member_offset("kprobe", "addr")
+        off_node = k.member_offset("kprobe", "hlist")
+        out: list[ki.Site] = []
+        for i in range(KPROBE_TABLE_SIZE):
+            node = k.u64(table + 8 * i)
+            seen: set[int] = set()
+            while node and node not in seen and len(out) < MAX_KPROBES:
+                seen.add(node)
+                out.append(ki.Site(k.u64(node - off_node + off_addr), 5, "kprobe"))
+                node = k.u64(node)
+        return out
+
+    # -- checking -----------------------------------------------------------------------
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def tick(self, quiesce: Quiesce, force: bool = False) -> None:
+        """Check everything if the interval has passed (or ``force``), else only the
+        small tables (system call tables, IDT: a few KiB, read at every call: a hook
+        there is the commonest rootkit move and costs nothing to see early). Never
+        raises."""
+        full = force or self.due()
+        if full:
+            self._next = time.monotonic() + self.interval
+        t0 = time.thread_time()
+        findings = self.check(light=not full)
+        if full:
+            self.stats.checks += 1
+        self.stats.check_seconds += time.thread_time() - t0
+        for f in findings:
+            self._act(f, quiesce)
+
+    def check(self, light: bool = False) -> list[Finding]:
+        """Every watched object once. Guest memory is hostile: a check that fails (a
+        page unmapped, a list looping) is a finding about that object, and the others
+        are still checked."""
+        parts: list[tuple[str, Callable[[], list[Finding]]]] = [
+            (r.object, functools.partial(self._check_region, r))
+            for r in self.regions
+            if r.entry or not light
+        ]
+        if light:
+            return self._run(parts)
+        if self.cpu_ref:
+            obj = "cpu.control" if "cpu.control" in self.requests else "kernel.idt"
+            parts.append((obj, self._check_cpus))
+        if self.msr_source is not None and "cpu.msr" in self.requests:
+            parts.append(("cpu.msr", self._check_msrs))
+        if "kernel.modules" in self.requests:
+            parts.append(("kernel.modules", self._check_modules))
+        return self._run(parts)
+
+    def _run(self, parts: list[tuple[str, Callable[[], list[Finding]]]]) -> list[Finding]:
+        out: list[Finding] = []
+        for obj, fn in parts:
+            try:
+                out += fn()
+            except Exception as e:  # hostile input must not end the monitor
+                out.append(Finding(obj, "unreadable", f"{obj} check", 0, "readable",
+                                   f"{type(e).__name__}: {e}"))  # fmt: skip
+        return out
+
+    def _check_region(self, r: Region) -> list[Finding]:
+        out: list[Finding] = []
+        for lo in range(0, len(r.ref), CHUNK):
+            hi = min(lo + CHUNK, len(r.ref))
+            try:
+                now = self.k.read(r.va + lo, hi - lo)
+            except VmshieldError as e:
+                out.append(Finding(r.object, "unreadable", f"{r.name}+{lo:#x}", r.va + lo,
+                                   "readable", str(e)))  # fmt: skip
+                continue
+            if now == r.ref[lo:hi]:
+                continue
+            if r.entry:
+                out += self._entries(r, lo, now)
+            else:
+                out += self._bytes(r, lo, now)
+        return out
+
+    def _entries(self, r: Region, lo: int, now: bytes) -> list[Finding]:
+        out = []
+        w = r.entry
+        for i in range(0, len(now) - w + 1, w):
+            old, new = r.ref[lo + i : lo + i + w], now[i : i + w]
+            if old == new:
+                continue
+            va = r.va + lo + i
+            idx = (lo + i) // w
+            if w == 16:  # an IDT gate: the handler address
+                o, n = _gate_target(old), _gate_target(new)
+            else:
+                o, n = int.from_bytes(old, "little"), int.from_bytes(new, "little")
+            out.append(Finding(
+                r.object, "entry", f"{r.name}[{idx}]", va, f"{o:#x}", f"{n:#x}",
+                restore=self._data_restore(va, old),
+                extra={"old_symbol": self._sym(o), "new_symbol": self._sym(n),
+                       "old_bytes": old.hex(), "new_bytes": new.hex(), "index": idx},
+            ))  # fmt: skip
+        return out
+
+    def _bytes(self, r: Region, lo: int, now: bytes) -> list[Finding]:
+        ref = r.ref[lo : lo + len(now)]
+        if r.code:
+            sites = r.sites
+            kp = self._kprobe_sites()  # kprobes come and go: read them when text changed
+            if kp:
+                sites = sorted(sites + kp, key=lambda s: s.address)
+            changes = ki.foreign_changes(ref, now, r.va + lo, sites, self._ftrace_call_ok)
+            # Sites straddling the chunk's edges are explained with the whole region.
+            changes = [c for c in changes if not self._edge_site(r, c, sites)]
+        else:
+            base = r.va + lo
+            changes = [
+                ki.Change(a, ref[a - base : a - base + n], now[a - base : a - base + n])
+                for a, n in ki.diff_runs(ref, now, base)
+            ]
+        out = []
+        for c in changes:
+            out.append(Finding(
+                r.object, "code" if r.code else "data", self._where(c.address), c.address,
+                c.old.hex(), c.new.hex(),
+                restore=self._code_restore(c.address, c.old) if r.code
+                else self._data_restore(c.address, c.old),
+                extra={"region": r.name, "length": len(c.new)},
+            ))  # fmt: skip
+        return out
+
+    def _edge_site(self, r: Region, c: ki.Change, sites: list[ki.Site]) -> bool:
+        """A change at a chunk edge that a site over the edge explains."""
+        i = bisect.bisect_right([s.address for s in sites], c.address) - 1
+        for s in sites[max(0, i - 1) : i + 1]:
+            if s.address <= c.address < s.address + s.size:
+                off = s.address - r.va
+                if off < 0 or off + s.size > len(r.ref):
+                    return False
+                try:
+                    now = self.k.read(s.address, s.size)
+                except VmshieldError:
+                    return False
+                return ki.allowed_at(s, r.ref[off : off + s.size], now, self._ftrace_call_ok)
+        return False
+
+    def _ftrace_call_ok(self, target: int) -> bool:
+        """What an ftrace site may call: ftrace's entry code in the core image, or a
+        trampoline outside it (ftrace_ops and BPF trampolines live in the module area;
+        which allocation owns one is not checked yet)."""
+        if not self.k.extents[0].va <= target < self.k.symbols.address("_etext"):
+            return True
+        hit = self.k.symbols.lookup(target)
+        return hit is not None and hit[0].name.startswith(("ftrace_", "__fentry__"))
+
+    def _check_cpus(self) -> list[Finding]:
+        out: list[Finding] = []
+        try:
+            cpus = self.t.cpus()
+            self.t.qmp.close()  # QEMU serves one QMP client: release it between checks
+        except VmshieldError as e:
+            return [Finding("cpu.control", "unreadable", "info registers", 0, "", str(e))]
+        for c in cpus:
+            ref = self.cpu_ref.get(c.index)
+            if ref is None:
+                continue
+            now = _cpu_values(c)
+            if "cpu.control" in self.requests:
+                for reg, bits in CONTROL_BITS.items():
+                    for name, bit in bits:
+                        if ref[reg] & bit and not now[reg] & bit:
+                            out.append(Finding(
+                                "cpu.control", "register", f"cpu {c.index} {reg.upper()}.{name}",
+                                0, f"{ref[reg]:#x}", f"{now[reg]:#x}", cpu=c.index,
+                                task=self._current(c.index),
+                                restore=self._reg_restore(c.index, reg, now[reg] | bit),
+                                extra={"register": reg, "bit": name},
+                            ))  # fmt: skip
+            if "kernel.idt" in self.requests and now["idt_base"] != ref["idt_base"]:
+                out.append(Finding(
+                    "kernel.idt", "register", f"cpu {c.index} IDTR", 0,
+                    f"{ref['idt_base']:#x}", f"{now['idt_base']:#x}", cpu=c.index,
+                    task=self._current(c.index), extra={"register": "idtr"},
+                ))  # fmt: skip
+        return out
+
+    def _check_msrs(self) -> list[Finding]:
+        assert self.msr_source is not None
+        out = []
+        for cpu, now in self.msr_source().items():
+            ref = self.msr_ref.setdefault(cpu, now)
+            for f in MSR_FIELDS:
+                if f in now and now[f] != ref.get(f):
+                    out.append(Finding(
+                        "cpu.msr", "register", f"cpu {cpu} {f.upper()}", 0,
+                        f"{ref.get(f, 0):#x}", f"{now[f]:#x}", cpu=cpu,
+                        extra={"register": f, "old_symbol": self._sym(ref.get(f, 0)),
+                               "new_symbol": self._sym(now[f])},
+                    ))  # fmt: skip
+        return out
+
+    def _check_modules(self) -> list[Finding]:
+        """Cross-view: modules with a sysfs kobject (``module_kset``) that the module
+        list does not hold are hidden."""
+        k = self.k
+        listed = {m.address for m in modules(k) if m.address}
+        out = []
+        kset = k.u64(k.symbols.address("module_kset"))
+        off_entry = k.member_offset("kobject", "entry")
+        off_list = k.member_offset("kset", "list")
+        off_kobj = k.member_offset("module_kobject", "kobj")
+        off_mod = k.member_offset("module_kobject", "mod")
+        off_name = k.member_offset("kobject", "name")
+        kobjs, broken = walk_entries(k, kset + off_list, off_entry, MAX_KOBJECTS, "module kset")
+        if broken:
+            out.append(Finding("kernel.modules", "unreadable", "module_kset", kset, "", broken))
+        for kobj in kobjs:
+            mod = k.u64(kobj - off_kobj + off_mod)
+            if not mod or mod in listed or mod in self.hidden_seen:
+                continue
+            self.hidden_seen.add(mod)
+            name = k.cstring(k.u64(kobj + off_name), 64)
+            out.append(Finding(
+                "kernel.modules", "hidden-module", f"module {name}", mod,
+                "on the module list", "only in sysfs (module_kset)", extra={"module": name},
+            ))  # fmt: skip
+        self.module_view = listed
+        return out
+
+    # -- restoring and reporting --------------------------------------------------------
+
+    def _data_restore(self, va: int, old: bytes) -> Callable[[Quiesce], None]:
+        def put(_q: Quiesce) -> None:
+            done = 0
+            while done < len(old):
+                at = va + done
+                n = min(len(old) - done, 0x1000 - (at & 0xFFF))
+                self.t.mem.write(self.k.walker.translate(at), old[done : done + n])
+                done += n
+
+        return put
+
+    def _code_restore(self, va: int, old: bytes) -> Callable[[Quiesce], None]:
+        def put(q: Quiesce) -> None:
+            q(lambda stub: stub.write_memory(va, old))
+
+        return put
+
+    def _reg_restore(self, cpu: int, reg: str, value: int) -> Callable[[Quiesce], None]:
+        def put(q: Quiesce) -> None:
+            def write(stub: GdbStub) -> None:
+                stub.select_thread(cpu + 1)
+                stub.write_register(reg, value)
+
+            q(write)
+
+        return put
+
+    def _act(self, f: Finding, quiesce: Quiesce) -> None:
+        req = self.requests.get(f.object)
+        if req is None:
+            return
+        place = (f.where, f.address)
+        action = req.action
+        response = "reported"
+        detail: dict[str, Any] = {}
+        if action == "restore" and f.restore is not None:
+            try:
+                f.restore(quiesce)
+                self.restores[place] = self.restores.get(place, 0) + 1
+                self.stats.restored += 1
+                response = "restored"
+            except VmshieldError as e:
+                response = f"restore failed: {e}"
+        elif self.reported.get(place) == f.new:
+            return  # a change left in place is reported once
+        self.reported[place] = f.new
+        if action == "pause":
+            pause_vm(self.t)
+            response = "paused"
+        elif action == "dump" and self.dumps is not None:
+            detail = self.dumps.dump(self.t, req.id)
+        self.stats.findings += 1
+        fields = {"what": f.what, "where": f.where, "address": f"{f.address:#x}",
+                  "old": f.old, "new": f.new, "response": response,
+                  "count": self.restores.get(place, 0), **f.extra}  # fmt: skip
+        if f.cpu is not None:
+            fields["cpu"] = f.cpu
+        # The task on the vCPU when the change was seen: a hint, not proof of who made it
+        # (a check every interval sees the change after the fact), so not ``process``.
+        cur = self._process(f.task)
+        if cur is not None:
+            fields["current"] = {"pid": cur.pid, "comm": cur.comm, "task": cur.task}
+        self.emit(Event(
+            time=time.time(), vm=self.t.name, request=req.id, object=f.object, action=action,
+            process=None, fields=fields,
+            point=PointInfo(symbol=f.where, address=f"{f.address:#x}", kind="integrity-check",
+                            engine=self.engine, cpu=f.cpu or 0),
+            detail=detail,
+        ))  # fmt: skip
+
+    def _process(self, task: int | None) -> ProcessContext | None:
+        if not task:
+            return None
+        try:
+            ti = self._tasks.info(task)
+        except VmshieldError:
+            return None
+        return ProcessContext(pid=ti.pid, tgid=ti.tgid, ppid=ti.ppid, uid=ti.uid, euid=ti.euid,
+                              gid=ti.gid, comm=ti.comm, task=f"{task:#x}")  # fmt: skip
+
+    def _current(self, cpu: int) -> int | None:
+        try:
+            return current_task(self.k, cpu)
+        except VmshieldError:
+            return None
+
+    def _sym(self, va: int) -> str:
+        hit = self.k.symbols.lookup(va)
+        if hit is None:
+            return ""
+        sym, off = hit
+        return f"{sym.name}+{off:#x}" if off else sym.name
+
+    def _where(self, va: int) -> str:
+        return self._sym(va) or f"{va:#x}"
+
+
+def _cpu_values(c: CpuState) -> dict[str, int]:
+    return {"cr0": c.cr0, "cr4": c.cr4, "efer": c.efer, "idt_base": c.idt_base}
+
+
+def _gate_target(gate: bytes) -> int:
+    """The handler address of a 64-bit IDT gate descriptor."""
+    lo = int.from_bytes(gate[0:2], "little")
+    mid = int.from_bytes(gate[6:8], "little")
+    hi = int.from_bytes(gate[8:12], "little")
+    return lo | mid << 16 | hi << 32
