@@ -173,6 +173,8 @@ class SpaceEngine:
         # wants_events() says someone reads them.
         self.emit_json = emit_json
         self.wants_events: Callable[[], bool] = lambda: True
+        self.wants_lines: Callable[[], bool] = lambda: True
+        self.lines_done: Callable[[], None] = lambda: None  # after each batch of lines
         self.space: SecuritySpace | None = None
         self.sites: dict[int, space_events.SiteDecoder] = {}
         self.decoder: space_events.RecordDecoder | None = None
@@ -332,7 +334,8 @@ class SpaceEngine:
                 fill = 0.0  # unreadable: drain() says so as an alert
         records = list(sp.drain())
         events = self.emit if self.wants_events() else None
-        self.decoder.decode(records, self.emit_json, events)
+        lines = self.emit_json if self.emit_json is not None and self.wants_lines() else None
+        self.decoder.decode(records, lines, events)
         counters = sp.counters()
         self.stats.hits = counters["hits"]
         self.stats.guest_filtered = counters["filtered"]
@@ -350,6 +353,8 @@ class SpaceEngine:
                          f"give --ring-size {min(L.RING_MAX, ring * 4) >> 20 or 1}M "
                          "(vmshield.Monitor(ring_size=...)), narrower filters, or --aggregate "
                          "for a high-frequency point (counts instead of every call)"})  # fmt: skip
+        if records or lost:
+            self.lines_done()
         return fill
 
     def _integrity(self, deep: bool) -> None:
@@ -399,8 +404,15 @@ class SpaceEngine:
             sp.sync_time(b)
         return done
 
+    def _out(self, ev: Event) -> None:
+        """An event made as an object: to ``emit``, and as a line to ``emit_json``."""
+        self.emit(ev)
+        if self.emit_json is not None and self.wants_lines():
+            self.emit_json(ev.to_json())
+            self.lines_done()
+
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
-        self.emit(Event(
+        self._out(Event(
             time=time.time(), vm=self.t.name, request="space", object=obj, action=action,
             process=None, fields=fields,
             point=PointInfo(symbol=str(fields.get("where", obj)),
@@ -440,9 +452,7 @@ class SpaceEngine:
             pause_vm(self.t)
             self.paused = True
         for ev in events:  # after the pause: whoever reads the event finds the VM paused
-            self.emit(ev)
-            if self.emit_json is not None:
-                self.emit_json(ev.to_json())
+            self._out(ev)
 
     def _act(self, action: str, r: ResolvedRequest) -> dict[str, Any]:
         if action == "dump":

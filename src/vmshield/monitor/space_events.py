@@ -64,6 +64,7 @@ class SiteRequest:
     pre: str = ""  # the JSON line up to the process, after "time"
     detail: dict[str, Any] = field(default_factory=dict)  # kill: the signal the agent sent
     detail_json: str = "{}"
+    object: str = ""
     points: dict[int, tuple[str, PointInfo]] = field(default_factory=dict)  # cpu -> point
 
 
@@ -109,6 +110,7 @@ class RecordDecoder:
         self.stats = stats
         self.slow = slow
         self._procs: dict[bytes, tuple[str, ProcessContext, dict[str, Any]]] = {}
+        self._raw_fields: dict[tuple[int, ...], tuple[list[str], str]] = {}
         vm_json = _json(vm)
         for site in sites.values():
             for sr in site.requests:
@@ -116,6 +118,7 @@ class RecordDecoder:
                 sr.pre = (f',"vm":{vm_json},"request":{_json(r.id)},"object":{_json(r.object)}'
                           f',"action":{_json(sr.action)},"process":')  # fmt: skip
                 sr.detail = {"signal": "SIGKILL"} if sr.action == "kill" else {}
+                sr.object = r.object
                 sr.detail_json = orjson.dumps(sr.detail).decode()
 
     def point(self, sr: SiteRequest, cpu: int) -> tuple[str, PointInfo]:
@@ -155,23 +158,26 @@ class RecordDecoder:
         sites = self.sites
         hot = HOT.unpack_from
         procs = self._procs
+        raw_cache = self._raw_fields
         host_time = self.host_time
         head = f'{{"schema":"{SCHEMA}","time":'
+        n_events = n_filtered = n_errors = 0
+        per_object: dict[str, int] = {}
         for raw in records:
             if len(raw) < L.RECORD_HEADER:
-                stats.decode_errors += 1
+                n_errors += 1
                 continue
             site_i, cpu, nitems, nargs, _verdict, ns, matched = hot(raw, 8)
             site = sites.get(site_i)
             if site is None:
-                stats.filtered += 1
+                n_filtered += 1
                 continue
             if not site.fast:
                 self.slow(site, raw)
                 continue
             end = L.RECORD_HEADER + 8 * nargs
             if nargs > 6 or end > len(raw):
-                stats.decode_errors += 1
+                n_errors += 1
                 continue
             args = ARGS[nargs].unpack_from(raw, L.RECORD_HEADER)
             who = raw[PSTART:PEND]
@@ -181,13 +187,23 @@ class RecordDecoder:
             fields_json = ""
             for sr in site.requests:
                 if not matched >> sr.bit & 1:
-                    stats.filtered += 1
+                    n_filtered += 1
                     continue
                 if fields is None:
                     if site.raw_args:  # kfunc: the six argument registers, nothing else
-                        full = args + (0,) * (6 - nargs)
-                        fields = {"args": [hex(a) for a in full]}
-                        fields_json = '{"args":["' + '","'.join(fields["args"]) + '"]}'
+                        # The same registers come back again and again (a syscall's
+                        # pt_regs pointer): their text is cached.
+                        got = raw_cache.get(args)
+                        if got is None:
+                            if len(raw_cache) >= PROCESS_CACHE:
+                                raw_cache.clear()
+                            hexes = [hex(a) for a in args + (0,) * (6 - nargs)]
+                            got = raw_cache[args] = (
+                                hexes,
+                                '{"args":["' + '","'.join(hexes) + '"]}',
+                            )
+                        fields = {"args": list(got[0])}
+                        fields_json = got[1]
                     else:
                         items = captures.parse_items(raw[end:], nitems)
                         cap = captures.Captured(list(args) + [0] * (6 - nargs), items)
@@ -201,13 +217,13 @@ class RecordDecoder:
                 if not sr.exact and not all(
                     match_filter(k, v, fields, proc_d) for k, v in sr.req.request.filters.items()
                 ):
-                    stats.filtered += 1
+                    n_filtered += 1
                     continue
-                stats.events += 1
-                obj = sr.req.request.object
-                stats.by_object[obj] = stats.by_object.get(obj, 0) + 1
+                n_events += 1
+                obj = sr.object
+                per_object[obj] = per_object.get(obj, 0) + 1
                 if errors:
-                    stats.decode_errors += 1
+                    n_errors += 1
                 t = host_time(ns)
                 point_json, point = sr.points.get(cpu) or self.point(sr, cpu)
                 if lines is not None:
@@ -220,3 +236,8 @@ class RecordDecoder:
                 if events is not None:
                     events(trusted_event(t, self.vm, sr.req.request.id, obj, sr.action, proc,
                                          fields, point, list(errors), dict(sr.detail)))  # fmt: skip
+        stats.events += n_events
+        stats.filtered += n_filtered
+        stats.decode_errors += n_errors
+        for obj, n in per_object.items():
+            stats.by_object[obj] = stats.by_object.get(obj, 0) + n

@@ -103,9 +103,9 @@ def fetch(kind: int, base: int, offs: tuple[int, ...] = (0,), length: int = 8,
 
 def plan_for(obj: str, k: Kernel) -> Plan:
     """The capture plan of a catalog object (``kfunc:`` objects capture arguments only)."""
-    off = k.member_offset
     if obj.startswith("kfunc:"):
         return Plan((), _raw, nargs=6)
+    off = k.member_offset
     if obj == "process.exec":
         argv = fetch(L.F_ARGV, 0, (off("linux_binprm", "mm"), off("linux_binprm", "p"),
                                    off("linux_binprm", "argc"), off("mm_struct", "pgd")),
