@@ -456,6 +456,40 @@ static int items_same(const u8 *data, long used)
 	return 1;
 }
 
+/* --aggregate: count this hit in the CPU's table instead of recording it. A slot is
+ * (site, task, key); a free one (count 0) is claimed by filling it, then setting count.
+ * Returns 0 when the probed slots are all taken by others (the hit is recorded). */
+static int aggregate(struct vms_ringheader *ring, u32 idx, const struct vms_record *rec,
+		     u64 key)
+{
+	const struct vms_config *c = &vms_config;
+	struct vms_aggslot *t = (struct vms_aggslot *)((u8 *)ring + sizeof(*ring) + c->ring_size +
+						       VMS_RECORD_MAX + VMS_PATH_SCRATCH);
+	const u64 *comm = (const u64 *)rec->comm;
+	u32 h = ((u32)rec->pid * 0x9E3779B1u) ^ (idx * 0x85EBCA6Bu) ^ (u32)key;
+	for (u32 i = 0; i < VMS_AGG_PROBE; i++) {
+		struct vms_aggslot *s = &t[(h + i) & (VMS_AGG_SLOTS - 1)];
+		if (!s->count) {
+			s->site = (u16)idx;
+			s->pid = rec->pid;
+			s->tgid = rec->tgid;
+			s->uid = rec->uid;
+			s->key = key;
+			copy(s->comm, rec->comm, VMS_COMM_LEN);
+			barrier();
+			s->count = 1;
+			return 1;
+		}
+		const u64 *sc = (const u64 *)s->comm;
+		if (s->site == idx && s->pid == rec->pid && s->tgid == rec->tgid && s->key == key &&
+		    sc[0] == comm[0] && sc[1] == comm[1]) {
+			s->count++;
+			return 1;
+		}
+	}
+	return 0;
+}
+
 /* Called by the gate with IRQs off. Returns 1 to deny (the function returns -EPERM). */
 __attribute__((used)) long vms_agent(u64 *frame)
 {
@@ -592,6 +626,10 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		rec->verdict |= 1;
 	ring->denied += (u64)deny;
 	ring->killed += (rec->verdict >> 1) & 1;
+	if (site->aggregate && aggregate(ring, idx, rec, have_port ? port : 0)) {
+		ring->aggregated++; /* counted, not recorded: no ring space */
+		goto out;
+	}
 	rec->size = (u32)(sizeof(*rec) + nargs * 8 + (u64)used);
 	barrier();
 	if (full) {

@@ -374,6 +374,14 @@ def monitor(
             "a power of two from 64K to 256M). Default: sized from guest RAM."
         ),
     ] = None,
+    aggregate: Annotated[
+        float | None,
+        typer.Option(
+            help="Security space: count hits in the guest per (object, task, comm, port) "
+            "instead of an event each, one space.aggregate event every S seconds (log "
+            "requests whose filters the agent evaluates)."
+        ),
+    ] = None,
     symbols_file: SymbolsOpt = None,
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
@@ -402,6 +410,7 @@ def monitor(
             raise VmshieldError(f"--dump-interval {dump_interval}: must be 0 or more seconds")
         wanted = checks.requests(target, objects, filters or [], action)
         ring_bytes = checks.ring_size(ring_size) if ring_size is not None else None
+        seconds("--aggregate", aggregate, optional=True)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -429,7 +438,7 @@ def monitor(
         mon = Monitor(
             VM(target, t, k, lambda: None), wanted, engine=engine, on_tamper=on_tamper,
             dump_dir=dump_dir, dump_interval=dump_interval, check_interval=check_interval,
-            notes=note, ring_size=ring_bytes,
+            notes=note, ring_size=ring_bytes, aggregate=aggregate,
         )  # fmt: skip
         if as_json:
             mon.subscribe_json(emit_line, sys.stdout.flush)

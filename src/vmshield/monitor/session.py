@@ -73,6 +73,10 @@ class Monitor:
     told (why the exit engine was chosen, which behaviours are only logged, ...).
     ``ring_size``: bytes of records per vCPU in the security space (a power of two,
     64 KiB to 256 MiB; default: sized from guest RAM), for a space this monitor builds.
+    ``aggregate``: seconds; the security space counts the hits of ``log`` requests whose
+    filters it evaluates itself per (object, task, comm, port) in the guest instead of
+    recording each, and one ``space.aggregate`` event every ``aggregate`` seconds
+    carries the counts (for high-frequency points: rates rather than every call).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Monitor:
         check_interval: float = 1.0,
         notes: Callable[[str], None] | None = None,
         ring_size: int | None = None,
+        aggregate: float | None = None,
     ) -> None:
         self.vm = vm
         self.target = vm.require_live("monitor")
@@ -104,6 +109,9 @@ class Monitor:
             except ValueError as e:
                 raise VmshieldError(str(e)) from e
         self.ring_size = ring_size
+        if aggregate is not None and not (math.isfinite(aggregate) and aggregate > 0):
+            raise VmshieldError(f"aggregate interval {aggregate}: must be a positive number")
+        self.aggregate = aggregate
         self.dump_dir = dump_dir or Path.cwd()
         self.dump_interval = dump_interval
         self.check_interval = check_interval
@@ -265,6 +273,7 @@ class Monitor:
                 dump_dir=self.dump_dir, dump_interval=self.dump_interval,
                 check_interval=self.check_interval, policy=self.on_tamper.value,
                 ring_size=self.ring_size, emit_json=self._publish_json,
+                aggregate=self.aggregate,
             )  # fmt: skip
             eng.wants_events = self._wants_events
             eng.wants_lines = lambda: bool(self._line_callbacks)
@@ -272,6 +281,8 @@ class Monitor:
             try:
                 eng.arm()
                 self.engine = eng
+                for why in eng.not_aggregated:
+                    self._note(f"--aggregate: {why}")
             except VmshieldError as e:
                 if choice == EngineKind.SPACE or eng.space is not None:  # never two engines
                     raise
@@ -279,6 +290,8 @@ class Monitor:
         if self.engine is None:
             if choice == EngineKind.AUTO:
                 self._note(f"engine auto: using exit ({why})")
+            if self.aggregate:
+                self._note("--aggregate applies to the security space only: every hit is an event")
             ex = self._exit_engine()
             ex.arm()
             self.engine = ex

@@ -141,6 +141,7 @@ class SpaceStats(Stats):
     alerts: int = 0
     drains: int = 0
     guest_filtered: int = 0  # hits no request wanted, dropped by the agent itself
+    aggregated: int = 0  # hits counted in the guest's aggregation tables (--aggregate)
 
 
 class SpaceEngine:
@@ -158,6 +159,7 @@ class SpaceEngine:
         dump_interval: float = 10.0,
         ring_size: int | None = None,
         emit_json: Callable[[str], None] | None = None,
+        aggregate: float | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise VmshieldError(f"unknown tamper policy {policy!r} (use {', '.join(POLICIES)})")
@@ -169,6 +171,10 @@ class SpaceEngine:
         self.check_interval = check_interval
         self.policy = policy
         self.ring_size = L.check_ring_size(ring_size) if ring_size else None
+        # --aggregate: seconds between summaries (None: every hit is an event)
+        self.aggregate = aggregate
+        self.not_aggregated: list[str] = []  # requests that stay one event per hit, and why
+        self._agg_last: dict[tuple[int, int], tuple[tuple[Any, ...], int]] = {}
         # JSON lines straight from records (the CLI's --json); Event objects only while
         # wants_events() says someone reads them.
         self.emit_json = emit_json
@@ -256,12 +262,74 @@ class SpaceEngine:
                     )
                 )
                 s.nrules += 1
+            if self.aggregate:
+                why = self._aggregate_problem(reqs, srs)
+                if why:
+                    self.not_aggregated.append(f"{reqs[0].point.symbol}: {why}")
+                else:
+                    s.aggregate = 1
             s.enabled = 1
             fast = all(r.request.action in space_events.FAST_ACTIONS for r in reqs)
             raw_args = reqs[0].request.object.startswith("kfunc:")
             self.sites[idx] = space_events.SiteDecoder(idx, plan, srs, fast, raw_args)
         self.decoder = space_events.RecordDecoder(self.t.name, self.sites, sp.host_time,
                                                   self.stats, self._handle)  # fmt: skip
+
+    @staticmethod
+    def _aggregate_problem(
+        reqs: list[ResolvedRequest], srs: list[space_events.SiteRequest]
+    ) -> str | None:
+        """Why the hits of a site cannot be counted in the guest instead of recorded."""
+        for r, sr in zip(reqs, srs, strict=True):
+            if r.request.action != "log":
+                return f"{r.request.object} has action {r.request.action} (events kept)"
+            if not sr.exact:
+                return f"{r.request.object} has filters only the host can check (events kept)"
+        return None
+
+    def _aggregate_once(self, interval: float) -> None:
+        """One summary event: the hits counted in the guest's tables since the last one,
+        per (object, task, comm, key). Counts only grow; one that went back is a
+        ring-state alert (the guest wrote the table), and the host starts over from it."""
+        sp = self.space
+        if sp is None or sp.rings is None or sp.region is None:
+            return
+        totals: dict[tuple[Any, ...], int] = {}
+        for cpu in range(sp.region.ncpus):
+            try:
+                slots = sp.rings.aggregates(cpu)
+            except VmshieldError as e:
+                sp.rings.findings.append(Alert("ring-state", f"cpu {cpu} aggregation table", 0,
+                                               "readable", f"unreadable: {e}"))  # fmt: skip
+                continue
+            for i, slot in slots:
+                site = self.sites.get(int(slot.site))
+                comm = bytes(slot.comm).decode(errors="backslashreplace")
+                ident = (int(slot.site), int(slot.pid), int(slot.tgid), int(slot.key), comm)
+                count = int(slot.count)
+                last = self._agg_last.get((cpu, i))
+                base = last[1] if last is not None and last[0] == ident else 0
+                self._agg_last[(cpu, i)] = (ident, count)
+                if count < base:
+                    sp.rings.findings.append(Alert(
+                        "ring-state", f"cpu {cpu} aggregation slot {i}", 0, f">= {base}",
+                        f"{count} (went backwards)"))  # fmt: skip
+                    continue
+                if site is None or count == base:
+                    continue
+                obj = site.requests[0].req.request.object
+                key = (obj, ident[1], ident[2], int(slot.uid), comm, ident[3])
+                totals[key] = totals.get(key, 0) + count - base
+        if not totals:
+            return
+        counts = [
+            {"object": o, "pid": pid, "tgid": tgid, "uid": uid, "comm": comm, "key": k, "count": n}
+            for (o, pid, tgid, uid, comm, k), n in sorted(totals.items(), key=lambda x: -x[1])
+        ]
+        self.stats.aggregated += sum(totals.values())
+        self._system_event("space.aggregate", "log", {
+            "interval": round(interval, 3), "total": sum(totals.values()), "counts": counts,
+            "where": "aggregation tables"})  # fmt: skip
 
     def detach(self, attempts: int = 5) -> None:
         """Unpatch, free and leave no trace; refused while a vCPU is inside the space
@@ -285,6 +353,8 @@ class SpaceEngine:
             try:
                 with borrowed(self.t, self.k, "teardown") as b:
                     self._drain_once()  # the VM is stopped: these are the last records
+                    if self.aggregate:
+                        self._aggregate_once(self.aggregate)
                     self._teardown(b)
                 for sym in sp.left_disabled:
                     self._system_event("space.detach", "note", {
@@ -307,6 +377,7 @@ class SpaceEngine:
         end = time.monotonic() + duration if duration else None
         next_check = time.monotonic() + self.check_interval
         wait = DRAIN_INTERVAL
+        last_agg = time.monotonic()
         while not should_stop() and (end is None or time.monotonic() < end):
             if self.fallback_requested:
                 return  # the caller moves the requests to the exit engine
@@ -318,6 +389,10 @@ class SpaceEngine:
             if deep:
                 next_check = time.monotonic() + self.check_interval
             wait = drain_interval(self._drain_once())
+            if self.aggregate and time.monotonic() - last_agg >= self.aggregate:
+                now = time.monotonic()
+                self._aggregate_once(now - last_agg)
+                last_agg = now
             self._integrity(deep)
 
     def _drain_once(self) -> float:

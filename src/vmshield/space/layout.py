@@ -44,6 +44,8 @@ RING_MIN = 64 << 10
 RING_MAX = 256 << 20
 PAD_FLAG = 0x80000000  # in Record.size: a pad up to the ring's end, no event
 PATH_SCRATCH = 4096  # PATH_MAX: d_absolute_path of any path the VFS accepts in one call
+AGG_SLOTS = 128  # per-CPU aggregation table (--aggregate), a power of two
+AGG_PROBE = 8  # slots the agent tries before it writes an ordinary record
 
 # fetch kinds
 F_NONE, F_KMEM, F_KSTR, F_USTR, F_DPATH, F_ARGV = 0, 1, 2, 3, 4, 5
@@ -98,6 +100,7 @@ class Site(C.Structure):
         ("ret", C.c_uint64), ("nfetch", C.c_uint32), ("nrules", C.c_uint32),
         ("path_item", C.c_int32), ("port_item", C.c_int32), ("enabled", C.c_uint32),
         ("port_mode", C.c_uint32), ("nargs", C.c_uint32), ("max_size", C.c_uint32),
+        ("aggregate", C.c_uint32), ("pad", C.c_uint32),
         ("fetch", Fetch * MAX_FETCH), ("rules", Rule * MAX_RULES),
     ]  # fmt: skip
 
@@ -154,8 +157,21 @@ class RingHeader(C.Structure):
         ("head", C.c_uint64), ("tail", C.c_uint64), ("drops", C.c_uint64),
         ("inflight", C.c_uint64), ("hits", C.c_uint64), ("nested", C.c_uint64),
         ("denied", C.c_uint64), ("killed", C.c_uint64),
-        ("records", C.c_uint64), ("filtered", C.c_uint64),
-        ("sample", CpuSample), ("pad", C.c_uint8 * 64),
+        ("records", C.c_uint64), ("filtered", C.c_uint64), ("aggregated", C.c_uint64),
+        ("sample", CpuSample), ("pad", C.c_uint8 * 56),
+    ]  # fmt: skip
+
+
+class AggSlot(C.Structure):
+    """One line of a CPU's aggregation table: hits of ``site`` by one task (and one
+    ``key``: the port for network objects, else 0) counted instead of recorded. The
+    agent claims a free slot (``count`` 0) by filling it and then setting ``count``;
+    slots are never freed, so the host reads counts that only grow."""
+
+    _fields_ = [
+        ("count", C.c_uint64), ("key", C.c_uint64), ("pid", C.c_int32), ("tgid", C.c_int32),
+        ("uid", C.c_uint32), ("site", C.c_uint16), ("pad", C.c_uint16),
+        ("comm", C.c_char * COMM_LEN),
     ]  # fmt: skip
 
 
@@ -205,10 +221,15 @@ def path_scratch_offset(ring_size: int) -> int:
     return scratch_record_offset(ring_size) + RECORD_MAX
 
 
+def agg_offset(ring_size: int) -> int:
+    """The CPU's aggregation table (``AGG_SLOTS`` :class:`AggSlot`), from the ring's start."""
+    return path_scratch_offset(ring_size) + PATH_SCRATCH
+
+
 def ring_bytes(ring_size: int = RING_SIZE) -> int:
     """Bytes of one CPU's ring, page-rounded (header, records, the scratch record, the
-    path scratch area)."""
-    n = path_scratch_offset(ring_size) + PATH_SCRATCH
+    path scratch area, the aggregation table)."""
+    n = agg_offset(ring_size) + AGG_SLOTS * C.sizeof(AggSlot)
     return (n + 0xFFF) & ~0xFFF
 
 
@@ -248,7 +269,7 @@ def c_header() -> str:
     consts = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, int)}
     out += [f"#define VMS_{k} {v:#x}ULL" if v > 0x7FFFFFFF else f"#define VMS_{k} {v}"
             for k, v in consts.items()]  # fmt: skip
-    for st in (Fetch, Rule, Site, Config, CpuSample, RingHeader, Record):
+    for st in (Fetch, Rule, Site, Config, CpuSample, RingHeader, AggSlot, Record):
         out.append(f"struct vms_{st.__name__.lower()} {{")
         for fname, ftype, *_ in st._fields_:
             out.append(f"\t{_c_field(fname, ftype)};")

@@ -14,10 +14,11 @@ taken on trust. The host keeps its own copy of everything it needs, per CPU:
   reach exactly to the ring's end: a record that is not all of that is forged, and
   nothing from it up to head is read;
 - the last value of every counter: ``hits``, ``drops``, ``nested``, ``denied``,
-  ``killed``, ``records``, ``filtered`` only grow, ``drops`` never grows faster than
-  ``hits`` (each drop is a hit), and every hit ends as a published record, a drop or
-  filtered out in the guest, so hits that rise with nothing to show (the agent switched
-  off by a forged in-flight flag, with hits forged to look alive) are seen as well.
+  ``killed``, ``records``, ``filtered``, ``aggregated`` only grow, ``drops`` never grows
+  faster than ``hits`` (each drop is a hit), and every hit ends as a published record, a
+  drop, filtered out or counted in the aggregation table in the guest, so hits that rise
+  with nothing to show (the agent switched off by a forged in-flight flag, with hits
+  forged to look alive) are seen as well.
 
 Anything that goes the wrong way is an :class:`Alert` (``ring-state``); the host then
 re-bases on what it found, so a reset or saturated drop counter still reports later
@@ -41,7 +42,7 @@ WriteVa = Callable[[int, bytes], None]
 PaOf = Callable[[int], int]
 
 U64 = 1 << 64
-COUNTERS = ("hits", "drops", "nested", "denied", "killed", "records", "filtered")
+COUNTERS = ("hits", "drops", "nested", "denied", "killed", "records", "filtered", "aggregated")
 _HSIZE = C.sizeof(L.RingHeader)
 _OFF = {n: getattr(L.RingHeader, n).offset for n in ("head", "tail", "inflight", *COUNTERS)}
 _SIZE_SEQ = struct.Struct("<II")  # the first 8 bytes of every record, pad included
@@ -121,9 +122,21 @@ class RingReader:
 
     def _rebase(self, st: RingState, h: L.RingHeader) -> None:
         st.base_hits = int(h.hits)
-        st.base_rest = int(h.records) + int(h.drops) + int(h.filtered)
+        st.base_rest = int(h.records) + int(h.drops) + int(h.filtered) + int(h.aggregated)
         for name in COUNTERS:
             st.last[name] = int(getattr(h, name))
+
+    def aggregates(self, cpu: int) -> list[tuple[int, L.AggSlot]]:
+        """The claimed slots of ``cpu``'s aggregation table, by index (bounded: the table
+        has ``AGG_SLOTS`` lines; the caller checks that counts only grow)."""
+        n = C.sizeof(L.AggSlot)
+        raw = self.read(self.ring(cpu) + L.agg_offset(self.ring_size), L.AGG_SLOTS * n)
+        out = []
+        for i in range(L.AGG_SLOTS):
+            slot = L.AggSlot.from_buffer_copy(raw, i * n)
+            if slot.count:
+                out.append((i, slot))
+        return out
 
     def fill(self, cpu: int) -> float:
         """How full the ring of ``cpu`` is for the host (0..1, from the guest's head and
@@ -237,7 +250,7 @@ class RingReader:
         if not forged:
             # Every hit ends as a record, a drop or filtered; one may be in flight (or
             # read before its record when the header is copied mid-update).
-            rest = now["records"] + now["drops"] + now["filtered"]
+            rest = now["records"] + now["drops"] + now["filtered"] + now["aggregated"]
             gap = _since(now["hits"], st.base_hits) - _since(rest, st.base_rest)
             if -1 <= gap <= 1:
                 st.last.update(now)

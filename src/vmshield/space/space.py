@@ -784,7 +784,7 @@ class SecuritySpace:
     def counters(self) -> dict[str, int]:
         r = self.region
         out = dict.fromkeys(("hits", "drops", "nested", "denied", "killed", "records",
-                             "filtered"), 0)  # fmt: skip
+                             "filtered", "aggregated"), 0)  # fmt: skip
         if r is None:
             return out
         for cpu in range(r.ncpus):
