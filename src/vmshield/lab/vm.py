@@ -16,6 +16,7 @@ file is only trusted, or signalled, while its command line still names this VM.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -129,8 +130,11 @@ def initramfs_path() -> Path:
 
 
 def ram_path(vm: LabVM) -> str:
-    """The shared guest RAM file of a lab VM."""
-    return f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+    """The shared guest RAM file of a lab VM. ``/dev/shm`` is one folder for every run
+    folder: the run folder's hash in the name keeps two test sessions (or worktrees)
+    that boot VMs of the same name from removing each other's guest RAM."""
+    tag = hashlib.sha256(str(run_dir()).encode()).hexdigest()[:8]
+    return f"/dev/shm/vmshield-{os.getuid()}-{tag}-{vm.name}"
 
 
 def create_ram_file(path: str) -> None:
