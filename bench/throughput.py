@@ -37,7 +37,7 @@ from rich.table import Table
 
 from vmshield import Event, IsolationRequest, Monitor, open_vm
 from vmshield.lab import vm as labvm
-from vmshield.lab.vmstest import kv, timed
+from vmshield.lab.vmstest import timed
 from vmshield.monitor.space_engine import SpaceStats
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
 from vmshield.space import captures
@@ -163,9 +163,9 @@ def kprobe_run(lab: labvm.LabVM, n: int, count: int) -> dict[str, Any]:
         runs = bursts(lab, n, count)
         lab.run(f"echo 0 > {TRACE}/tracing_on", timeout=60)
         got = int(lab.run(f"grep -c vmsgetpid: {TRACE}/trace", timeout=300).output.split()[-1])
-        stats = kv(lab.run(f"cat {TRACE}/per_cpu/cpu0/stats | tr ': ' '=_' | tr '\\n' ' '",
-                           timeout=60).output)  # fmt: skip
-        lost = int(stats.get("overrun", "0")) + int(stats.get("dropped_events", "0"))
+        out = lab.run(f"cat {TRACE}/per_cpu/cpu0/stats", timeout=60).output
+        stats = {k.strip(): v.strip() for k, _, v in (x.partition(":") for x in out.splitlines())}
+        lost = sum(int(stats.get(k, "0") or 0) for k in ("overrun", "dropped events"))
     finally:
         lab.run(
             f"echo 0 > {TRACE}/events/kprobes/vmsgetpid/enable; "
@@ -208,6 +208,7 @@ def main() -> None:
             timed(lab, "vmstest loop 1000")  # warm up: TCG translates the loop once
             base_before = bursts(lab, n, count)
             rows["security space"] = space_run(vm, lab, n, count)
+            console.print({k: v for k, v in rows["security space"].items() if k != "ring"})
             rows["guest kprobe event (tracefs)"] = kprobe_run(lab, n, count)
             base_after = bursts(lab, n, count)
     finally:
