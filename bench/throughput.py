@@ -183,11 +183,11 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, default=5)
     ap.add_argument("--no-vm", action="store_true", help="only the drain rate")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=150)
     load = os.getloadavg()[0]
     t2 = Table(title=f"host drain rate on recorded rings, no VM (one core, process CPU "
                      f"time; load average {load:.1f} on {os.cpu_count()} cores)")  # fmt: skip
-    for col in ("decoded to", "records (8 MiB ring)", "bytes per record", "events/s"):
+    for col in ("decoded to", "records (one 8 MiB ring)", "bytes per record", "events/s"):
         t2.add_column(col, justify="right")
     for objects, distinct in ((False, False), (False, True), (True, False)):
         n, rate, per = drain_rate(objects, distinct)

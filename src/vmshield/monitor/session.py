@@ -168,12 +168,11 @@ class Monitor:
         unsubscribes it."""
         entry = (callback, flush)
         with self._lock:
-            self._line_callbacks.append(entry)
+            self._line_callbacks = [*self._line_callbacks, entry]
 
         def unsubscribe() -> None:
             with self._lock:
-                if entry in self._line_callbacks:
-                    self._line_callbacks.remove(entry)
+                self._line_callbacks = [e for e in self._line_callbacks if e is not entry]
 
         return unsubscribe
 
@@ -181,9 +180,9 @@ class Monitor:
         return bool(self._callbacks or self._queues)
 
     def _publish_json(self, line: str) -> None:
-        with self._lock:
-            callbacks = list(self._line_callbacks)
-        for cb, _flush in callbacks:
+        # Called per event on the hot path: no lock, no copy (subscribe_json replaces the
+        # list rather than changing it, so iterating the one read here is safe).
+        for cb, _flush in self._line_callbacks:
             cb(line)
 
     def _flush_json(self) -> None:

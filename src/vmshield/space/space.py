@@ -1051,11 +1051,12 @@ FTRACE_FLAGS = (
 
 
 def ring_size_for(ram_bytes: int, ncpus: int) -> int:
-    """Bytes of records per vCPU by default: all rings together take at most 1/64 of
+    """Bytes of records per vCPU by default: all rings together take at most 1/32 of
     guest RAM (the allocation is GFP_KERNEL: it must not push a small guest into its OOM
-    killer), at most 16 MiB a ring, a power of two (8 MiB per vCPU for 512 MiB and one
-    vCPU: about 65,000 getpid records)."""
-    fit = ram_bytes // 64 // max(1, ncpus)
+    killer), at most 16 MiB a ring, a power of two (16 MiB per vCPU for 512 MiB and one
+    vCPU: 131,072 getpid records, four bursts of 30,000 calls even if the host read
+    nothing meanwhile)."""
+    fit = ram_bytes // 32 // max(1, ncpus)
     return max(L.RING_MIN, min(16 << 20, 1 << max(0, fit.bit_length() - 1)))
 
 
