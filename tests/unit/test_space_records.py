@@ -281,3 +281,24 @@ def test_host_checks_what_the_agent_could_not() -> None:
 def test_decoder_never_raises_on_forged_records(raws: list[bytes]) -> None:
     dec, _stats = _decoder("module.load")
     dec.decode(raws, lambda _line: None, lambda _ev: None)
+
+
+def test_ring_sizes() -> None:
+    from vmshield.cli.checks import ring_size
+    from vmshield.errors import VmshieldError
+    from vmshield.space.space import ring_size_for
+
+    assert ring_size_for(512 << 20, 1) == 16 << 20
+    assert ring_size_for(512 << 20, 4) == 4 << 20
+    assert ring_size_for(64 << 20, 8) == 256 << 10
+    assert ring_size_for(16 << 20, 8) == ring_size_for(8 << 20, 8) == L.RING_MIN
+    assert ring_size_for(64 << 30, 1) == 16 << 20
+    assert ring_size("8M") == ring_size("8MiB") == 8 << 20
+    assert ring_size("256k") == ring_size("262144") == 256 << 10
+    for bad in ("3M", "1K", "1G", "-8M", "abc", "", "9" * 20):
+        try:
+            ring_size(bad)
+        except VmshieldError as e:
+            assert "--ring-size" in str(e)
+        else:
+            raise AssertionError(bad)
