@@ -37,14 +37,16 @@ from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
 
-# site, cpu, nitems, nargs, verdict, ns, matched (from offset 8: the hot path needs no
-# more); HEADER: the whole layout.Record, field by field.
-HOT = struct.Struct("<HHHBBQI")
-HEADER = struct.Struct("<IIHHHBBQIIiiiIIIQ16s")
-assert HEADER.size == L.RECORD_HEADER
+# site, cpu, nitems, nargs, verdict, ns, matched: what the hot path reads of a header
+# (from offset 8); WHO: pid, tgid, ppid, uid, euid, gid, task, comm. Both formats come
+# from layout.Record.
+_HOT, _HOT_AT = L.struct_format(L.Record, "site", "matched")
+HOT = struct.Struct(_HOT)
+assert _HOT_AT == 8
 PSTART, PEND = L.PROCESS_BYTES
-WHO = struct.Struct("<iiiIIIQ16s")  # pid, tgid, ppid, uid, euid, gid, task, comm
-assert WHO.size == PEND - PSTART
+_WHO, _WHO_AT = L.struct_format(L.Record, "pid", "comm")
+WHO = struct.Struct(_WHO)
+assert _WHO_AT == PSTART and WHO.size == PEND - PSTART
 ARGS = [struct.Struct(f"<{n}Q") for n in range(7)]
 PROCESS_CACHE = 4096
 FAST_ACTIONS = frozenset({"log", "deny", "kill"})

@@ -193,6 +193,27 @@ class Record(C.Structure):
 
 RECORD_HEADER = C.sizeof(Record)
 PROCESS_BYTES = (Record.pid.offset, RECORD_HEADER)  # the record's "who", to the end
+
+_STRUCT_CODE: dict[Any, str] = {
+    C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_uint64: "Q", C.c_int32: "i",
+    C.c_int64: "q",
+}  # fmt: skip
+
+
+def struct_format(st: type[C.Structure], first: str, last: str) -> tuple[str, int]:
+    """A ``struct`` format for the fields ``first`` to ``last`` of ``st`` (packed, little
+    endian) and the offset of ``first``: the host's fast readers unpack records with it,
+    so their field order comes from here too."""
+    names = [f[0] for f in st._fields_]
+    out = "<"
+    for _name, t, *_ in st._fields_[names.index(first) : names.index(last) + 1]:
+        if issubclass(t, C.Array) and getattr(t, "_type_", None) is C.c_char:
+            out += f"{t._length_}s"
+        else:
+            out += _STRUCT_CODE[t]
+    return out, int(getattr(st, first).offset)
+
+
 # Room for items in the largest record: RECORD_MAX less the header and six arguments.
 RECORD_DATA = RECORD_MAX - RECORD_HEADER - 6 * 8
 assert C.sizeof(RingHeader) == 256, C.sizeof(RingHeader)
