@@ -204,7 +204,7 @@ class RecordDecoder:
                                 hexes,
                                 '{"args":["' + '","'.join(hexes) + '"]}',
                             )
-                        fields = {"args": list(got[0])}
+                        fields = {"args": got[0]}  # copied below before it leaves here
                         fields_json = got[1]
                     else:
                         items = captures.parse_items(raw[end:], nitems)
@@ -236,8 +236,9 @@ class RecordDecoder:
                         f"{sr.detail_json}}}"
                     )
                 if events is not None:
+                    mine = {"args": list(fields["args"])} if site.raw_args else fields
                     events(trusted_event(t, self.vm, sr.req.request.id, obj, sr.action, proc,
-                                         fields, point, list(errors), dict(sr.detail)))  # fmt: skip
+                                         mine, point, list(errors), dict(sr.detail)))  # fmt: skip
         stats.events += n_events
         stats.filtered += n_filtered
         stats.decode_errors += n_errors
