@@ -302,3 +302,48 @@ def test_ring_sizes() -> None:
             assert "--ring-size" in str(e)
         else:
             raise AssertionError(bad)
+
+
+def test_aggregate_summaries_from_the_guest_tables() -> None:
+    """--aggregate: the host reads the tables the agent fills (counts that only grow),
+    emits the increase per task once per interval, and a count that goes back is a
+    ring-state alert, not a negative count."""
+    import ctypes as C
+
+    from vmshield.monitor.space_engine import SpaceEngine
+
+    r = Ring()
+    eng: Any = SpaceEngine.__new__(SpaceEngine)
+    got: list[Event] = []
+    eng.emit, eng.emit_json, eng.stats, eng._agg_last = got.append, None, SpaceStats(), {}
+    eng.t = SimpleNamespace(name="lab")
+    eng.wants_lines = lambda: False
+    eng.space = SimpleNamespace(rings=r.reader, region=SimpleNamespace(ncpus=1))
+    dec, _ = _decoder("kfunc:__x64_sys_getpid")
+    eng.sites = dec.sites
+    table = L.agg_offset(RING)
+
+    def slot(i: int, count: int, pid: int = 42) -> None:
+        s = L.AggSlot()
+        s.count, s.pid, s.tgid, s.site, s.comm = count, pid, pid, 0, b"vmstest"
+        at = table + i * C.sizeof(L.AggSlot)
+        r.buf[at : at + C.sizeof(s)] = bytes(s)
+
+    slot(3, 1000)
+    slot(7, 5, pid=43)
+    eng._aggregate_once(1.0)
+    (ev,) = got
+    assert ev.object == "space.aggregate" and ev.fields["total"] == 1005
+    assert [(c["pid"], c["count"]) for c in ev.fields["counts"]] == [(42, 1000), (43, 5)]
+    slot(3, 1500)
+    eng._aggregate_once(1.0)
+    assert got[-1].fields["counts"] == [{"object": "kfunc:__x64_sys_getpid", "pid": 42,
+                                         "tgid": 42, "uid": 0, "comm": "vmstest", "key": 0,
+                                         "count": 500}]  # fmt: skip
+    n = len(got)
+    eng._aggregate_once(1.0)  # nothing new: no event
+    assert len(got) == n
+    slot(3, 10)  # forged backwards
+    eng._aggregate_once(1.0)
+    assert len(got) == n
+    assert any("aggregation slot 3" in a.where for a in r.reader.take_findings())
