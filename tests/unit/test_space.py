@@ -71,7 +71,7 @@ def test_header_matches_ctypes_and_agent_builds() -> None:
     elf = ELFFile(__import__("io").BytesIO(obj))
     assert elf.header["e_type"] == "ET_REL"
     assert "struct vms_record" in L.c_header()
-    assert C.sizeof(L.Record) + L.RECORD_DATA == L.SLOT_SIZE
+    assert C.sizeof(L.Record) + 6 * 8 + L.RECORD_DATA == L.RECORD_MAX
 
 
 def test_link_resolves_calls_to_kernel_helpers() -> None:
@@ -125,6 +125,7 @@ def test_plans_fit_a_record_on_real_kernels(kernel: str) -> None:
         assert len(plan.fetches) <= L.MAX_FETCH
         used = sum((4 + f.len + 7) & ~7 for f in plan.fetches)
         assert used <= L.RECORD_DATA, f"{name} needs {used} bytes"
+        assert plan.max_size() == L.RECORD_HEADER + 8 * plan.nargs + used
         for f in plan.fetches:
             assert f.kind in (L.F_KMEM, L.F_KSTR, L.F_USTR, L.F_DPATH, L.F_ARGV)
             assert all(-(1 << 31) <= o < 1 << 31 for o in f.off)

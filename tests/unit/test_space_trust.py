@@ -23,13 +23,20 @@ from vmshield.guest.paging import PageWalker
 from vmshield.monitor.catalog import match_filter
 from vmshield.space import layout as L
 from vmshield.space.alert import Alert
-from vmshield.space.rings import RingReader
+from vmshield.space.rings import AgentModel, RingReader
 from vmshield.space.space import PAGE, Region, SecuritySpace, SiteState
 
-NSLOTS = 16
+RING = L.RING_MIN  # bytes of records per CPU
+REC = 128  # every record here: header, 6 arguments (the size of a kfunc record)
+NSLOTS = RING // REC  # records a ring holds
 RINGS_VA = 0x10000
-STRIDE = L.ring_bytes(NSLOTS)
+STRIDE = L.ring_bytes(RING)
 H = {name: getattr(L.RingHeader, name).offset for name, *_ in L.RingHeader._fields_}
+
+
+def at(n: int) -> int:
+    """Offset of the ``n``-th record of a ring of REC-byte records, from its start."""
+    return L.data_offset() + (n * REC) % RING
 
 
 class RingMemory:
@@ -38,7 +45,8 @@ class RingMemory:
     def __init__(self, ncpus: int = 1) -> None:
         self.buf = bytearray(ncpus * STRIDE)
         self.reader = RingReader(self.read, self.write, lambda va: va, RINGS_VA, STRIDE,
-                                 ncpus, NSLOTS)  # fmt: skip
+                                 ncpus, RING)  # fmt: skip
+        self.agents = [AgentModel(self.buf, RING, cpu * STRIDE) for cpu in range(ncpus)]
 
     def read(self, va: int, n: int) -> bytes:
         off = va - RINGS_VA
@@ -59,22 +67,12 @@ class RingMemory:
         self.buf[off : off + 8] = (value % (1 << 64)).to_bytes(8, "little")
 
     def agent_hit(self, pid: int, cpu: int = 0) -> None:
-        if self.get("inflight", cpu):  # the agent takes the flag for a re-entry
-            self.set("nested", self.get("nested", cpu) + 1, cpu)
-            return
-        self.set("hits", self.get("hits", cpu) + 1, cpu)
-        head, tail = self.get("head", cpu), self.get("tail", cpu)
-        if (head - tail) % (1 << 64) >= NSLOTS:
-            self.set("drops", self.get("drops", cpu) + 1, cpu)
-            return
         rec = L.Record()
-        rec.pid, rec.cpu, rec.seq = pid, cpu, (head + 1) & 0xFFFFFFFF
-        off = cpu * STRIDE + L.slot_offset(head, NSLOTS)
-        self.buf[off : off + C.sizeof(rec)] = bytes(rec)
-        self.set("head", head + 1, cpu)
+        rec.pid, rec.cpu, rec.matched = pid, cpu, 1
+        self.agents[cpu].hit(rec, (0,) * 6, max_size=REC)
 
     def drain(self) -> list[int]:
-        return [rec.pid for rec, _ in self.reader.drain()]
+        return [L.Record.from_buffer_copy(raw).pid for raw in self.reader.drain()]
 
     def findings(self) -> list[Alert]:
         return self.reader.take_findings()
@@ -96,7 +94,7 @@ def test_records_once_in_order_and_the_tail_published() -> None:
     hits(m, range(1, 6))
     hits(m, range(100, 103), cpu=1)
     assert m.drain() == [1, 2, 3, 4, 5, 100, 101, 102]
-    assert m.get("tail") == 5 and m.get("tail", 1) == 3
+    assert m.get("tail") == 5 * REC and m.get("tail", 1) == 3 * REC
     assert m.drain() == [] and m.findings() == []
     hits(m, range(6, 6 + 3 * NSLOTS))  # fill and overflow: drops, counted by the host
     assert len(m.drain()) == NSLOTS
@@ -107,7 +105,7 @@ def test_head_moved_backwards_replays_nothing() -> None:
     m = RingMemory()
     hits(m, range(1, 9))
     assert m.drain() == list(range(1, 9))
-    m.set("head", 2)  # the slots of records 3..8 still hold them
+    m.set("head", 2 * REC)  # the slots of records 3..8 still hold them
     assert m.drain() == []
     (alert,) = m.findings()
     assert alert.where == "cpu 0 ring head" and "backwards" in alert.found
@@ -146,7 +144,7 @@ def test_head_forged_ahead_shows_no_stale_slot() -> None:
     m = RingMemory()
     hits(m, range(1, 4))
     assert m.drain() == [1, 2, 3]
-    m.set("head", 3 + NSLOTS)  # every slot below holds a record of another position
+    m.set("head", (3 + NSLOTS) * REC)  # every slot below holds a record of another position
     assert m.drain() == []
     assert m.findings()
     hits(m, range(7, 9))
@@ -158,10 +156,11 @@ def test_a_record_shown_at_another_position_is_refused() -> None:
     hits(m, range(1, 3))
     assert m.drain() == [1, 2]
     # Forge the next slot with a copy of record 1 and publish it.
-    first = m.buf[L.slot_offset(0, NSLOTS) : L.slot_offset(1, NSLOTS)]
-    m.buf[L.slot_offset(2, NSLOTS) : L.slot_offset(3, NSLOTS)] = first
-    m.set("head", 3)
+    first = m.buf[at(0) : at(1)]
+    m.buf[at(2) : at(3)] = first
+    m.set("head", 3 * REC)
     m.set("hits", m.get("hits") + 1)
+    m.set("records", m.get("records") + 1)
     assert m.drain() == []
     assert any("replayed" in a.found for a in m.findings())
 
@@ -309,7 +308,7 @@ def space(tmp_path: Path) -> tuple[PhysMem, SecuritySpace]:
     mem.put(PDPT + 511 * 8, PD | P | RW)
     mem.put(PD + 0, PT | P | RW)
     config_pages = -(-C.sizeof(L.Config) // PAGE)
-    region = Region(BASE, 1, config_pages, STRIDE, 1, NSLOTS)
+    region = Region(BASE, 1, config_pages, STRIDE, 1, RING)
     npages = region.size // PAGE
     region.pages = [FRAMES + i * PAGE for i in range(npages)]
     for i, pa in enumerate(region.pages):
@@ -396,7 +395,7 @@ def test_ring_forgery_reaches_check(tmp_path: Path) -> None:
     mem.put(ring + H["drops"], (1 << 64) - 1)
     list(sp.drain())
     assert any(a.what == "ring-state" for a in sp.check())
-    mem.put(head, 5)  # published records that the agent never wrote
+    mem.put(head, 5 * REC)  # published records that the agent never wrote
     assert list(sp.drain()) == []
     assert any("overwritten or forged" in a.found for a in sp.check())
 

@@ -34,3 +34,19 @@ def requests(
         validate(req)
         out.append(req)
     return out
+
+
+def ring_size(text: str) -> int:
+    """``--ring-size``: bytes, or a number with K or M; a power of two in the bounds the
+    security space accepts."""
+    from vmshield.space import layout as L
+
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    digits = t[:-1] if scale > 1 else t
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 12:
+        raise VmshieldError(f"--ring-size {text!r}: give bytes, or a number with K or M")
+    try:
+        return L.check_ring_size(int(digits) * scale)
+    except ValueError as e:
+        raise VmshieldError(f"--ring-size {text!r}: {e}") from e

@@ -369,6 +369,21 @@ def monitor(
             "back), alert (report only) or exit (remove it, continue on the exit engine)."
         ),
     ] = "rearm",
+    ring_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Security space: bytes of event records per vCPU (SIZE, SIZEK or SIZEM; "
+            "a power of two from 64K to 256M). Default: sized from guest RAM."
+        ),
+    ] = None,
+    aggregate: Annotated[
+        float | None,
+        typer.Option(
+            help="Security space: count hits in the guest per (object, task, comm, port) "
+            "instead of an event each, one space.aggregate event every S seconds (log "
+            "requests whose filters the agent evaluates)."
+        ),
+    ] = None,
     symbols_file: SymbolsOpt = None,
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
@@ -396,6 +411,8 @@ def monitor(
         if not dump_interval >= 0:
             raise VmshieldError(f"--dump-interval {dump_interval}: must be 0 or more seconds")
         wanted = checks.requests(target, objects, filters or [], action)
+        ring_bytes = checks.ring_size(ring_size) if ring_size is not None else None
+        seconds("--aggregate", aggregate, optional=True)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -407,11 +424,12 @@ def monitor(
     table_console = Console(highlight=False, markup=False)
 
     def emit(ev: Event) -> None:
-        if as_json:
-            sys.stdout.write(ev.to_json() + "\n")
-            sys.stdout.flush()
-            return
         table_console.print(event_line(ev), soft_wrap=True)
+
+    def emit_line(line: str) -> None:
+        # Flushed once per drain batch (subscribe_json's flush), not per line: a burst
+        # of hundreds of thousands of events must not cost a write(2) each.
+        sys.stdout.write(line + "\n")
 
     with attached(target, symbols_file) as (t, k), _errors():
         if t is None:
@@ -422,9 +440,12 @@ def monitor(
         mon = Monitor(
             VM(target, t, k, lambda: None), wanted, engine=engine, on_tamper=on_tamper,
             dump_dir=dump_dir, dump_interval=dump_interval, check_interval=check_interval,
-            notes=note,
+            notes=note, ring_size=ring_bytes, aggregate=aggregate,
         )  # fmt: skip
-        mon.subscribe(emit)
+        if as_json:
+            mon.subscribe_json(emit_line, sys.stdout.flush)
+        else:
+            mon.subscribe(emit)
         mon.start(duration)
         try:
             eng = mon.engine

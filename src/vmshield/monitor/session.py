@@ -50,6 +50,7 @@ from vmshield.monitor.request import (
 )
 from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
 from vmshield.monitor.space_engine import unsupported as space_unsupported
+from vmshield.space import layout as L
 
 Callback = Callable[[Event], None]
 _END = object()
@@ -78,6 +79,12 @@ class Monitor:
     made (:class:`RequestError` names the object, the key and the reason); nothing
     touches the guest before :meth:`start`. ``notes`` receives what a user should be
     told (why the exit engine was chosen, which behaviours are only logged, ...).
+    ``ring_size``: bytes of records per vCPU in the security space (a power of two,
+    64 KiB to 256 MiB; default: sized from guest RAM), for a space this monitor builds.
+    ``aggregate``: seconds; the security space counts the hits of ``log`` requests whose
+    filters it evaluates itself per (object, task, comm, port) in the guest instead of
+    recording each, and one ``space.aggregate`` event every ``aggregate`` seconds
+    carries the counts (for high-frequency points: rates rather than every call).
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class Monitor:
         dump_interval: float = 10.0,
         check_interval: float = 1.0,
         notes: Callable[[str], None] | None = None,
+        ring_size: int | None = None,
+        aggregate: float | None = None,
     ) -> None:
         self.vm = vm
         self.target = vm.require_live("monitor")
@@ -102,6 +111,15 @@ class Monitor:
             raise VmshieldError(f"dump interval {dump_interval}: must be 0 or more seconds")
         if not requests:
             raise RequestError("no isolation request given")
+        if ring_size is not None:
+            try:
+                L.check_ring_size(ring_size)
+            except ValueError as e:
+                raise VmshieldError(str(e)) from e
+        self.ring_size = ring_size
+        if aggregate is not None and not (math.isfinite(aggregate) and aggregate > 0):
+            raise VmshieldError(f"aggregate interval {aggregate}: must be a positive number")
+        self.aggregate = aggregate
         self.dump_dir = dump_dir or Path.cwd()
         self.dump_interval = dump_interval
         self.check_interval = check_interval
@@ -133,6 +151,7 @@ class Monitor:
         self.engine: ExitEngine | SpaceEngine | None = None
         self.fell_back = False  # the space was tampered with and removed mid-run
         self._callbacks: list[Callback] = []
+        self._line_callbacks: list[tuple[Callable[[str], None], Callable[[], None] | None]] = []
         self._queues: list[queue.Queue[Any]] = []
         self._lock = threading.Lock()
         self.dropped = 0
@@ -156,6 +175,49 @@ class Monitor:
                     self._callbacks.remove(callback)
 
         return unsubscribe
+
+    def subscribe_json(
+        self, callback: Callable[[str], None], flush: Callable[[], None] | None = None
+    ) -> Callable[[], None]:
+        """Call ``callback`` with every event as one ``vmshield.event/1`` JSON line (the
+        text of :meth:`Event.to_json`), in the monitor's thread, and ``flush`` after
+        each batch of lines. The security space writes these lines straight from its
+        records, without making :class:`Event` objects when nobody else reads them: the
+        fast way to a log (the CLI's ``--json``). Returns the function that
+        unsubscribes it."""
+        entry = (callback, flush)
+        with self._lock:
+            self._line_callbacks = [*self._line_callbacks, entry]
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._line_callbacks = [e for e in self._line_callbacks if e is not entry]
+
+        return unsubscribe
+
+    def _wants_events(self) -> bool:
+        return bool(self._callbacks or self._queues)
+
+    def _publish_json(self, line: str) -> None:
+        # Called per event on the hot path: no lock, no copy (subscribe_json replaces the
+        # list rather than changing it, so iterating the one read here is safe).
+        for cb, _flush in self._line_callbacks:
+            cb(line)
+
+    def _flush_json(self) -> None:
+        with self._lock:
+            callbacks = list(self._line_callbacks)
+        for _cb, flush in callbacks:
+            if flush is not None:
+                flush()
+
+    def _publish_any(self, ev: Event) -> None:
+        """Events the exit engine makes: to every reader, and as a line to the JSON
+        subscribers (flushed at once: exit-engine events come one at a time)."""
+        self._publish(ev)
+        if self._line_callbacks:
+            self._publish_json(ev.to_json())
+            self._flush_json()
 
     def events(self, maxsize: int = 65536) -> Iterator[Event]:
         """Events from now on, until the monitor has stopped and all were read. The
@@ -208,7 +270,7 @@ class Monitor:
 
     def _exit_engine(self) -> ExitEngine:
         return ExitEngine(
-            self.target, self.vm.kernel, self.resolved, self._publish,
+            self.target, self.vm.kernel, self.resolved, self._publish_any,
             dump_dir=self.dump_dir, dump_interval=self.dump_interval,
         )  # fmt: skip
 
@@ -244,10 +306,17 @@ class Monitor:
                 self.target, self.vm.kernel, self.resolved, self._publish,
                 dump_dir=self.dump_dir, dump_interval=self.dump_interval,
                 check_interval=self.check_interval, policy=self.on_tamper.value,
+                ring_size=self.ring_size, emit_json=self._publish_json,
+                aggregate=self.aggregate,
             )  # fmt: skip
+            eng.wants_events = self._wants_events
+            eng.wants_lines = lambda: bool(self._line_callbacks)
+            eng.lines_done = self._flush_json
             try:
                 eng.arm()
                 self.engine = eng
+                for why in eng.not_aggregated:
+                    self._note(f"--aggregate: {why}")
             except VmshieldError as e:
                 if choice == EngineKind.SPACE or eng.space is not None:  # never two engines
                     raise
@@ -255,6 +324,8 @@ class Monitor:
         if self.engine is None:
             if choice == EngineKind.AUTO:
                 self._note(f"engine auto: using exit ({why})")
+            if self.aggregate:
+                self._note("--aggregate applies to the security space only: every hit is an event")
             ex = self._exit_engine()
             ex.arm()
             self.engine = ex

@@ -1,11 +1,19 @@
 """The security-space engine: switch gates in the guest, rings drained from shared RAM.
 
 Per event there is no VM exit: the agent records into its CPU's ring, the host drains
-the rings every ``DRAIN_INTERVAL`` and turns records into the same ``vmshield.event/1``
-events the exit engine emits. ``deny`` and ``kill`` are decided in the guest, by rules
-the host compiles from the requests (pid, uid, comm, path, port filters); ``pause`` and
-``dump`` are carried out by the host when it drains the record. The gdbstub is used only
-to build, re-arm and tear down; between those the VM has no debugger attached.
+the rings every ``DRAIN_INTERVAL`` at most (sooner as they fill: ``drain_interval``) and
+turns records into the same ``vmshield.event/1`` events the exit engine emits, in
+batches (:mod:`vmshield.monitor.space_events`). Every request is a rule in the guest: a
+hit that no request wants is dropped there, before it takes ring space or host time.
+Filters the agent evaluates exactly: ``pid``, ``uid``, ``comm`` and ``path`` (globs with
+``*`` and ``?``, comm under 16 bytes, path under 128), ``port`` (a plain number); it
+also drops a ``cred.change`` whose credentials are byte for byte the same when
+``changed=true`` is asked. Everything else (``address``, ``escalation``, ``changed``
+beyond that, port globs, character classes) is checked on the host for the records the
+agent let through. ``deny`` and ``kill`` are decided in the guest (their filters must
+all be exact); ``pause`` and ``dump`` are carried out by the host when it drains the
+record. The gdbstub is used only to build, re-arm and tear down; between those the VM
+has no debugger attached.
 
 Integrity: every drain compares the agent code, config, patched sites and ftrace flags
 with what was written, and every ``check_interval`` also the page-table entries and the
@@ -18,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +34,11 @@ from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
+from vmshield.monitor import space_events
 from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
-from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.events import Event, PointInfo
 from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
@@ -38,7 +47,8 @@ from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow, borrowed
 from vmshield.space.space import SecuritySpace, SpaceBusy, SpaceError
 
-DRAIN_INTERVAL = 0.02
+DRAIN_INTERVAL = 0.02  # at most; see drain_interval()
+DRAIN_MIN = 0.001
 AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
 POLICIES = ("rearm", "alert", "exit")
 
@@ -58,9 +68,9 @@ def unsupported(requests: list[ResolvedRequest]) -> str | None:
             problem = _rule_problem(r.request.filters)
             if problem:
                 return f"{name} with action {r.request.action}: {problem}"
-            per_site[r.point.address] = per_site.get(r.point.address, 0) + 1
-            if per_site[r.point.address] > L.MAX_RULES:
-                return f"more than {L.MAX_RULES} deny/kill requests on {r.point.symbol}"
+        per_site[r.point.address] = per_site.get(r.point.address, 0) + 1
+        if per_site[r.point.address] > L.MAX_RULES:
+            return f"more than {L.MAX_RULES} requests on {r.point.symbol}"
     if len({r.point.address for r in requests}) > L.MAX_SITES:
         return f"more than {L.MAX_SITES} monitoring points"
     return None
@@ -87,10 +97,18 @@ def _rule_problem(filters: dict[str, str]) -> str | None:
 
 
 def _rule(action: str, filters: dict[str, str]) -> L.Rule:
+    """The agent's rule for one request: every filter it can evaluate exactly; the others
+    set ``R_HOST`` (the host checks the records the rule lets through). ``changed=true``
+    also sets ``R_CHANGED``: unchanged credential bytes are surely no change."""
     r = L.Rule()
-    r.action = AGENT_ACTIONS[action]
+    r.action = AGENT_ACTIONS.get(action, L.A_LOG)
     for key, val in filters.items():
-        if key == "pid":
+        if _rule_problem({key: val}) is not None:
+            r.has |= L.R_HOST
+            if key == "changed" and val.lower() == "true":
+                r.has |= L.R_CHANGED
+                r.changed = 1
+        elif key == "pid":
             r.has |= L.R_PID
             r.pid = int(val)
         elif key == "uid":
@@ -108,12 +126,11 @@ def _rule(action: str, filters: dict[str, str]) -> L.Rule:
     return r
 
 
-@dataclass
-class _Site:
-    index: int
-    plan: captures.Plan
-    requests: list[ResolvedRequest]
-    rule_of: dict[int, int] = field(default_factory=dict)  # request position -> rule bit
+def drain_interval(fill: float) -> float:
+    """Seconds until the next drain, from how full the fullest ring was (0..1): the
+    full ``DRAIN_INTERVAL`` for a quiet guest, down to ``DRAIN_MIN`` once a ring is an
+    eighth full (a burst: the host reads while the agent still writes)."""
+    return max(DRAIN_MIN, DRAIN_INTERVAL * (1.0 - 8.0 * fill))
 
 
 @dataclass
@@ -124,6 +141,8 @@ class SpaceStats(Stats):
     drops: int = 0
     alerts: int = 0
     drains: int = 0
+    guest_filtered: int = 0  # hits no request wanted, dropped by the agent itself
+    aggregated: int = 0  # hits counted in the guest's aggregation tables (--aggregate)
 
 
 class SpaceEngine:
@@ -139,6 +158,9 @@ class SpaceEngine:
         check_interval: float = 1.0,
         policy: str = "rearm",
         dump_interval: float = 10.0,
+        ring_size: int | None = None,
+        emit_json: Callable[[str], None] | None = None,
+        aggregate: float | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise VmshieldError(f"unknown tamper policy {policy!r} (use {', '.join(POLICIES)})")
@@ -149,8 +171,20 @@ class SpaceEngine:
         self.dumps = DumpPolicy(dump_dir or Path.cwd(), dump_interval)
         self.check_interval = check_interval
         self.policy = policy
+        self.ring_size = L.check_ring_size(ring_size) if ring_size else None
+        # --aggregate: seconds between summaries (None: every hit is an event)
+        self.aggregate = aggregate
+        self.not_aggregated: list[str] = []  # requests that stay one event per hit, and why
+        self._agg_last: dict[tuple[int, int], tuple[tuple[Any, ...], int]] = {}
+        # JSON lines straight from records (the CLI's --json); Event objects only while
+        # wants_events() says someone reads them.
+        self.emit_json = emit_json
+        self.wants_events: Callable[[], bool] = lambda: True
+        self.wants_lines: Callable[[], bool] = lambda: True
+        self.lines_done: Callable[[], None] = lambda: None  # after each batch of lines
         self.space: SecuritySpace | None = None
-        self.sites: dict[int, _Site] = {}
+        self.sites: dict[int, space_events.SiteDecoder] = {}
+        self.decoder: space_events.RecordDecoder | None = None
         self.stats = SpaceStats()
         self.paused = False
         self._drops_seen = 0
@@ -172,7 +206,7 @@ class SpaceEngine:
         # Afterwards the VM runs on with no debugger attached.
         with borrowed(self.t, self.k, "build" if built is None else "adopt") as b:
             if built is None:
-                sp.build(b, len(b.stub.threads()))
+                sp.build(b, len(b.stub.threads()), self.ring_size)
             else:
                 sp.adopt(b)
             self.space = sp
@@ -213,20 +247,90 @@ class SpaceEngine:
         for addr, reqs in by_addr.items():
             idx = sp.add_site(reqs[0].point.symbol, addr)
             plan = captures.plan_for(reqs[0].request.object, self.k)
-            site = _Site(idx, plan, reqs)
             s = sp.config.sites[idx]
             s.nfetch = len(plan.fetches)
             for j, f in enumerate(plan.fetches):
                 s.fetch[j] = f
             s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
-            for pos, r in enumerate(reqs):
-                if r.request.action in AGENT_ACTIONS:
-                    bit = s.nrules
-                    s.rules[bit] = _rule(r.request.action, r.request.filters)
-                    s.nrules += 1
-                    site.rule_of[pos] = bit
+            s.nargs, s.max_size = plan.nargs, plan.max_size()
+            srs = []
+            for pos, r in enumerate(reqs):  # unsupported() allows at most MAX_RULES
+                rule = _rule(r.request.action, r.request.filters)
+                s.rules[s.nrules] = rule
+                srs.append(
+                    space_events.SiteRequest(
+                        pos, r, s.nrules, not rule.has & L.R_HOST, r.request.action
+                    )
+                )
+                s.nrules += 1
+            if self.aggregate:
+                why = self._aggregate_problem(reqs, srs)
+                if why:
+                    self.not_aggregated.append(f"{reqs[0].point.symbol}: {why}")
+                else:
+                    s.aggregate = 1
             s.enabled = 1
-            self.sites[idx] = site
+            fast = all(r.request.action in space_events.FAST_ACTIONS for r in reqs)
+            raw_args = reqs[0].request.object.startswith("kfunc:")
+            self.sites[idx] = space_events.SiteDecoder(idx, plan, srs, fast, raw_args)
+        self.decoder = space_events.RecordDecoder(self.t.name, self.sites, sp.host_time,
+                                                  self.stats, self._handle)  # fmt: skip
+
+    @staticmethod
+    def _aggregate_problem(
+        reqs: list[ResolvedRequest], srs: list[space_events.SiteRequest]
+    ) -> str | None:
+        """Why the hits of a site cannot be counted in the guest instead of recorded."""
+        for r, sr in zip(reqs, srs, strict=True):
+            if r.request.action != "log":
+                return f"{r.request.object} has action {r.request.action} (events kept)"
+            if not sr.exact:
+                return f"{r.request.object} has filters only the host can check (events kept)"
+        return None
+
+    def _aggregate_once(self, interval: float) -> None:
+        """One summary event: the hits counted in the guest's tables since the last one,
+        per (object, task, comm, key). Counts only grow; one that went back is a
+        ring-state alert (the guest wrote the table), and the host starts over from it."""
+        sp = self.space
+        if sp is None or sp.rings is None or sp.region is None:
+            return
+        totals: dict[tuple[Any, ...], int] = {}
+        for cpu in range(sp.region.ncpus):
+            try:
+                slots = sp.rings.aggregates(cpu)
+            except VmshieldError as e:
+                sp.rings.findings.append(Alert("ring-state", f"cpu {cpu} aggregation table", 0,
+                                               "readable", f"unreadable: {e}"))  # fmt: skip
+                continue
+            for i, slot in slots:
+                site = self.sites.get(int(slot.site))
+                comm = bytes(slot.comm).decode(errors="backslashreplace")
+                ident = (int(slot.site), int(slot.pid), int(slot.tgid), int(slot.key), comm)
+                count = int(slot.count)
+                last = self._agg_last.get((cpu, i))
+                base = last[1] if last is not None and last[0] == ident else 0
+                self._agg_last[(cpu, i)] = (ident, count)
+                if count < base:
+                    sp.rings.findings.append(Alert(
+                        "ring-state", f"cpu {cpu} aggregation slot {i}", 0, f">= {base}",
+                        f"{count} (went backwards)"))  # fmt: skip
+                    continue
+                if site is None or count == base:
+                    continue
+                obj = site.requests[0].req.request.object
+                key = (obj, ident[1], ident[2], int(slot.uid), comm, ident[3])
+                totals[key] = totals.get(key, 0) + count - base
+        if not totals:
+            return
+        counts = [
+            {"object": o, "pid": pid, "tgid": tgid, "uid": uid, "comm": comm, "key": k, "count": n}
+            for (o, pid, tgid, uid, comm, k), n in sorted(totals.items(), key=lambda x: -x[1])
+        ]
+        self.stats.aggregated += sum(totals.values())
+        self._system_event("space.aggregate", "log", {
+            "interval": round(interval, 3), "total": sum(totals.values()), "counts": counts,
+            "where": "aggregation tables"})  # fmt: skip
 
     def detach(self, attempts: int = 5) -> None:
         """Unpatch, free and leave no trace; refused while a vCPU is inside the space
@@ -250,6 +354,8 @@ class SpaceEngine:
             try:
                 with borrowed(self.t, self.k, "teardown") as b:
                     self._drain_once()  # the VM is stopped: these are the last records
+                    if self.aggregate:
+                        self._aggregate_once(self.aggregate)
                     self._teardown(b)
                 for sym in sp.left_disabled:
                     self._system_event("space.detach", "note", {
@@ -271,20 +377,30 @@ class SpaceEngine:
     def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
         end = time.monotonic() + duration if duration else None
         next_check = time.monotonic() + self.check_interval
+        wait = DRAIN_INTERVAL
+        last_agg = last_check = time.monotonic()
         while not should_stop() and (end is None or time.monotonic() < end):
             if self.fallback_requested:
                 return  # the caller moves the requests to the exit engine
-            time.sleep(DRAIN_INTERVAL)
+            time.sleep(wait)
             # Draining and checking go on while the VM is paused (shared RAM needs no
             # running vCPU): records written before the pause are delivered, and the
             # monitor is there for the first event after the operator resumes.
             deep = time.monotonic() >= next_check
             if deep:
                 next_check = time.monotonic() + self.check_interval
-            self._drain_once()
+            wait = drain_interval(self._drain_once())
+            if self.aggregate and time.monotonic() - last_agg >= self.aggregate:
+                now = time.monotonic()
+                self._aggregate_once(now - last_agg)
+                last_agg = now
+            # The content checks (hashes of code and config, sites, flags) keep their
+            # DRAIN_INTERVAL pace when a burst makes the drains come faster.
             if self.periodic is not None:  # requested integrity objects first
                 self.periodic(self._quiesced)
-            self._integrity(deep)
+            if deep or time.monotonic() - last_check >= DRAIN_INTERVAL:
+                last_check = time.monotonic()
+                self._integrity(deep)
 
     periodic: Callable[[Callable[[Callable[[GdbStub], None]], None]], None] | None = None
     """Called from the loop with a way to stop every vCPU (the integrity checker)."""
@@ -311,22 +427,42 @@ class SpaceEngine:
                 out[cpu] = {f: int(getattr(s, f)) for f in ("lstar", "star", "sysenter_eip")}
         return out
 
-    def _drain_once(self) -> None:
+    def _drain_once(self) -> float:
+        """Drain every ring once; returns how full the fullest ring was (0..1)."""
         sp = self.space
-        if sp is None:
-            return
+        if sp is None or self.decoder is None:
+            return 0.0
         self.stats.drains += 1
-        for rec, data in sp.drain():
-            self._handle(rec, data)
+        fill = 0.0
+        if sp.rings is not None and sp.region is not None:
+            try:
+                fill = max(sp.rings.fill(cpu) for cpu in range(sp.region.ncpus))
+            except VmshieldError:
+                fill = 0.0  # unreadable: drain() says so as an alert
+        records = list(sp.drain())
+        events = self.emit if self.wants_events() else None
+        lines = self.emit_json if self.emit_json is not None and self.wants_lines() else None
+        self.decoder.decode(records, lines, events)
         counters = sp.counters()
         self.stats.hits = counters["hits"]
+        self.stats.guest_filtered = counters["filtered"]
         # Drops as the host counted them per CPU (rings.py): a counter the guest resets
         # or saturates is an alert, and later drops are still reported.
         lost = sp.rings.take_dropped() if sp.rings else 0
         if lost:
             self._drops_seen = sp.rings.total_dropped if sp.rings else 0
             self.stats.drops = self._drops_seen
-            self._system_event("space.ring", "drop", {"dropped": lost, "total": self._drops_seen})
+            r = sp.region
+            ring = r.ring_size if r else 0
+            self._system_event("space.ring", "drop", {
+                "dropped": lost, "total": self._drops_seen, "ring_size": ring,
+                "avoid": f"the {ring >> 10} KiB ring of a vCPU filled before the host read it: "
+                         f"give --ring-size {min(L.RING_MAX, ring * 4) >> 20 or 1}M "
+                         "(vmshield.Monitor(ring_size=...)), narrower filters, or --aggregate "
+                         "for a high-frequency point (counts instead of every call)"})  # fmt: skip
+        if records or lost:
+            self.lines_done()
+        return fill
 
     def _integrity(self, deep: bool) -> None:
         sp = self.space
@@ -375,8 +511,15 @@ class SpaceEngine:
             sp.sync_time(b)
         return done
 
+    def _out(self, ev: Event) -> None:
+        """An event made as an object: to ``emit``, and as a line to ``emit_json``."""
+        self.emit(ev)
+        if self.emit_json is not None and self.wants_lines():
+            self.emit_json(ev.to_json())
+            self.lines_done()
+
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
-        self.emit(Event(
+        self._out(Event(
             time=time.time(), vm=self.t.name, request="space", object=obj, action=action,
             process=None, fields=fields,
             point=PointInfo(symbol=str(fields.get("where", obj)),
@@ -386,34 +529,37 @@ class SpaceEngine:
 
     # -- records -> events ----------------------------------------------------------------
 
-    def _handle(self, rec: L.Record, data: bytes) -> None:
-        site = self.sites.get(rec.site)
-        if site is None:
-            return
-        items = captures.parse_items(data, rec.nitems)
-        cap = captures.Captured(list(rec.args), items)
-        proc = ProcessContext(
-            pid=rec.pid, tgid=rec.tgid, ppid=rec.ppid, uid=rec.uid, euid=rec.euid,
-            gid=rec.gid, comm=rec.comm.decode(errors="backslashreplace"),
-            task=f"{rec.task:#x}",
-        )  # fmt: skip
+    def _handle(self, site: space_events.SiteDecoder, raw: bytes) -> None:
+        """The general path, for a site with pause or dump requests: one record through
+        :func:`dispatch`, which acts through this engine."""
+        assert self.decoder is not None
+        _site, cpu, nitems, nargs, _verdict, ns, matched = space_events.HOT.unpack_from(raw, 8)
+        nargs = min(nargs, 6, (len(raw) - L.RECORD_HEADER) // 8)  # the decoder checked len
+        args = list(space_events.ARGS[nargs].unpack_from(raw, L.RECORD_HEADER))
+        items = captures.parse_items(raw[L.RECORD_HEADER + 8 * nargs :], nitems)
+        cap = captures.Captured(args + [0] * (6 - nargs), items)
+        _proc_json, proc, _d = self.decoder.process(raw[space_events.PSTART : space_events.PEND])
+        by_pos = {sr.pos: sr for sr in site.requests}
 
         def point(r: ResolvedRequest) -> PointInfo:
-            return PointInfo(symbol=r.point.symbol, address=f"{r.point.address:#x}",
-                             kind="kernel-function", engine="space", cpu=rec.cpu)  # fmt: skip
+            sr = next(x for x in site.requests if x.req is r)
+            return self.decoder.point(sr, cpu)[1] if self.decoder else PointInfo(
+                symbol=r.point.symbol, address=f"{r.point.address:#x}",
+                kind="kernel-function", engine="space", cpu=cpu)  # fmt: skip
 
         hit = Hit(
-            vm=self.t.name, time=self.space.host_time(rec.ns) if self.space else time.time(),
+            vm=self.t.name, time=self.space.host_time(ns) if self.space else time.time(),
             process=proc, decode=lambda r: site.plan.decode(cap), act=self._act, point=point,
             errors=cap.errors,
-            decided={pos: bool(rec.matched >> bit & 1) for pos, bit in site.rule_of.items()},
+            decided={pos: bool(matched >> sr.bit & 1) for pos, sr in by_pos.items()
+                     if sr.exact or not matched >> sr.bit & 1},
         )  # fmt: skip
         events: list[Event] = []
-        if dispatch(hit, site.requests, self.stats, events.append) == "pause":
+        if dispatch(hit, [sr.req for sr in site.requests], self.stats, events.append) == "pause":
             pause_vm(self.t)
             self.paused = True
         for ev in events:  # after the pause: whoever reads the event finds the VM paused
-            self.emit(ev)
+            self._out(ev)
 
     def _act(self, action: str, r: ResolvedRequest) -> dict[str, Any]:
         if action == "dump":

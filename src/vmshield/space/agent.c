@@ -393,11 +393,9 @@ static void sample_cpu(struct vms_ringheader *ring, u64 now)
 	s->count++;
 }
 
-/* path_mode: 0 no path, 1 whole path, 2 root-most prefix (cut to fit), 3 unknown prefix
- * (".../NAME"). A path rule on a cut path matches if the path could match (fail closed):
- * a long or deep path must not walk around a deny rule on a directory. */
-static int rules_match(const struct vms_rule *r, const struct vms_record *rec,
-		       const char *path, int path_mode, u16 port, int have_port)
+/* The filters of one rule that need only who is running (pid, uid, comm): checked
+ * before anything is captured, so a hit no request wants costs only this. */
+static int rule_wants_process(const struct vms_rule *r, const struct vms_record *rec)
 {
 	if ((r->has & VMS_R_PID) && rec->pid != r->pid)
 		return 0;
@@ -405,10 +403,22 @@ static int rules_match(const struct vms_rule *r, const struct vms_record *rec,
 		return 0;
 	if ((r->has & VMS_R_COMM) && !glob(r->comm, rec->comm, 0))
 		return 0;
+	return 1;
+}
+
+/* path_mode: 0 no path, 1 whole path, 2 root-most prefix (cut to fit), 3 unknown prefix
+ * (".../NAME"). A path rule on a cut path matches if the path could match (fail closed):
+ * a long or deep path must not walk around a deny rule on a directory. ``same``: items
+ * 0 and 1 hold the same bytes (cred.change: nothing changed), -1 when not known. */
+static int rule_wants_data(const struct vms_rule *r, const char *path, int path_mode, u16 port,
+			   int have_port, int same)
+{
 	if ((r->has & VMS_R_PATH) && path_mode != 3 &&
 	    (!path || !glob(r->path, path, path_mode == 2)))
 		return 0;
 	if ((r->has & VMS_R_PORT) && (!have_port || port != r->port))
+		return 0;
+	if ((r->has & VMS_R_CHANGED) && same == 1)
 		return 0;
 	return 1;
 }
@@ -427,6 +437,57 @@ static void kill_current(u64 current)
 	__asm__ __volatile__("lock orq %1, %0"
 			     : "+m"(*(u64 *)(current + (s64)c->t_tiflags))
 			     : "r"(1ULL << (c->tif_sigpending & 63)));
+}
+
+/* Whether captured items 0 and 1 hold the same bytes: 1 yes, 0 no, -1 not captured. */
+static int items_same(const u8 *data, long used)
+{
+	if (used < 8)
+		return -1;
+	long n0 = *(const u16 *)data, a = (4 + n0 + 7) & ~7L;
+	if (a + 4 > used)
+		return -1;
+	long n1 = *(const u16 *)(data + a);
+	if (n0 != n1 || a + 4 + n1 > used || data[3] != VMS_S_OK || data[a + 3] != VMS_S_OK)
+		return -1;
+	for (long i = 0; i < n0; i++)
+		if (data[4 + i] != data[a + 4 + i])
+			return 0;
+	return 1;
+}
+
+/* --aggregate: count this hit in the CPU's table instead of recording it. A slot is
+ * (site, task, key); a free one (count 0) is claimed by filling it, then setting count.
+ * Returns 0 when the probed slots are all taken by others (the hit is recorded). */
+static int aggregate(struct vms_ringheader *ring, u32 idx, const struct vms_record *rec,
+		     u64 key)
+{
+	const struct vms_config *c = &vms_config;
+	struct vms_aggslot *t = (struct vms_aggslot *)((u8 *)ring + sizeof(*ring) + c->ring_size +
+						       VMS_RECORD_MAX + VMS_PATH_SCRATCH);
+	const u64 *comm = (const u64 *)rec->comm;
+	u32 h = ((u32)rec->pid * 0x9E3779B1u) ^ (idx * 0x85EBCA6Bu) ^ (u32)key;
+	for (u32 i = 0; i < VMS_AGG_PROBE; i++) {
+		struct vms_aggslot *s = &t[(h + i) & (VMS_AGG_SLOTS - 1)];
+		if (!s->count) {
+			s->site = (u16)idx;
+			s->pid = rec->pid;
+			s->tgid = rec->tgid;
+			s->uid = rec->uid;
+			s->key = key;
+			copy(s->comm, rec->comm, VMS_COMM_LEN);
+			barrier();
+			s->count = 1;
+			return 1;
+		}
+		const u64 *sc = (const u64 *)s->comm;
+		if (s->site == idx && s->pid == rec->pid && s->tgid == rec->tgid && s->key == key &&
+		    sc[0] == comm[0] && sc[1] == comm[1]) {
+			s->count++;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 /* Called by the gate with IRQs off. Returns 1 to deny (the function returns -EPERM). */
@@ -456,15 +517,25 @@ __attribute__((used)) long vms_agent(u64 *frame)
 	barrier();
 	ring->hits++;
 	long deny = 0;
-	if (!site || !site->enabled)
+	if (!site || !site->enabled) {
+		ring->filtered++; /* every hit is a record, a drop or filtered: the host checks */
 		goto out;
+	}
 
 	u64 now = ktime_get_mono_fast_ns();
 	sample_cpu(ring, now);
 
-	int full = ring->head - ring->tail >= c->nslots;
-	u8 *slot = (u8 *)ring + sizeof(*ring) +
-		   (full ? c->nslots : ring->head % c->nslots) * (u64)c->slot_size;
+	/* Reserve room for the site's largest record at head: contiguous, so when the ring's
+	 * end is nearer a pad record fills up to it and the record starts at offset 0. A
+	 * full ring (or a tail the guest forged past head) gives the scratch record: deny and
+	 * kill are still decided, the record is dropped and counted. */
+	u64 size = c->ring_size, head = ring->head;
+	u64 need = site->max_size < VMS_RECORD_MAX ? site->max_size : VMS_RECORD_MAX;
+	u64 off = head & (size - 1);
+	u64 pad = size - off < need ? size - off : 0;
+	u8 *base = (u8 *)ring + sizeof(*ring);
+	int full = head - ring->tail + pad + need > size;
+	u8 *slot = full ? base + size : base + (pad ? 0 : off);
 	struct vms_record *rec = (struct vms_record *)slot;
 	u64 current = gs_u64(c->pc_current);
 	u64 cred = 0, parent = 0;
@@ -476,24 +547,37 @@ __attribute__((used)) long vms_agent(u64 *frame)
 	rec->task = current;
 	rd32(current + c->t_pid, (u32 *)&rec->pid);
 	rd32(current + c->t_tgid, (u32 *)&rec->tgid);
-	if (rd64(current + c->t_parent, &parent) && parent)
-		rd32(parent + c->t_tgid, (u32 *)&rec->ppid);
 	if (rd64(current + c->t_cred, &cred) && cred) {
 		rd32(cred + c->c_uid, &rec->uid);
 		rd32(cred + c->c_euid, &rec->euid);
 		rd32(cred + c->c_gid, &rec->gid);
 	}
 	copy_from_kernel_nofault(rec->comm, (const void *)(current + c->t_comm), VMS_COMM_LEN);
-	static const u8 args[6] = { FR_RDI, FR_RSI, FR_RDX, FR_RCX, FR_R8, FR_R9 };
-	for (int i = 0; i < 6; i++)
-		rec->args[i] = frame[args[i]];
 
-	/* captured items */
-	u8 *data = slot + sizeof(*rec);
-	long used = 0, room = (long)c->slot_size - (long)sizeof(*rec);
+	/* Filters on the process first: no rule wants this hit, nothing is captured. */
+	u32 maybe = 0;
+	for (u32 i = 0; i < site->nrules && i < VMS_MAX_RULES; i++)
+		if (rule_wants_process(&site->rules[i], rec))
+			maybe |= 1U << i;
+	if (!maybe) {
+		ring->filtered++;
+		goto out;
+	}
+	if (rd64(current + c->t_parent, &parent) && parent)
+		rd32(parent + c->t_tgid, (u32 *)&rec->ppid);
+	static const u8 args[6] = { FR_RDI, FR_RSI, FR_RDX, FR_RCX, FR_R8, FR_R9 };
+	u32 nargs = site->nargs < 6 ? site->nargs : 6;
+	u64 *argv = (u64 *)(slot + sizeof(*rec));
+	for (u32 i = 0; i < nargs; i++)
+		argv[i] = frame[args[i]];
+	rec->nargs = (u8)nargs;
+
+	/* captured items, each as long as its content */
+	u8 *data = slot + sizeof(*rec) + nargs * 8;
+	long used = 0, room = (long)need - (long)sizeof(*rec) - (long)nargs * 8;
 	const char *path = NULL;
 	int path_mode = 0;
-	char *scratch = (char *)ring + sizeof(*ring) + (c->nslots + 1) * (u64)c->slot_size;
+	char *scratch = (char *)base + size + VMS_RECORD_MAX;
 	u16 port = 0;
 	int have_port = 0;
 	for (u32 i = 0; i < site->nfetch && i < VMS_MAX_FETCH; i++) {
@@ -520,11 +604,11 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		used += (4 + n + 7) & ~7L;
 		rec->nitems++;
 	}
-	rec->used = (u16)used;
+	int same = items_same(data, used);
 
 	for (u32 i = 0; i < site->nrules && i < VMS_MAX_RULES; i++) {
 		const struct vms_rule *r = &site->rules[i];
-		if (!rules_match(r, rec, path, path_mode, port, have_port))
+		if (!(maybe >> i & 1) || !rule_wants_data(r, path, path_mode, port, have_port, same))
 			continue;
 		rec->matched |= 1U << i;
 		if (r->action == VMS_A_DENY)
@@ -534,18 +618,32 @@ __attribute__((used)) long vms_agent(u64 *frame)
 			rec->verdict |= 2;
 		}
 	}
+	if (!rec->matched) { /* wanted by no request after all: not published */
+		ring->filtered++;
+		goto out;
+	}
 	if (deny)
 		rec->verdict |= 1;
 	ring->denied += (u64)deny;
 	ring->killed += (rec->verdict >> 1) & 1;
-	rec->size = (u32)(sizeof(*rec) + (u64)used);
+	if (site->aggregate && aggregate(ring, idx, rec, have_port ? port : 0)) {
+		ring->aggregated++; /* counted, not recorded: no ring space */
+		goto out;
+	}
+	rec->size = (u32)(sizeof(*rec) + nargs * 8 + (u64)used);
 	barrier();
 	if (full) {
 		ring->drops++;
 	} else {
-		rec->seq = (u32)ring->head + 1; /* position + 1: a zeroed slot is no record */
+		if (pad) { /* the ring's end: a pad record up to it, published with ours */
+			struct vms_record *p = (struct vms_record *)(base + off);
+			p->size = (u32)pad | VMS_PAD_FLAG;
+			p->seq = (u32)((head >> 3) + 1);
+		}
+		rec->seq = (u32)(((head + pad) >> 3) + 1); /* a zeroed ring holds no record */
 		barrier();
-		ring->head++; /* publish: the host reads records below head */
+		ring->records++;
+		ring->head = head + pad + rec->size; /* publish: the host reads below head */
 	}
 out:
 	barrier();

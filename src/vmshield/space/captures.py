@@ -23,7 +23,7 @@ from vmshield.space import layout as L
 
 PATH_MAX_CAPTURE = 400  # bytes per path in a record (two fit, for rename)
 ARGV_MAX_CAPTURE = 560
-AGENT_FILTERS = frozenset({"pid", "uid", "comm", "path", "port"})
+AGENT_FILTERS = frozenset({"pid", "uid", "comm", "path", "port"})  # exactly, in the guest
 PORT_SOCKADDR, PORT_HOST_U16 = 0, 1
 
 
@@ -80,6 +80,12 @@ class Plan:
     path_item: int = -1
     port_item: int = -1
     port_mode: int = PORT_SOCKADDR
+    nargs: int = 0  # argument registers the decoder reads (records keep only these)
+
+    def max_size(self) -> int:
+        """The largest record this plan can make (the room the agent reserves)."""
+        items = sum((4 + int(f.len) + 7) & ~7 for f in self.fetches)
+        return min(L.RECORD_MAX, L.RECORD_HEADER + 8 * self.nargs + items)
 
 
 def fetch(kind: int, base: int, offs: tuple[int, ...] = (0,), length: int = 8,
@@ -97,9 +103,9 @@ def fetch(kind: int, base: int, offs: tuple[int, ...] = (0,), length: int = 8,
 
 def plan_for(obj: str, k: Kernel) -> Plan:
     """The capture plan of a catalog object (``kfunc:`` objects capture arguments only)."""
-    off = k.member_offset
     if obj.startswith("kfunc:"):
-        return Plan((), _raw)
+        return Plan((), _raw, nargs=6)
+    off = k.member_offset
     if obj == "process.exec":
         argv = fetch(L.F_ARGV, 0, (off("linux_binprm", "mm"), off("linux_binprm", "p"),
                                    off("linux_binprm", "argc"), off("mm_struct", "pgd")),
@@ -111,7 +117,7 @@ def plan_for(obj: str, k: Kernel) -> Plan:
             _exec, path_item=0,
         )  # fmt: skip
     if obj == "process.exit":
-        return Plan((), _exit)
+        return Plan((), _exit, nargs=1)
     if obj == "process.fork":
         return Plan(_task_fetches(k, 0), _fork)
     if obj == "file.open":
@@ -131,14 +137,14 @@ def plan_for(obj: str, k: Kernel) -> Plan:
             _rename, path_item=0,
         )  # fmt: skip
     if obj in ("net.connect", "net.bind"):
-        return Plan((fetch(L.F_KMEM, 1, (0,), 28),), _sockaddr, port_item=0)
+        return Plan((fetch(L.F_KMEM, 1, (0,), 28),), _sockaddr, port_item=0, nargs=3)
     if obj == "net.listen":
         sk = off("socket", "sk")
         return Plan(
             (fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_num")), 2),
              fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_family")), 2),
              fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_rcv_saddr")), 4)),
-            _listen, port_item=0, port_mode=PORT_HOST_U16,
+            _listen, port_item=0, port_mode=PORT_HOST_U16, nargs=2,
         )  # fmt: skip
     if obj == "cred.change":
         lo, hi = _cred_span(k)
@@ -151,9 +157,9 @@ def plan_for(obj: str, k: Kernel) -> Plan:
         # 64 > MODULE_NAME_LEN (56): a name that fills its array is not "truncated".
         return Plan((fetch(L.F_KSTR, 0, (off("module", "name"),), 64),), _module)
     if obj == "ptrace.attach":
-        return Plan(_task_fetches(k, 0), _ptrace)
+        return Plan(_task_fetches(k, 0), _ptrace, nargs=2)
     if obj == "bpf.load":
-        return Plan((), _bpf)
+        return Plan((), _bpf, nargs=1)
     raise VmshieldError(f"{obj} cannot be monitored through the security space")
 
 

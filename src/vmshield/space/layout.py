@@ -6,14 +6,25 @@ the agent may write lives in the ring area; the config page is read-only in the 
 (only the host, through guest RAM, changes it).
 
 Region: ``[text pages][config pages][ring of CPU 0][ring of CPU 1]...``
-Ring: a :class:`RingHeader` then ``nslots`` fixed-size record slots, then one scratch
-slot used when the ring is full (the agent still decides deny/kill; the record is
-dropped and counted), then ``PATH_SCRATCH`` bytes where the agent builds a whole path
-before it keeps the root-most part of it in the record. Every record carries ``seq``, the
-low 32 bits of its ring position plus one, so that a record shown twice (a forged head)
-is seen.
-The geometry of a ring is known here only (:func:`ring_bytes`, :func:`slot_offset`,
-:func:`path_scratch_offset`); the host's reader is :mod:`vmshield.space.rings`.
+Ring: a :class:`RingHeader`, then ``ring_size`` bytes (a power of two) of variable-size
+records, then one scratch record (``RECORD_MAX`` bytes) used when the ring is full (the
+agent still decides deny/kill; the record is dropped and counted), then ``PATH_SCRATCH``
+bytes where the agent builds a whole path before it keeps the root-most part of it in
+the record.
+
+Records are sized by their content (issue 12): the 80-byte :class:`Record` header, the
+argument registers the object's decoder needs (``nargs``, 0 to 6), then the captured
+items, each ``u16 len, u8 kind, u8 status`` and ``len`` bytes (strings only as long as
+they are), 8-byte aligned; ``size`` is the whole record, a multiple of 8. ``head`` and
+``tail`` are byte positions that only grow (the offset in the ring is the position modulo
+``ring_size``). A record never wraps: when the room left before the ring's end is less
+than the site's largest record, the agent first writes a pad record (``size`` with
+``PAD_FLAG`` set, 8 bytes of header at least) up to the end. Every record, pad included,
+carries ``seq``: the low 32 bits of its position / 8, plus one, so a record shown at
+another position (a forged head, a replay) is seen.
+The geometry of a ring is known here only (:func:`ring_bytes`, :func:`data_offset`,
+:func:`scratch_record_offset`, :func:`path_scratch_offset`, :func:`record_seq`); the
+host's reader is :mod:`vmshield.space.rings`.
 """
 
 from __future__ import annotations
@@ -24,12 +35,17 @@ from typing import Any
 CONFIG_MAGIC = 0x31445349_4853_4D56  # "VMSHSID1" little-endian-ish tag
 MAX_SITES = 48
 MAX_FETCH = 6
-MAX_RULES = 4
+MAX_RULES = 8
 COMM_LEN = 16
 RULE_PATH_LEN = 128
-SLOT_SIZE = 1024
-NSLOTS = 4096
+RECORD_MAX = 1024  # header + arguments + items of the largest record a site may write
+RING_SIZE = 4 << 20  # bytes of records per CPU (the default; sized from guest RAM)
+RING_MIN = 64 << 10
+RING_MAX = 256 << 20
+PAD_FLAG = 0x80000000  # in Record.size: a pad up to the ring's end, no event
 PATH_SCRATCH = 4096  # PATH_MAX: d_absolute_path of any path the VFS accepts in one call
+AGG_SLOTS = 128  # per-CPU aggregation table (--aggregate), a power of two
+AGG_PROBE = 8  # slots the agent tries before it writes an ordinary record
 
 # fetch kinds
 F_NONE, F_KMEM, F_KSTR, F_USTR, F_DPATH, F_ARGV = 0, 1, 2, 3, 4, 5
@@ -38,8 +54,9 @@ B_CURRENT = 6
 B_NONE = 0xFF
 # rule actions evaluated in the guest
 A_LOG, A_DENY, A_KILL = 0, 1, 2
-# rule filter bits
-R_PID, R_UID, R_COMM, R_PATH, R_PORT = 1, 2, 4, 8, 16
+# rule filter bits; R_HOST: the request has filters the agent cannot evaluate (the host
+# checks every filter of a record this rule let through)
+R_PID, R_UID, R_COMM, R_PATH, R_PORT, R_CHANGED, R_HOST = 1, 2, 4, 8, 16, 32, 0x8000
 # item status
 S_OK, S_FAULT, S_TRUNC = 0, 1, 2
 # MSRs the agent may sample (config.msr_mask bits)
@@ -60,23 +77,30 @@ class Fetch(C.Structure):
 
 
 class Rule(C.Structure):
-    """An in-guest decision: when every filter in ``has`` matches, apply ``action``."""
+    """An in-guest decision: when every filter in ``has`` matches, apply ``action``
+    (``A_LOG``: only record). One rule per request at a site; a hit no rule matches
+    takes no ring space. ``changed`` (R_CHANGED): 1 when items 0 and 1 must differ
+    (cred.change's ``changed=true``), 0 when they must be equal."""
 
     _fields_ = [
         ("action", C.c_uint8), ("pad", C.c_uint8), ("has", C.c_uint16),
-        ("pid", C.c_int32), ("uid", C.c_uint32), ("port", C.c_uint16), ("pad2", C.c_uint16),
+        ("pid", C.c_int32), ("uid", C.c_uint32), ("port", C.c_uint16), ("changed", C.c_uint8),
+        ("pad2", C.c_uint8),
         ("comm", C.c_char * COMM_LEN), ("path", C.c_char * RULE_PATH_LEN),
     ]  # fmt: skip
 
 
 class Site(C.Structure):
     """A patched monitoring point. ``ret`` is the gate's return address (site + 5),
-    by which the agent recognises which site called it."""
+    by which the agent recognises which site called it. ``nargs``: argument registers
+    kept in the record; ``max_size``: the largest record the fetches can make (the room
+    the agent reserves before it captures)."""
 
     _fields_ = [
         ("ret", C.c_uint64), ("nfetch", C.c_uint32), ("nrules", C.c_uint32),
         ("path_item", C.c_int32), ("port_item", C.c_int32), ("enabled", C.c_uint32),
-        ("port_mode", C.c_uint32),
+        ("port_mode", C.c_uint32), ("nargs", C.c_uint32), ("max_size", C.c_uint32),
+        ("aggregate", C.c_uint32), ("pad", C.c_uint32),
         ("fetch", Fetch * MAX_FETCH), ("rules", Rule * MAX_RULES),
     ]  # fmt: skip
 
@@ -86,7 +110,7 @@ class Config(C.Structure):
 
     _fields_ = [
         ("magic", C.c_uint64), ("nsites", C.c_uint32), ("ncpus", C.c_uint32),
-        ("slot_size", C.c_uint32), ("nslots", C.c_uint32),
+        ("ring_size", C.c_uint64),
         ("rings", C.c_uint64), ("ring_stride", C.c_uint64),
         ("page_offset_base", C.c_uint64), ("la57", C.c_uint32), ("msr_mask", C.c_uint32),
         ("sample_interval_ns", C.c_uint64),
@@ -123,54 +147,120 @@ class CpuSample(C.Structure):
 
 
 class RingHeader(C.Structure):
-    """Per-CPU ring state. ``head`` is advanced by the agent after a record is complete;
-    ``tail`` by the host after it read records. ``inflight`` is non-zero while the
-    agent runs on this CPU (also the recursion guard)."""
+    """Per-CPU ring state. ``head`` (a byte position) is advanced by the agent after a
+    record is complete; ``tail`` by the host after it read records. ``inflight`` is
+    non-zero while the agent runs on this CPU (also the recursion guard). Every hit ends
+    as a published record (``records``), a drop, or filtered out in the guest
+    (``filtered``: no request wanted it)."""
 
     _fields_ = [
         ("head", C.c_uint64), ("tail", C.c_uint64), ("drops", C.c_uint64),
         ("inflight", C.c_uint64), ("hits", C.c_uint64), ("nested", C.c_uint64),
         ("denied", C.c_uint64), ("killed", C.c_uint64),
-        ("sample", CpuSample), ("pad", C.c_uint8 * 80),
+        ("records", C.c_uint64), ("filtered", C.c_uint64), ("aggregated", C.c_uint64),
+        ("sample", CpuSample), ("pad", C.c_uint8 * 56),
+    ]  # fmt: skip
+
+
+class AggSlot(C.Structure):
+    """One line of a CPU's aggregation table: hits of ``site`` by one task (and one
+    ``key``: the port for network objects, else 0) counted instead of recorded. The
+    agent claims a free slot (``count`` 0) by filling it and then setting ``count``;
+    slots are never freed, so the host reads counts that only grow."""
+
+    _fields_ = [
+        ("count", C.c_uint64), ("key", C.c_uint64), ("pid", C.c_int32), ("tgid", C.c_int32),
+        ("uid", C.c_uint32), ("site", C.c_uint16), ("pad", C.c_uint16),
+        ("comm", C.c_char * COMM_LEN),
     ]  # fmt: skip
 
 
 class Record(C.Structure):
-    """The fixed header of one event record; ``data`` holds the captured items, each
-    ``u16 len, u8 kind, u8 status`` then ``len`` bytes, 8-byte aligned."""
+    """The header of one event record (``size`` and ``seq`` first: a pad record is
+    these 8 bytes alone); ``nargs`` argument registers and ``nitems`` items follow."""
 
     _fields_ = [
-        ("size", C.c_uint32), ("site", C.c_uint16), ("cpu", C.c_uint16),
-        ("verdict", C.c_uint32), ("matched", C.c_uint32),
-        ("ns", C.c_uint64), ("task", C.c_uint64),
+        ("size", C.c_uint32), ("seq", C.c_uint32),
+        ("site", C.c_uint16), ("cpu", C.c_uint16), ("nitems", C.c_uint16),
+        ("nargs", C.c_uint8), ("verdict", C.c_uint8),
+        ("ns", C.c_uint64), ("matched", C.c_uint32), ("flags", C.c_uint32),
+        # who: contiguous, so that the host caches a process by these bytes alone
         ("pid", C.c_int32), ("tgid", C.c_int32), ("ppid", C.c_int32),
         ("uid", C.c_uint32), ("euid", C.c_uint32), ("gid", C.c_uint32),
-        ("comm", C.c_char * COMM_LEN), ("args", C.c_uint64 * 6),
-        ("nitems", C.c_uint16), ("used", C.c_uint16), ("seq", C.c_uint32),
+        ("task", C.c_uint64), ("comm", C.c_char * COMM_LEN),
     ]  # fmt: skip
 
 
-RECORD_DATA = SLOT_SIZE - C.sizeof(Record)
+RECORD_HEADER = C.sizeof(Record)
+PROCESS_BYTES = (Record.pid.offset, RECORD_HEADER)  # the record's "who", to the end
+
+_STRUCT_CODE: dict[Any, str] = {
+    C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_uint64: "Q", C.c_int32: "i",
+    C.c_int64: "q",
+}  # fmt: skip
+
+
+def struct_format(st: type[C.Structure], first: str, last: str) -> tuple[str, int]:
+    """A ``struct`` format for the fields ``first`` to ``last`` of ``st`` (packed, little
+    endian) and the offset of ``first``: the host's fast readers unpack records with it,
+    so their field order comes from here too."""
+    names = [f[0] for f in st._fields_]
+    out = "<"
+    for _name, t, *_ in st._fields_[names.index(first) : names.index(last) + 1]:
+        if issubclass(t, C.Array) and getattr(t, "_type_", None) is C.c_char:
+            out += f"{t._length_}s"
+        else:
+            out += _STRUCT_CODE[t]
+    return out, int(getattr(st, first).offset)
+
+
+# Room for items in the largest record: RECORD_MAX less the header and six arguments.
+RECORD_DATA = RECORD_MAX - RECORD_HEADER - 6 * 8
 assert C.sizeof(RingHeader) == 256, C.sizeof(RingHeader)
-assert C.sizeof(Record) == 128, C.sizeof(Record)
+assert RECORD_HEADER == 80, RECORD_HEADER
 
 
-def ring_bytes(nslots: int = NSLOTS, slot_size: int = SLOT_SIZE) -> int:
-    """Bytes of one CPU's ring, page-rounded (header, slots, the scratch slot, the path
-    scratch area)."""
-    n = path_scratch_offset(nslots, slot_size) + PATH_SCRATCH
+def record_seq(position: int) -> int:
+    """The ``seq`` a record written at byte position ``position`` carries (never 0 for
+    the first 2^35 bytes: a zeroed ring holds no record)."""
+    return ((position >> 3) + 1) & 0xFFFFFFFF
+
+
+def data_offset() -> int:
+    """Where ring position 0 lives, from the ring's start."""
+    return C.sizeof(RingHeader)
+
+
+def scratch_record_offset(ring_size: int) -> int:
+    """The record the agent fills when the ring is full (never read by the host)."""
+    return C.sizeof(RingHeader) + ring_size
+
+
+def path_scratch_offset(ring_size: int) -> int:
+    """The agent's path scratch area, from the ring's start (the agent computes the same
+    from the config)."""
+    return scratch_record_offset(ring_size) + RECORD_MAX
+
+
+def agg_offset(ring_size: int) -> int:
+    """The CPU's aggregation table (``AGG_SLOTS`` :class:`AggSlot`), from the ring's start."""
+    return path_scratch_offset(ring_size) + PATH_SCRATCH
+
+
+def ring_bytes(ring_size: int = RING_SIZE) -> int:
+    """Bytes of one CPU's ring, page-rounded (header, records, the scratch record, the
+    path scratch area, the aggregation table)."""
+    n = agg_offset(ring_size) + AGG_SLOTS * C.sizeof(AggSlot)
     return (n + 0xFFF) & ~0xFFF
 
 
-def slot_offset(position: int, nslots: int, slot_size: int = SLOT_SIZE) -> int:
-    """Where the record of ring position ``position`` lives, from the ring's start."""
-    return C.sizeof(RingHeader) + (position % nslots) * slot_size
-
-
-def path_scratch_offset(nslots: int, slot_size: int = SLOT_SIZE) -> int:
-    """The agent's path scratch area, from the ring's start (the agent computes the same
-    from the config: header, ``nslots`` + 1 slots)."""
-    return C.sizeof(RingHeader) + (nslots + 1) * slot_size
+def check_ring_size(size: int) -> int:
+    """``size`` if it is a usable ring size (a power of two in bounds), else ValueError."""
+    if size & (size - 1) or not RING_MIN <= size <= RING_MAX:
+        raise ValueError(
+            f"ring size {size}: a power of two from {RING_MIN >> 10} KiB to {RING_MAX >> 20} MiB"
+        )
+    return size
 
 
 _CTYPE = {
@@ -200,7 +290,7 @@ def c_header() -> str:
     consts = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, int)}
     out += [f"#define VMS_{k} {v:#x}ULL" if v > 0x7FFFFFFF else f"#define VMS_{k} {v}"
             for k, v in consts.items()]  # fmt: skip
-    for st in (Fetch, Rule, Site, Config, CpuSample, RingHeader, Record):
+    for st in (Fetch, Rule, Site, Config, CpuSample, RingHeader, AggSlot, Record):
         out.append(f"struct vms_{st.__name__.lower()} {{")
         for fname, ftype, *_ in st._fields_:
             out.append(f"\t{_c_field(fname, ftype)};")

@@ -6,15 +6,19 @@ taken on trust. The host keeps its own copy of everything it needs, per CPU:
 - its read position (the tail it publishes): records are read from there, never from
   the guest's ``tail``, and the position never goes back, so a head moved backwards
   cannot replay records, and a tail moved up to head cannot make the host skip them;
-- the ring position of the next record: each record carries ``seq``, the low 32 bits of
-  the position the agent wrote it at plus one (a zeroed slot is no record), so a slot
-  shown at another position (replayed, overwritten after a forged tail, or forged) is
-  refused;
+- the byte position of the next record: each record carries ``seq``, derived from the
+  position the agent wrote it at (:func:`layout.record_seq`; a zeroed ring holds no
+  record), so a record shown at another position (replayed, overwritten after a forged
+  tail, or forged) is refused; its ``size`` must be a multiple of 8 within the
+  record bounds, end before head and not run past the ring's end, and a pad record must
+  reach exactly to the ring's end: a record that is not all of that is forged, and
+  nothing from it up to head is read;
 - the last value of every counter: ``hits``, ``drops``, ``nested``, ``denied``,
-  ``killed`` only grow, ``drops`` never grows faster than ``hits`` (each drop is a hit),
-  and every hit ends as a published record or a drop, so hits that rise with nothing to
-  show (the agent switched off by a forged in-flight flag, with hits forged to look
-  alive) are seen as well.
+  ``killed``, ``records``, ``filtered``, ``aggregated`` only grow, ``drops`` never grows
+  faster than ``hits`` (each drop is a hit), and every hit ends as a published record, a
+  drop, filtered out or counted in the aggregation table in the guest, so hits that rise
+  with nothing to show (the agent switched off by a forged in-flight flag, with hits
+  forged to look alive) are seen as well.
 
 Anything that goes the wrong way is an :class:`Alert` (``ring-state``); the host then
 re-bases on what it found, so a reset or saturated drop counter still reports later
@@ -26,6 +30,7 @@ CPU's hit count stands still was not set by the agent.
 from __future__ import annotations
 
 import ctypes as C
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,10 +42,11 @@ WriteVa = Callable[[int, bytes], None]
 PaOf = Callable[[int], int]
 
 U64 = 1 << 64
-COUNTERS = ("hits", "drops", "nested", "denied", "killed")
+COUNTERS = ("hits", "drops", "nested", "denied", "killed", "records", "filtered", "aggregated")
 _HSIZE = C.sizeof(L.RingHeader)
-_RSIZE = C.sizeof(L.Record)
 _OFF = {n: getattr(L.RingHeader, n).offset for n in ("head", "tail", "inflight", *COUNTERS)}
+_SIZE_SEQ = struct.Struct("<II")  # the first 8 bytes of every record, pad included
+DRAIN_LIMIT = 64 << 20  # bytes read per CPU and drain: bounds one drain's work
 
 
 def _since(now: int, then: int) -> int:
@@ -55,10 +61,9 @@ class RingState:
 
     pos: int = 0  # next position to read; the tail the host publishes
     last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    # Balance baseline: hits == published records + drops (+1 for a hit in flight).
+    # Balance baseline: hits == records + drops + filtered (+1 for a hit in flight).
     base_hits: int = 0
-    base_head: int = 0
-    base_drops: int = 0
+    base_rest: int = 0  # records + drops + filtered
     standing: set[str] = field(default_factory=set)  # findings reported, not yet gone
     back_head: int = 0  # the guest's head while it stands behind pos
     seen_inflight: tuple[int, int] | None = None  # (inflight, hits) at the last check
@@ -69,16 +74,17 @@ class RingReader:
 
     ``read``/``write`` address guest memory by virtual address inside the space (the
     space maps them to the frames it recorded); ``pa`` gives the physical address of a
-    virtual one, for the repairs carried by alerts.
+    virtual one, for the repairs carried by alerts. ``ring_size``: bytes of records per
+    CPU (a power of two).
     """
 
     def __init__(
         self, read: ReadVa, write: WriteVa, pa: PaOf, rings_va: int, stride: int, ncpus: int,
-        nslots: int, slot_size: int = L.SLOT_SIZE,
+        ring_size: int,
     ) -> None:  # fmt: skip
         self.read, self.write, self.pa = read, write, pa
         self.rings_va, self.stride, self.ncpus = rings_va, stride, ncpus
-        self.nslots, self.slot_size = nslots, slot_size
+        self.ring_size = L.check_ring_size(ring_size)
         self.state = [RingState() for _ in range(ncpus)]
         self.findings: list[Alert] = []
         self.dropped = 0  # drops seen since the last take_dropped()
@@ -115,28 +121,49 @@ class RingReader:
                                    expected, found, repair))  # fmt: skip
 
     def _rebase(self, st: RingState, h: L.RingHeader) -> None:
-        st.base_hits, st.base_head, st.base_drops = int(h.hits), int(h.head), int(h.drops)
+        st.base_hits = int(h.hits)
+        st.base_rest = int(h.records) + int(h.drops) + int(h.filtered) + int(h.aggregated)
         for name in COUNTERS:
             st.last[name] = int(getattr(h, name))
 
+    def aggregates(self, cpu: int) -> list[tuple[int, L.AggSlot]]:
+        """The claimed slots of ``cpu``'s aggregation table, by index (bounded: the table
+        has ``AGG_SLOTS`` lines; the caller checks that counts only grow)."""
+        n = C.sizeof(L.AggSlot)
+        raw = self.read(self.ring(cpu) + L.agg_offset(self.ring_size), L.AGG_SLOTS * n)
+        out = []
+        for i in range(L.AGG_SLOTS):
+            slot = L.AggSlot.from_buffer_copy(raw, i * n)
+            if slot.count:
+                out.append((i, slot))
+        return out
+
+    def fill(self, cpu: int) -> float:
+        """How full the ring of ``cpu`` is for the host (0..1, from the guest's head and
+        the host's own position): the drain loop shortens its interval as it rises."""
+        h = self.header(cpu)
+        return min(1.0, max(0, int(h.head) - self.state[cpu].pos) / self.ring_size)
+
     # -- drain ------------------------------------------------------------------------------
 
-    def drain(self, limit: int = 4096) -> Iterator[tuple[L.Record, bytes]]:
-        """Records published since the last drain, per CPU in ring order; each is yielded
-        once whatever the guest does to the header. Findings and drops accumulate."""
+    def drain(self, limit: int = DRAIN_LIMIT) -> Iterator[bytes]:
+        """Records published since the last drain (each one's bytes: header, arguments,
+        items), per CPU in ring order; each is yielded once whatever the guest does to
+        the header. Pads are skipped. Findings and drops accumulate."""
         for cpu in range(self.ncpus):
             yield from self._drain_cpu(cpu, limit)
 
-    def _drain_cpu(self, cpu: int, limit: int) -> Iterator[tuple[L.Record, bytes]]:
+    def _drain_cpu(self, cpu: int, limit: int) -> Iterator[bytes]:
         st = self.state[cpu]
         ring = self.ring(cpu)
+        size = self.ring_size
         h = self.header(cpu)
         head, tail = int(h.head), int(h.tail)
         n_found = len(self.findings)
         if tail != st.pos:
             self._find(cpu, "tail", "tail", f"{st.pos}", f"{tail} (not the host's tail)")
         if head < st.pos:
-            # Moved backwards: the slots below our position were read already; reading them
+            # Moved backwards: the bytes below our position were read already; reading them
             # again would replay them. The agent sees a full ring and counts drops until
             # head is put back.
             self._find(cpu, "head-back", "head", f">= {st.pos}", f"{head} (moved backwards)",
@@ -146,35 +173,56 @@ class RingReader:
         else:
             if "head-back" in st.standing:  # repaired: the jump forward is ours, not records
                 st.standing.discard("head-back")
-                st.base_head += st.pos - st.back_head
-            end = min(head, st.pos + self.nslots, st.pos + limit)
-        if head - st.pos > self.nslots:
-            self._find(cpu, "head-ahead", "head", f"<= {st.pos + self.nslots}",
+            end = min(head, st.pos + size)
+        if head - st.pos > size:
+            self._find(cpu, "head-ahead", "head", f"<= {st.pos + size}",
                        f"{head} (more than a ring ahead of the host)")  # fmt: skip
+        if head & 7:
+            self._find(cpu, "head-align", "head", "a multiple of 8", f"{head}")
+            end = st.pos
+        end = min(end, st.pos + limit)
         pos = st.pos
+        base = ring + L.data_offset()
         while pos < end:
-            # One read per contiguous run of slots (up to the ring's wrap point).
-            first = pos % self.nslots
-            count = min(end - pos, self.nslots - first)
-            blob = self.read(ring + L.slot_offset(pos, self.nslots, self.slot_size),
-                             count * self.slot_size)  # fmt: skip
-            for i in range(count):
-                data = blob[i * self.slot_size : (i + 1) * self.slot_size]
-                rec = L.Record.from_buffer_copy(data, 0)
-                if rec.seq != (pos + i + 1) & 0xFFFFFFFF:
-                    # Not the record of this position: replayed, overwritten (a forged tail
-                    # let the agent lap us) or forged. Nothing from here to head is trusted.
-                    self._find(cpu, "seq", "head", f"record #{pos + i} at slot {first + i}",
-                               f"record #{rec.seq - 1} (replayed, overwritten or forged; "
-                               f"{max(0, head - pos - i)} records skipped)")  # fmt: skip
-                    pos = max(head, pos + i + 1)
-                    end = pos
+            # One read per contiguous run of bytes (up to the ring's end).
+            first = pos & (size - 1)
+            count = min(end - pos, size - first)
+            blob = self.read(base + first, count)
+            at = 0
+            bad = ""
+            while at < count:
+                if count - at < 8:
+                    bad = f"{count - at} bytes left before head: no record fits"
                     break
-                yield rec, data[_RSIZE : _RSIZE + min(rec.used, L.RECORD_DATA)]
-            else:
-                pos += count
-        st.pos = pos
-        self.write(ring + _OFF["tail"], pos.to_bytes(8, "little"))
+                rsize, seq = _SIZE_SEQ.unpack_from(blob, at)
+                if seq != ((pos + at) >> 3) + 1 & 0xFFFFFFFF:
+                    bad = (f"record #{seq - 1} at byte {pos + at} (replayed, overwritten "
+                           "or forged)")  # fmt: skip
+                    break
+                if rsize & L.PAD_FLAG:
+                    if (rsize & ~L.PAD_FLAG) != count - at or first + count != size:
+                        bad = f"a pad of {rsize & ~L.PAD_FLAG} bytes at byte {pos + at} (forged)"
+                        break
+                    at = count
+                    break
+                if (
+                    rsize & 7
+                    or not L.RECORD_HEADER <= rsize <= L.RECORD_MAX
+                    or (at + rsize > count)
+                ):
+                    bad = f"a record of {rsize} bytes at byte {pos + at} (forged)"
+                    break
+                yield blob[at : at + rsize]
+                at += rsize
+            if bad:
+                # Nothing from here to head is trusted: skipped, and said.
+                self._find(cpu, "seq", "head", f"a record at byte {pos + at}",
+                           f"{bad}; {max(0, head - pos - at)} bytes skipped")  # fmt: skip
+                pos = head  # aligned, and beyond pos + at (the loop runs only below head)
+                break
+            pos += count
+        st.pos = max(st.pos, pos)
+        self.write(ring + _OFF["tail"], st.pos.to_bytes(8, "little"))
         head_moved = any(a.where.endswith(" head") for a in self.findings[n_found:])
         self._counters(cpu, st, h, head_moved)
 
@@ -200,11 +248,10 @@ class RingReader:
             self.dropped += delta["drops"]
             self.total_dropped += delta["drops"]
         if not forged:
-            # Every hit ends as a record or a drop; one may be in flight (or read before
-            # its record when the header is copied mid-update).
-            gap = _since(now["hits"], st.base_hits) - (
-                _since(int(h.head), st.base_head) + _since(now["drops"], st.base_drops)
-            )
+            # Every hit ends as a record, a drop or filtered; one may be in flight (or
+            # read before its record when the header is copied mid-update).
+            rest = now["records"] + now["drops"] + now["filtered"] + now["aggregated"]
+            gap = _since(now["hits"], st.base_hits) - _since(rest, st.base_rest)
             if -1 <= gap <= 1:
                 st.last.update(now)
                 return
@@ -224,3 +271,68 @@ class RingReader:
             before, st.seen_inflight = st.seen_inflight, (int(h.inflight), int(h.hits))
             if h.inflight and before is not None and before[0] and before[1] == h.hits:
                 self._find(cpu, "inflight", "inflight", "0", f"{h.inflight} (stuck)", fix=0)
+
+
+class AgentModel:
+    """What ``vms_agent()`` does to one ring, in Python: the reference writer for the
+    format tests and for the benchmark's recorded rings (bytes built with the real
+    layout, no VM). ``mem`` is the ring (header first) as a bytearray."""
+
+    def __init__(self, mem: bytearray, ring_size: int, offset: int = 0) -> None:
+        self.mem, self.size, self.at = mem, L.check_ring_size(ring_size), offset
+
+    def get(self, name: str) -> int:
+        o = self.at + _OFF[name]
+        return int.from_bytes(self.mem[o : o + 8], "little")
+
+    def set(self, name: str, value: int) -> None:
+        o = self.at + _OFF[name]
+        self.mem[o : o + 8] = (value % U64).to_bytes(8, "little")
+
+    def bump(self, name: str) -> None:
+        self.set(name, self.get(name) + 1)
+
+    def hit(self, rec: L.Record, args: tuple[int, ...] = (), items: bytes = b"",
+            max_size: int = L.RECORD_MAX, wanted: bool = True) -> bool:  # fmt: skip
+        """One hit: the record (header fields as given; size, seq, nargs filled here),
+        published unless the ring is full (a drop) or ``wanted`` is false (filtered).
+        ``items`` is the already encoded item area (see :func:`encode_items`)."""
+        if self.get("inflight"):
+            self.bump("nested")
+            return False
+        self.bump("hits")
+        if not wanted:
+            self.bump("filtered")
+            return False
+        head, tail, size = self.get("head"), self.get("tail"), self.size
+        need = min(max_size, L.RECORD_MAX)
+        off = head & (size - 1)
+        pad = size - off if size - off < need else 0
+        if (head - tail) % U64 + pad + need > size:
+            self.bump("drops")
+            return False
+        rec.nargs = len(args)
+        body = bytes(rec)[8:] + struct.pack(f"<{len(args)}Q", *args) + items
+        total = 8 + len(body)
+        if total % 8 or total > need:
+            raise ValueError(f"a record of {total} bytes (max {need}, multiple of 8)")
+        base = self.at + L.data_offset()
+        if pad:
+            self.mem[base + off : base + off + 8] = _SIZE_SEQ.pack(
+                pad | L.PAD_FLAG, L.record_seq(head)
+            )
+            off = 0
+        seq = L.record_seq(head + pad)
+        self.mem[base + off : base + off + total] = _SIZE_SEQ.pack(total, seq) + body
+        self.bump("records")
+        self.set("head", head + pad + total)
+        return True
+
+
+def encode_items(items: list[tuple[int, int, bytes]]) -> bytes:
+    """Items as the agent lays them out: ``u16 len, u8 kind, u8 status``, data, 8-aligned."""
+    out = bytearray()
+    for kind, status, data in items:
+        out += struct.pack("<HBB", len(data), kind, status) + data
+        out += bytes(-len(out) % 8)
+    return bytes(out)

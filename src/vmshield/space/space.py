@@ -35,7 +35,7 @@ from vmshield.space import agent as agentlib
 from vmshield.space import layout as L
 from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow
-from vmshield.space.rings import RingReader
+from vmshield.space.rings import DRAIN_LIMIT, RingReader
 
 PAGE = 0x1000
 NOPS5 = (bytes.fromhex("0f1f440000"), bytes.fromhex("6666666690"))
@@ -78,7 +78,7 @@ class Region:
     config_pages: int
     ring_stride: int
     ncpus: int
-    nslots: int = L.NSLOTS
+    ring_size: int = L.RING_SIZE  # bytes of records per CPU
     pages: list[int] = field(default_factory=list)  # PA of every page, in VA order
     rox_cache: bool = False  # came read-only + executable from execmem's ROX cache (7.x)
 
@@ -259,7 +259,7 @@ class SecuritySpace:
         r = self.region
         assert r is not None
         self.rings = RingReader(self._read, self._write_data, r.pa, r.rings_va, r.ring_stride,
-                                r.ncpus, r.nslots)  # fmt: skip
+                                r.ncpus, r.ring_size)  # fmt: skip
 
     def _frame_read(self, va: int, n: int) -> bytes:
         """Bytes of protected pages at the frames recorded for them (the deep check makes
@@ -312,8 +312,9 @@ class SecuritySpace:
 
     # -- build ------------------------------------------------------------------------
 
-    def build(self, b: Borrow, ncpus: int) -> None:
-        """Allocate, write and protect the agent (a task must be parked in ``b``)."""
+    def build(self, b: Borrow, ncpus: int, ring_size: int | None = None) -> None:
+        """Allocate, write and protect the agent (a task must be parked in ``b``).
+        ``ring_size``: bytes of records per vCPU (default: sized from guest RAM)."""
         k = self.k
         obj = agentlib.build().read_bytes()
         # Link once at a stand-in module address to learn the size; then at the real base.
@@ -321,8 +322,9 @@ class SecuritySpace:
         probe = agentlib.link(obj, stand_in, stand_in + (1 << 24), lambda s: stand_in)
         text_pages = _pages(len(probe.code))
         config_pages = _pages(C.sizeof(L.Config))
-        nslots = ring_slots(sum(size for _, size in self.t.mem.ranges()), ncpus)
-        region = Region(0, text_pages, config_pages, L.ring_bytes(nslots), ncpus, nslots)
+        ram = sum(size for _, size in self.t.mem.ranges())
+        size = L.check_ring_size(ring_size) if ring_size else ring_size_for(ram, ncpus)
+        region = Region(0, text_pages, config_pages, L.ring_bytes(size), ncpus, size)
         free = self._free_function()
         if "execmem_alloc" in k.symbols:
             base = b.call("execmem_alloc", 0, region.size, undo=free)  # EXECMEM_DEFAULT
@@ -514,7 +516,7 @@ class SecuritySpace:
         off = k.member_offset
         c.magic = L.CONFIG_MAGIC
         c.ncpus = ncpus
-        c.slot_size, c.nslots = L.SLOT_SIZE, r.nslots
+        c.ring_size = r.ring_size
         c.rings, c.ring_stride = r.rings_va, r.ring_stride
         c.page_offset_base = k.u64(k.symbols.address("page_offset_base"))
         c.la57 = int(k.walker.va_bits == 57)
@@ -766,7 +768,7 @@ class SecuritySpace:
         raw = self._read(r.rings_va + cpu * r.ring_stride, C.sizeof(L.RingHeader))
         return L.RingHeader.from_buffer_copy(raw)
 
-    def drain(self, limit: int = 4096) -> Iterator[tuple[L.Record, bytes]]:
+    def drain(self, limit: int = DRAIN_LIMIT) -> Iterator[bytes]:
         """Records published since the last drain, per CPU in order, each once whatever
         the guest does to the ring headers (see :mod:`vmshield.space.rings`); findings
         come out of the next :meth:`check`, drops out of ``rings.take_dropped``."""
@@ -781,7 +783,8 @@ class SecuritySpace:
 
     def counters(self) -> dict[str, int]:
         r = self.region
-        out = {"hits": 0, "drops": 0, "nested": 0, "denied": 0, "killed": 0}
+        out = dict.fromkeys(("hits", "drops", "nested", "denied", "killed", "records",
+                             "filtered", "aggregated"), 0)  # fmt: skip
         if r is None:
             return out
         for cpu in range(r.ncpus):
@@ -1047,11 +1050,14 @@ FTRACE_FLAGS = (
 )  # fmt: skip
 
 
-def ring_slots(ram_bytes: int, ncpus: int) -> int:
-    """Slots per CPU ring: 4096, fewer when all rings would exceed 1/64 of guest RAM
-    (the allocation is GFP_KERNEL: it must not push a small guest into its OOM killer)."""
-    fit = ram_bytes // 64 // max(1, ncpus) // L.SLOT_SIZE
-    return max(256, min(L.NSLOTS, 1 << max(0, fit.bit_length() - 1)))
+def ring_size_for(ram_bytes: int, ncpus: int) -> int:
+    """Bytes of records per vCPU by default: all rings together take at most 1/32 of
+    guest RAM (the allocation is GFP_KERNEL: it must not push a small guest into its OOM
+    killer), at most 16 MiB a ring, a power of two (16 MiB per vCPU for 512 MiB and one
+    vCPU: 131,072 getpid records, four bursts of 30,000 calls even if the host read
+    nothing meanwhile)."""
+    fit = ram_bytes // 32 // max(1, ncpus)
+    return max(L.RING_MIN, min(16 << 20, 1 << max(0, fit.bit_length() - 1)))
 
 
 CPU_FIELDS = ("cr0", "cr4", "efer", "star", "lstar", "sysenter_eip", "idt_base",
