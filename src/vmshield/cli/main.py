@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vmshield.cli import service
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
@@ -626,6 +627,9 @@ def resume(target: VmArg) -> None:
     with _errors(), Target(target) as t:
         t.qmp.cont()
     out.print(f"{target}: running")
+
+
+service.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,358 @@
+"""The VMs of this host and their monitors, kept in step with the store.
+
+Why one monitor per VM holding every request: QEMU serves one gdbstub client per VM, so
+adding or removing a request stops the VM's monitor (every point removed, every byte
+restored) and starts a new one with the whole set. The store is the truth: at start
+every request stored for this host is armed again (after a crash the new monitor adopts
+what the dead one left, see :mod:`vmshield.monitor.session`).
+
+Events are stored from the monitor's thread before anything else sees them; clients
+only ever read them back from the store (queries and the SSE stream alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from vmshield.errors import VmshieldError
+from vmshield.guest.vm import VM, open_vm
+from vmshield.monitor.events import Event
+from vmshield.monitor.kinds import EngineKind
+from vmshield.monitor.request import IsolationRequest
+from vmshield.monitor.session import Monitor
+from vmshield.store import Principal, Store
+
+MAX_REQUESTS_PER_VM = 32
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Problem(VmshieldError):
+    """An API-level failure with the HTTP status it maps to (RFC 9457 at the edge)."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+
+
+def not_found(what: str) -> Problem:
+    return Problem(404, "Not Found", what)
+
+
+@dataclass
+class Slot:
+    """One VM of this host: its attachment, its monitor and what went wrong last."""
+
+    id: str
+    name: str
+    target: str
+    tenant: str
+    vm: VM | None = None
+    monitor: Monitor | None = None
+    error: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+@dataclass
+class Metrics:
+    """What /metrics shows for this daemon's VMs (counters since start)."""
+
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)
+    alerts: Counter[str] = field(default_factory=Counter)
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, vm: str, obj: str, latency: float) -> None:
+        with self.lock:
+            self.events[(vm, obj)] += 1
+            if obj == "space.integrity":
+                self.alerts[vm] += 1
+            self.latency_sum += latency
+            self.latency_count += 1
+            for i, edge in enumerate(LATENCY_BUCKETS):
+                if latency <= edge:
+                    self.buckets[i] += 1
+
+
+class Registry:
+    """The VMs registered on ``host`` and their monitors."""
+
+    def __init__(
+        self,
+        store: Store,
+        host: str,
+        state_dir: Path,
+        *,
+        notify: Callable[[], None] = lambda: None,
+        engine: EngineKind | str = EngineKind.AUTO,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.state_dir = state_dir
+        self.notify = notify
+        self.engine = engine
+        self.slots: dict[str, Slot] = {}
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach to every VM stored for this host and arm its stored requests."""
+        for row in self.store.vms(host=self.host):
+            slot = Slot(row["id"], row["name"], row["target"], row["tenant"])
+            with self._lock:
+                self.slots[slot.id] = slot
+            self._attach(slot)
+            self.rearm(slot)
+
+    def close(self) -> None:
+        """Stop every monitor (detached: points removed, bytes restored) and let go of
+        every VM."""
+        with self._lock:
+            slots = list(self.slots.values())
+        for slot in slots:
+            with slot.lock:
+                self._stop(slot)
+                if slot.vm is not None:
+                    slot.vm.close()
+                    slot.vm = None
+
+    # -- VMs ----------------------------------------------------------------------------
+
+    def register(self, principal: Principal, target: str, name: str | None) -> dict[str, Any]:
+        if self.store.vm_by_target(self.host, target) is not None:
+            raise Problem(409, "Conflict", f"{target!r} is already registered on {self.host}")
+        try:
+            vm = open_vm(target)
+        except VmshieldError as e:
+            raise Problem(422, "Unprocessable Content", f"cannot attach to {target!r}: {e}") from e
+        vm_id = "vm-" + secrets.token_hex(6)
+        self.store.ensure_tenant(principal.tenant)
+        self.store.add_vm(vm_id, name or target, target, self.host, principal.tenant)
+        slot = Slot(vm_id, name or target, target, principal.tenant, vm=vm)
+        with self._lock:
+            self.slots[vm_id] = slot
+        self._publish_status(slot)
+        return self.vm_view(vm_id)
+
+    def unregister(self, vm_id: str) -> None:
+        slot = self._local(vm_id)
+        with slot.lock:
+            self._stop(slot)
+            if slot.vm is not None:
+                slot.vm.close()
+                slot.vm = None
+            self.store.delete_vm(vm_id)
+            with self._lock:
+                self.slots.pop(vm_id, None)
+
+    def vm_view(self, vm_id: str) -> dict[str, Any]:
+        row = self.store.vm(vm_id)
+        if row is None:
+            raise not_found(f"no VM {vm_id!r}")
+        return row
+
+    def _local(self, vm_id: str) -> Slot:
+        row = self.store.vm(vm_id)
+        if row is None:
+            raise not_found(f"no VM {vm_id!r}")
+        slot = self.slots.get(vm_id)
+        if slot is None:
+            raise Problem(
+                409,
+                "Conflict",
+                f"VM {vm_id} runs on host {row['host']!r}, not {self.host!r}: "
+                "send this to that host's daemon",
+            )
+        return slot
+
+    # -- isolation requests -------------------------------------------------------------
+
+    def add_request(
+        self, vm_id: str, obj: str, filters: dict[str, str], action: str
+    ) -> dict[str, Any]:
+        slot = self._local(vm_id)
+        with slot.lock:
+            if self.store.count_isolations(vm_id) >= MAX_REQUESTS_PER_VM:
+                raise Problem(
+                    409,
+                    "Conflict",
+                    f"VM {vm_id} has {MAX_REQUESTS_PER_VM} isolation requests (the limit): "
+                    "release one first",
+                )
+            req_id = "iso-" + secrets.token_hex(6)
+            try:
+                req = IsolationRequest(
+                    vm=slot.name, object=obj, filters=filters, action=action, id=req_id
+                )
+            except ValidationError as e:
+                raise Problem(422, "Unprocessable Content", _pydantic_text(e)) from None
+            except VmshieldError as e:
+                raise Problem(422, "Unprocessable Content", str(e)) from None
+            if slot.vm is not None:  # validated against the catalog and this kernel
+                try:
+                    Monitor(slot.vm, [req], engine=self.engine)
+                except VmshieldError as e:
+                    raise Problem(422, "Unprocessable Content", str(e)) from None
+            self.store.add_isolation(req_id, vm_id, obj, filters, action)
+            self.rearm(slot, new=req_id)
+        out = self.store.isolation(req_id)
+        assert out is not None
+        return out
+
+    def remove_request(self, req_id: str) -> None:
+        row = self.store.isolation(req_id)
+        if row is None:
+            raise not_found(f"no isolation request {req_id!r}")
+        slot = self._local(row["vm"])
+        with slot.lock:
+            self.store.delete_isolation(req_id)
+            self.rearm(slot)
+
+    # -- arming -------------------------------------------------------------------------
+
+    def _attach(self, slot: Slot) -> bool:
+        if slot.vm is not None:
+            return True
+        try:
+            slot.vm = open_vm(slot.target)
+            slot.error = None
+            return True
+        except VmshieldError as e:
+            slot.error = f"cannot attach to {slot.target!r}: {e}"
+            self._publish_status(slot)
+            return False
+
+    def _stop(self, slot: Slot) -> None:
+        mon, slot.monitor = slot.monitor, None
+        if mon is not None:
+            try:
+                mon.stop()
+            except VmshieldError as e:
+                slot.error = f"detach: {e}"
+
+    def rearm(self, slot: Slot, new: str | None = None) -> None:
+        """Stop the VM's monitor and start one with every stored request. If that fails
+        and ``new`` was just added, it is marked failed and the rest armed again;
+        otherwise the requests stay pending with the reason (retried at next start)."""
+        with slot.lock:
+            self._stop(slot)
+            rows = [r for r in self.store.isolations(slot.id) if r["state"] != "failed"]
+            if not rows:
+                self._publish_status(slot)
+                return
+            if not self._attach(slot):
+                for r in rows:
+                    self.store.set_isolation_state(r["id"], "pending", slot.error)
+                return
+            assert slot.vm is not None
+            try:
+                slot.monitor = self._start_monitor(slot, slot.vm, rows)
+            except VmshieldError as e:
+                if new is not None:
+                    self.store.set_isolation_state(new, "failed", str(e))
+                    self.rearm(slot)
+                    return
+                slot.error = str(e)
+                for r in rows:
+                    self.store.set_isolation_state(r["id"], "pending", str(e))
+                self._publish_status(slot)
+                return
+            slot.error = None
+            for r in rows:
+                self.store.set_isolation_state(r["id"], "armed", None)
+            self._publish_status(slot)
+
+    def _start_monitor(self, slot: Slot, vm: VM, rows: list[dict[str, Any]]) -> Monitor:
+        reqs = [
+            IsolationRequest(
+                vm=slot.name,
+                object=r["object"],
+                filters=r["filters"],
+                action=r["action"],
+                id=r["id"],
+            )
+            for r in rows
+        ]
+        dumps = self.state_dir / "dumps" / slot.id
+        dumps.mkdir(parents=True, exist_ok=True)
+        mon = Monitor(vm, reqs, engine=self.engine, dump_dir=dumps)
+        mon.subscribe(lambda ev: self._on_event(slot, ev))
+        mon.start()
+        return mon
+
+    def _on_event(self, slot: Slot, ev: Event) -> None:
+        """In the monitor's thread: store first, then tell the streams."""
+        text = ev.to_json()
+        try:
+            _id, stored = self.store.add_event(
+                slot.id, slot.tenant, ev.request, ev.object, ev.time, text
+            )
+        except Exception as e:  # a store failure is a counted drop, never a dead monitor
+            slot.error = f"store: {e}"
+            with contextlib.suppress(Exception):  # the store is down: nowhere to count
+                self.store.count(slot.id, "drops.store", 1)
+            return
+        if ev.object == "space.ring":
+            self.store.count(slot.id, "drops.ring", int(ev.fields.get("dropped", 0)))
+        self.metrics.observe(slot.id, ev.object, max(0.0, stored - ev.time))
+        self.notify()
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self, slot: Slot) -> dict[str, Any]:
+        mon = slot.monitor
+        out: dict[str, Any] = {
+            "engine": None,
+            "security_space": "none",
+            "armed_points": 0,
+            "fell_back": False,
+            "last_error": slot.error,
+            "symbol_source": "kallsyms+btf from guest memory" if slot.vm else None,
+            "updated": time.time(),
+        }
+        if mon is not None and mon.engine_kind is not None:
+            out["engine"] = mon.engine_kind.value
+            out["armed_points"] = len(mon.resolved)
+            out["security_space"] = "active" if mon.engine_kind == EngineKind.SPACE else "none"
+            out["fell_back"] = mon.fell_back
+        return out
+
+    def _publish_status(self, slot: Slot) -> None:
+        kernel = slot.vm.kernel.release if slot.vm is not None else None
+        self.store.set_vm_status(slot.id, kernel, self.status(slot))
+
+    def armed_points(self) -> dict[str, int]:
+        with self._lock:
+            slots = list(self.slots.values())
+        return {s.id: (len(s.monitor.resolved) if s.monitor is not None else 0) for s in slots}
+
+    def event_drops(self) -> dict[str, int]:
+        """Events a subscriber queue lost, per VM (zero: the daemon subscribes by
+        callback, kept for completeness)."""
+        with self._lock:
+            slots = list(self.slots.values())
+        return {s.id: (s.monitor.dropped if s.monitor is not None else 0) for s in slots}
+
+
+def _pydantic_text(e: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in e.errors()
+    )
+
+
+def dumps_status(row: dict[str, Any]) -> str:
+    return json.dumps(row["status"])
