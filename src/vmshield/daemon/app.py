@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import stat
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,13 +203,23 @@ async def _retention(store: Store, cfg: DaemonConfig) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server that also ends the SSE streams when asked to stop."""
+    """uvicorn's server that also ends the SSE streams when asked to stop, and exits
+    with status 0 after a clean SIGTERM shutdown (uvicorn re-raises the signal)."""
 
     hub: Hub
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.hub.close()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
 
 def listen_socket(listen: str) -> tuple[socket.socket, bool]:

@@ -115,7 +115,8 @@ class Registry:
             slot = Slot(row["id"], row["name"], row["target"], row["tenant"])
             with self._lock:
                 self.slots[slot.id] = slot
-            self._attach(slot)
+            if self._attach(slot):
+                self._recover(slot)
             self.rearm(slot)
 
     def close(self) -> None:
@@ -235,6 +236,36 @@ class Registry:
             slot.error = f"cannot attach to {slot.target!r}: {e}"
             self._publish_status(slot)
             return False
+
+    def _recover(self, slot: Slot) -> None:
+        """Clear what a killed daemon's monitor left in the VM (a security space with its
+        patched sites, a borrowed call in flight, breakpoints), as ``vmshield detach``
+        does, so the stored requests can be armed on clean functions. Records the guest
+        wrote into a dead monitor's rings are not recovered."""
+        from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
+        from vmshield.space.space import SecuritySpace, StaleSpace
+
+        assert slot.vm is not None
+        t, k = slot.vm.require_live("recover"), slot.vm.kernel
+        try:
+            if journal_path(t).exists():
+                recover_orphaned_call(t, k)
+            sp = SecuritySpace.load_state(t, k)
+            if sp is not None and not sp.in_use_by():
+                with contextlib.suppress(StaleSpace), borrowed(t, k, "teardown") as b:
+                    sp.destroy(b)
+            armed = t.gdb_path().with_suffix(".armed.json")
+            if armed.exists():
+                stub = t.gdbstub()
+                try:
+                    stub.detach()
+                finally:
+                    stub.close()
+                armed.unlink(missing_ok=True)
+            if not t.qmp.running():
+                t.qmp.cont()
+        except VmshieldError as e:
+            slot.error = f"clearing what a killed monitor left: {e}"
 
     def _stop(self, slot: Slot) -> None:
         mon, slot.monitor = slot.monitor, None
