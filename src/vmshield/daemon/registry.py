@@ -138,7 +138,7 @@ class Registry:
             raise Problem(409, "Conflict", f"{target!r} is already registered on {self.host}")
         try:
             vm = open_vm(target)
-        except VmshieldError as e:
+        except (VmshieldError, OSError, ValueError) as e:  # ENAMETOOLONG, NUL bytes, ...
             raise Problem(422, "Unprocessable Content", f"cannot attach to {target!r}: {e}") from e
         vm_id = "vm-" + secrets.token_hex(6)
         self.store.ensure_tenant(principal.tenant)
@@ -232,7 +232,7 @@ class Registry:
             slot.vm = open_vm(slot.target)
             slot.error = None
             return True
-        except VmshieldError as e:
+        except (VmshieldError, OSError, ValueError) as e:
             slot.error = f"cannot attach to {slot.target!r}: {e}"
             self._publish_status(slot)
             return False
