@@ -146,9 +146,11 @@ def delete_isolation(req_id: str, who: Who, request: Request) -> Response:
 
 
 def _served(ev: StoredEvent) -> dict[str, Any]:
-    """The stored event as served: the event object plus its store ``id``."""
+    """The stored event as served: the event object plus its store ``id`` and the
+    daemon's ``vm_id`` (the event's own ``vm`` is the target's name)."""
     out: dict[str, Any] = json.loads(ev.json)
     out["id"] = ev.id
+    out["vm_id"] = ev.vm
     return out
 
 

@@ -68,7 +68,8 @@ class IsolationList(BaseModel):
 
 class EventPage(BaseModel):
     events: list[dict[str, Any]] = Field(
-        description="vmshield.event/1 objects, oldest first, each with its store `id`."
+        description="vmshield.event/1 objects, oldest first, each with its store `id` and "
+        "the daemon's `vm_id`."
     )
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
 
