@@ -9,65 +9,28 @@ is seen through the other daemon's query API and SSE stream (the shared store).
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vmshield.errors import LabError
+from vmshield.lab.postgres import Cluster
 from vmshield.lab.vmstest import kv
 
 from .conftest import Lab, boot
-from .daemonlib import Daemon, SseReader, free_port, make_token
+from .daemonlib import Daemon, SseReader, make_token
 
 pytestmark = pytest.mark.vm
 
 
-def _as_owner(cmd: list[str], owner: str | None) -> list[str]:
-    return ["runuser", "-u", owner, "--", *cmd] if owner else cmd
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        pytest.fail("PostgreSQL server binaries missing: run `make setup` (apt postgresql)")
-    bindir = Path(found[-1]).parent
-    base = Path(tempfile.mkdtemp(prefix="vms-pg-"))
-    owner = None
-    if os.geteuid() == 0:
-        owner = "postgres"
-        try:
-            pw = pwd.getpwnam(owner)
-        except KeyError:
-            pytest.fail("user postgres missing (Debian's postgresql package creates it)")
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-    data, port = base / "data", free_port()
-    subprocess.run(
-        _as_owner([str(bindir / "initdb"), "-D", str(data), "-U", "vmshield",
-                   "--auth=trust", "-E", "UTF8"], owner),
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        _as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"),
-                   "-o", opts, "-w", "start"], owner),
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
     try:
-        yield f"postgresql://vmshield@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            _as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                      owner),
-            capture_output=True, timeout=120,
-        )  # fmt: skip
-        shutil.rmtree(base, ignore_errors=True)
+        with Cluster() as url:
+            yield url
+    except LabError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,17 @@ def test_events_are_scoped_paged_and_pruned(tmp_path: Path) -> None:
     st.count("vm-a", "drops.ring", 3)
     st.count("vm-a", "drops.ring", 2)
     assert st.counters() == [("vm-a", "drops.ring", 5)]
+
+
+def test_batches_are_stored_in_one_transaction(tmp_path: Path) -> None:
+    st = _store(tmp_path)
+    st.create_token("a")
+    rows = [("vm-a", "a", "r", "file.open", 1.0 + i, "{}", 2.0 + i) for i in range(50)]
+    stored = st.add_events(rows)
+    got = st.events(Principal("a", False), limit=1000)
+    assert len(got) == 50 and [e.id for e in got] == sorted(e.id for e in got)
+    with st.raw() as c:
+        when = c.execute(sa.text("SELECT DISTINCT stored_at FROM events")).scalars().all()
+        heads = c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    assert when == [stored]
+    assert heads == ["0002"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import secrets
 import threading
 import time
@@ -34,6 +35,8 @@ from vmshield.monitor.session import Monitor
 from vmshield.store import Principal, Store
 
 MAX_REQUESTS_PER_VM = 32
+MAX_QUEUED = 200_000  # events waiting for the store writer
+BATCH = 1000  # events per store transaction at most
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -69,21 +72,102 @@ class Metrics:
 
     events: Counter[tuple[str, str]] = field(default_factory=Counter)
     alerts: Counter[str] = field(default_factory=Counter)
-    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    latency_sum: float = 0.0
-    latency_count: int = 0
+    latency: Histogram = field(default_factory=lambda: Histogram())  # event time -> stored
+    added: Histogram = field(default_factory=lambda: Histogram())  # engine -> stored
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def observe(self, vm: str, obj: str, latency: float) -> None:
+    def observe(self, vm: str, obj: str, latency: float, added: float) -> None:
         with self.lock:
             self.events[(vm, obj)] += 1
             if obj == "space.integrity":
                 self.alerts[vm] += 1
-            self.latency_sum += latency
-            self.latency_count += 1
-            for i, edge in enumerate(LATENCY_BUCKETS):
-                if latency <= edge:
-                    self.buckets[i] += 1
+            self.latency.observe(latency)
+            self.added.observe(added)
+
+
+@dataclass
+class Histogram:
+    """Cumulative buckets in seconds, as Prometheus histograms count them."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, x: float) -> None:
+        self.total += x
+        self.count += 1
+        for i, edge in enumerate(LATENCY_BUCKETS):
+            if x <= edge:
+                self.buckets[i] += 1
+
+
+# vm, tenant, request, object, time, json, received_at
+Row = tuple[str, str, str, str, float, str, float]
+
+
+class Writer(threading.Thread):
+    """Stores events in batches, one transaction per batch, then wakes the streams.
+
+    Why a thread: a monitor thread that committed each event itself would stall its
+    engine (the security space's rings would fill) on the store's commit latency.
+    Events wait here at most until the current batch is committed; clients read only
+    what is committed, so an event is stored before any client sees it. A full queue
+    is a counted drop (``drops.queue``), never a blocked engine.
+    """
+
+    def __init__(self, store: Store, metrics: Metrics, notify: Callable[[], None]) -> None:
+        super().__init__(name="vmshield-store-writer", daemon=True)
+        self.store, self.metrics, self.notify = store, metrics, notify
+        self.q: queue.Queue[Row | None] = queue.Queue(MAX_QUEUED)
+        self.error: str | None = None
+
+    def put(self, row: Row) -> bool:
+        try:
+            self.q.put_nowait(row)
+            return True
+        except queue.Full:
+            return False
+
+    def run(self) -> None:
+        done = False
+        while not done:
+            item = self.q.get()
+            batch: list[Row] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    break
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+            done = item is None
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[Row]) -> None:
+        for attempt in range(3):
+            try:
+                stored = self.store.add_events(batch)
+                break
+            except Exception as e:  # the store is down: retried, then counted as drops
+                self.error = f"store: {e}"
+                time.sleep(0.2 * (attempt + 1))
+        else:
+            per_vm = Counter(r[0] for r in batch)
+            for vm, n in per_vm.items():
+                with contextlib.suppress(Exception):
+                    self.store.count(vm, "drops.store", n)
+            return
+        self.error = None
+        for vm, _tenant, _req, obj, when, _text, got in batch:
+            self.metrics.observe(vm, obj, max(0.0, stored - when), max(0.0, stored - got))
+        self.notify()
+
+    def close(self) -> None:
+        """Store what is queued, then end."""
+        self.q.put(None)
+        self.join(60)
 
 
 class Registry:
@@ -105,6 +189,8 @@ class Registry:
         self.engine = engine
         self.slots: dict[str, Slot] = {}
         self.metrics = Metrics()
+        self.writer = Writer(store, self.metrics, notify)
+        self.writer.start()
         self._lock = threading.Lock()
 
     # -- lifetime -----------------------------------------------------------------------
@@ -130,6 +216,7 @@ class Registry:
                 if slot.vm is not None:
                     slot.vm.close()
                     slot.vm = None
+        self.writer.close()  # every event the monitors delivered is stored
 
     # -- VMs ----------------------------------------------------------------------------
 
@@ -326,21 +413,15 @@ class Registry:
         return mon
 
     def _on_event(self, slot: Slot, ev: Event) -> None:
-        """In the monitor's thread: store first, then tell the streams."""
-        text = ev.to_json()
-        try:
-            _id, stored = self.store.add_event(
-                slot.id, slot.tenant, ev.request, ev.object, ev.time, text
-            )
-        except Exception as e:  # a store failure is a counted drop, never a dead monitor
-            slot.error = f"store: {e}"
-            with contextlib.suppress(Exception):  # the store is down: nowhere to count
-                self.store.count(slot.id, "drops.store", 1)
-            return
+        """In the monitor's thread: hand the event to the store writer (clients see it
+        only once it is committed)."""
+        row = (slot.id, slot.tenant, ev.request, ev.object, ev.time, ev.to_json(), time.time())
+        if not self.writer.put(row):
+            with contextlib.suppress(Exception):
+                self.store.count(slot.id, "drops.queue", 1)
         if ev.object == "space.ring":
-            self.store.count(slot.id, "drops.ring", int(ev.fields.get("dropped", 0)))
-        self.metrics.observe(slot.id, ev.object, max(0.0, stored - ev.time))
-        self.notify()
+            with contextlib.suppress(Exception):
+                self.store.count(slot.id, "drops.ring", int(ev.fields.get("dropped", 0)))
 
     # -- status -------------------------------------------------------------------------
 
@@ -351,7 +432,7 @@ class Registry:
             "security_space": "none",
             "armed_points": 0,
             "fell_back": False,
-            "last_error": slot.error,
+            "last_error": slot.error or self.writer.error,
             "symbol_source": "kallsyms+btf from guest memory" if slot.vm else None,
             "updated": time.time(),
         }

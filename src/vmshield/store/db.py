@@ -287,6 +287,20 @@ class Store:
         assert pk is not None
         return int(pk[0]), stored
 
+    def add_events(self, batch: Sequence[tuple[str, str, str, str, float, str, float]]) -> float:
+        """Store a batch of events ``(vm, tenant, request, object, time, json,
+        received_at)`` in one transaction (committed when this returns); returns the
+        store time."""
+        stored = _now()
+        rows = [
+            {"vm": vm, "tenant": tenant, "request": req, "object": obj, "time": when,
+             "json": text, "stored_at": stored, "received_at": got}
+            for vm, tenant, req, obj, when, text, got in batch
+        ]  # fmt: skip
+        with self.engine.begin() as c:
+            c.execute(sa.insert(events), rows)
+        return stored
+
     def events(
         self,
         principal: Principal,

@@ -67,6 +67,7 @@ events = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("json", sa.Text, nullable=False),
     sa.Column("stored_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=True),  # from the engine (migration 0002)
     sa.Index("ix_events_tenant_id", "tenant", "id"),
     sa.Index("ix_events_stored_at", "stored_at"),
 )
