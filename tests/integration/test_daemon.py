@@ -8,6 +8,7 @@ listed) and with none (401), and a clean SIGTERM that leaves no trace in the VM.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,62 @@ def test_unix_socket_is_private_and_tokenless(tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(60) == 0
     assert not sock.exists()
+
+
+def _cli(daemon: Daemon, token: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VMSHIELD_DAEMON": daemon.url, "VMSHIELD_TOKEN": token}
+    res = subprocess.run(
+        [sys.executable, "-m", "vmshield", *args], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, (args, res.stdout, res.stderr)
+    return res.stdout
+
+
+def test_cli_talks_to_the_daemon(lab: Lab, daemon: Daemon, tokens: dict[str, str]) -> None:
+    """`vmshield vms`, `isolate`, `events --follow`, `release` against the daemon."""
+    import json
+    import subprocess
+    import sys
+
+    tok = tokens["acme"]
+    daemon.start()
+    try:
+        vms = json.loads(_cli(daemon, tok, "vms", "--json"))
+        if not vms:
+            _cli(daemon, tok, "vms", "--add", lab.name)
+            vms = json.loads(_cli(daemon, tok, "vms", "--json"))
+        vm = vms[0]["id"]
+        assert vm in _cli(daemon, tok, "vms")
+        iso = json.loads(
+            _cli(daemon, tok, "isolate", vm, "--object", "file.unlink", "--filter", "path=/tmp/*")
+        )
+        assert iso["state"] == "armed"
+        env = {**os.environ, "VMSHIELD_DAEMON": daemon.url, "VMSHIELD_TOKEN": tok}
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "vmshield", "events", "--follow", "--object", "file.unlink",
+             "--limit", "1"],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            time.sleep(5)  # the follower is connected (it prints stored events first)
+            lab.sh("touch /tmp/cli-x && rm /tmp/cli-x")
+            deadline = time.monotonic() + 60
+            assert follow.stdout is not None
+            while time.monotonic() < deadline:
+                ev = json.loads(follow.stdout.readline())
+                if ev["fields"].get("path") == "/tmp/cli-x":
+                    break
+            else:
+                pytest.fail("events --follow did not print the unlink")
+        finally:
+            follow.kill()
+            follow.wait(30)
+        stored = _cli(daemon, tok, "events", "--vm", vm, "--object", "file.unlink")
+        assert "/tmp/cli-x" in stored
+        assert "released" in _cli(daemon, tok, "release", iso["id"])
+    finally:
+        assert daemon.term() == 0
