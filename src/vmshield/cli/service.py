@@ -78,12 +78,21 @@ def daemon(
     host: Annotated[
         str | None, typer.Option(help="This host's name in a shared store (default: hostname).")
     ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            help="libvirt URI for libvirt:DOMAIN targets (default: $LIBVIRT_DEFAULT_URI, "
+            "else qemu:///system)."
+        ),
+    ] = None,
 ) -> None:
     """Run the host daemon: the REST API, the web console and every VM's monitor.
     SIGTERM stops it cleanly (every VM detached)."""
     from vmshield.daemon.app import serve
     from vmshield.store.db import database_url
 
+    if connect:
+        os.environ["LIBVIRT_DEFAULT_URI"] = connect  # read by vmshield.hv.libvirt
     state_dir = state or default_state_dir()
     try:
         serve(

@@ -15,6 +15,8 @@ from types import TracebackType
 
 from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.hv.gdbstub import GdbStub
+from vmshield.hv.libvirt import PREFIX as LIBVIRT
+from vmshield.hv.libvirt import Domain, LibvirtQmp
 from vmshield.hv.memory import GuestMemory
 from vmshield.hv.qmp import Qmp, socket_peer_pid
 from vmshield.paths import run_dir
@@ -104,8 +106,14 @@ class Target:
 
     def __init__(self, target: str) -> None:
         self.name = target
-        self.qmp_path = resolve_qmp(target)
-        self.qmp = Qmp(self.qmp_path)
+        self.domain: Domain | None = None
+        if target.startswith(LIBVIRT):  # a domain libvirt runs: QMP through libvirt
+            self.domain = Domain(target[len(LIBVIRT) :])
+            self.qmp: Qmp = LibvirtQmp(self.domain)
+            self.qmp_path = Path(target)
+        else:
+            self.qmp_path = resolve_qmp(target)
+            self.qmp = Qmp(self.qmp_path)
         self.memory: GuestMemory | None = None
         self.memory_kind = ""
 
@@ -118,7 +126,8 @@ class Target:
                 self.memory = GuestMemory.from_shared(ranges, shared)
                 self.memory_kind = "shared"
             else:
-                pid = socket_peer_pid(self.qmp_path)
+                # QEMU's pid: from libvirt for its domains, else from the QMP socket's peer
+                pid = self.domain.pid() if self.domain else socket_peer_pid(self.qmp_path)
                 hvas = [self.qmp.gpa_to_hva(r.start) for r in ranges]
                 self.memory = GuestMemory.from_process(pid, ranges, hvas)
                 self.memory_kind = "process"
@@ -132,6 +141,9 @@ class Target:
             self.memory.close()
             self.memory = None
         self.qmp.close()
+        if self.domain is not None:
+            self.domain.close()
+            self.domain = None
 
     def __enter__(self) -> Target:
         return self.open()
@@ -153,6 +165,13 @@ class Target:
     def gdb_path(self) -> Path:
         """The gdbstub socket of this target: a lab VM's own, or one vmshield opens through
         QMP (``gdbserver``) for a QEMU started without ``-gdb``."""
+        if self.domain is not None:  # a directory libvirt's QEMU user can write
+            path = self.domain.directory() / "vmshield-gdb.sock"
+            if not path.exists():
+                self.qmp.start_gdbserver(path)
+            if not path.exists():
+                raise HypervisorError(f"QEMU did not open a gdbstub at {path}")
+            return path
         lab = self.qmp_path.parent / "gdb.sock"
         if self.qmp_path.name == "qmp.sock" and lab.exists():
             return lab
