@@ -267,3 +267,27 @@ def test_cli_talks_to_the_daemon(lab: Lab, daemon: Daemon, tokens: dict[str, str
         assert "released" in _cli(daemon, tok, "release", iso["id"])
     finally:
         assert daemon.term() == 0
+
+
+def test_a_vm_that_dies_is_reported(lab: Lab, daemon: Daemon, tokens: dict[str, str]) -> None:
+    """QEMU killed under an armed monitor: the daemon lives on, the requests go back to
+    pending with the reason, the VM shows the error. (Last test: it ends the lab VM.)"""
+    import signal
+
+    tok = tokens["acme"]
+    daemon.start()
+    try:
+        with daemon.client(tok) as c:
+            vm = c.get("/v1/vms").json()["vms"][0]
+            iso = c.post(f"/v1/vms/{vm['id']}/isolations", json={"object": "file.open"}).json()
+            assert iso["state"] == "armed"
+            pid = lab.vm.pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            _state(daemon, tok, iso["id"], "pending", timeout=60)
+            got = c.get(f"/v1/isolations/{iso['id']}").json()
+            assert "monitor ended" in got["reason"]
+            assert c.get(f"/v1/vms/{vm['id']}").json()["status"]["last_error"]
+            assert c.get("/v1/health").status_code == 200
+    finally:
+        assert daemon.term() == 0

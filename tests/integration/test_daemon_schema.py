@@ -43,3 +43,20 @@ def test_no_server_errors(daemon: Daemon) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_limits_and_problem_documents(daemon: Daemon) -> None:
+    token = make_token(daemon.state, "t")
+    with daemon.client(token) as c:
+        r = c.post("/v1/vms", content=b"{" + b" " * (70 * 1024) + b"}",
+                   headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code == 413
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert "64" in r.json()["detail"] or "65536" in r.json()["detail"]
+        r = c.get("/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["status"] == 404
+        r = c.get("/v1/events", params={"cursor": "abc"})
+        assert r.status_code == 422 and "cursor" in r.json()["detail"]
+        r = c.post("/v1/vms", json={})
+        assert r.status_code == 422 and "body.target" in r.json()["detail"]
+        assert c.get("/openapi.json").json()["info"]["title"] == "vmshield"

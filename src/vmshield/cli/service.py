@@ -78,6 +78,12 @@ def daemon(
     host: Annotated[
         str | None, typer.Option(help="This host's name in a shared store (default: hostname).")
     ] = None,
+    retain_days: Annotated[
+        float, typer.Option(help="Drop stored events older than this (0: keep all).")
+    ] = 30.0,
+    retain_events: Annotated[
+        int, typer.Option(help="Keep at most this many stored events (0: no limit).")
+    ] = 1_000_000,
     connect: Annotated[
         str | None,
         typer.Option(
@@ -100,6 +106,8 @@ def daemon(
             listen or f"unix:{state_dir / 'daemon.sock'}",
             database_url(db, state_dir),
             host or socket.gethostname(),
+            retain_days * 86400.0 if retain_days > 0 else None,
+            retain_events if retain_events > 0 else None,
         )
     except VmshieldError as e:
         _fail(str(e))

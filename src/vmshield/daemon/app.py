@@ -37,6 +37,7 @@ from vmshield.store import Store
 
 MAX_BODY = 64 * 1024
 RETENTION_INTERVAL = 60.0
+WATCH_INTERVAL = 5.0
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 Scope = MutableMapping[str, Any]
@@ -143,12 +144,16 @@ def create_app(store: Store, registry: Registry, hub: Hub, cfg: DaemonConfig) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.loop = asyncio.get_running_loop()
         await run_in_threadpool(registry.start)  # re-arm every stored request of this host
-        task = asyncio.create_task(_retention(store, cfg))
+        tasks = [
+            asyncio.create_task(_retention(store, cfg)),
+            asyncio.create_task(_watch(registry)),
+        ]
         try:
             yield
         finally:
             hub.close()
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             await run_in_threadpool(registry.close)
 
     app = FastAPI(
@@ -200,6 +205,13 @@ async def _retention(store: Store, cfg: DaemonConfig) -> None:
         with contextlib.suppress(Exception):  # a failed prune is retried next round
             await run_in_threadpool(store.prune, cfg.retention_age, cfg.retention_count)
         await asyncio.sleep(RETENTION_INTERVAL)
+
+
+async def _watch(registry: Registry) -> None:
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        with contextlib.suppress(Exception):  # a failed check is retried next round
+            await run_in_threadpool(registry.watch)
 
 
 class _Server(uvicorn.Server):
@@ -254,14 +266,21 @@ def listen_socket(listen: str) -> tuple[socket.socket, bool]:
     raise VmshieldError(f"--listen {listen!r}: use unix:PATH or tcp:HOST:PORT")
 
 
-def serve(state_dir: Path, listen: str, db_url: str, host: str) -> None:
+def serve(
+    state_dir: Path,
+    listen: str,
+    db_url: str,
+    host: str,
+    retention_age: float | None = 30 * 86400.0,
+    retention_count: int | None = 1_000_000,
+) -> None:
     """Run the daemon until SIGTERM/SIGINT; every VM is detached before it returns."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sock, is_unix = listen_socket(listen)
     store = Store.open(db_url)
     hub = Hub()
     registry = Registry(store, host, state_dir, notify=hub.notify)
-    cfg = DaemonConfig(state_dir, host, local_trust=is_unix)
+    cfg = DaemonConfig(state_dir, host, is_unix, retention_age, retention_count)
     app = create_app(store, registry, hub, cfg)
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on", access_log=False

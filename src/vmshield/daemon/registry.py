@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import secrets
 import threading
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.vm import VM, open_vm
+from vmshield.hv.qmp import socket_peer_pid
 from vmshield.monitor.events import Event
 from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import IsolationRequest
@@ -63,6 +65,7 @@ class Slot:
     vm: VM | None = None
     monitor: Monitor | None = None
     error: str | None = None
+    kernel: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -423,6 +426,60 @@ class Registry:
             with contextlib.suppress(Exception):
                 self.store.count(slot.id, "drops.ring", int(ev.fields.get("dropped", 0)))
 
+    def watch(self) -> None:
+        """Notice monitors that ended on their own (the VM went away, the engine
+        failed): their requests go back to pending with the reason, and the VM's
+        status shows the error. Called periodically by the app."""
+        with self._lock:
+            slots = list(self.slots.values())
+        for slot in slots:
+            if not slot.lock.acquire(blocking=False):
+                continue  # being re-armed right now
+            try:
+                mon = slot.monitor
+                if mon is None:
+                    continue
+                try:
+                    ended = mon.wait(0)
+                    why = "the monitor ended"
+                except BaseException as e:  # the error that ended it
+                    ended, why = True, f"the monitor ended: {e}"
+                if not ended:
+                    gone = self._gone(slot)
+                    if gone is None:
+                        continue
+                    why = f"the monitor ended: {gone}"
+                    # its detach cannot reach a dead QEMU; let it fail on its own thread
+                    threading.Thread(target=_quiet_stop, args=(mon,), daemon=True).start()
+                slot.monitor, slot.error = None, why
+                for r in self.store.isolations(slot.id):
+                    if r["state"] == "armed":
+                        self.store.set_isolation_state(r["id"], "pending", why)
+                if slot.vm is not None:
+                    with contextlib.suppress(Exception):
+                        slot.vm.close()
+                    slot.vm = None
+                self._publish_status(slot)
+            finally:
+                slot.lock.release()
+
+    def _gone(self, slot: Slot) -> str | None:
+        """Why the VM's QEMU is gone, or None while it runs. The security space drains
+        shared RAM, which outlives QEMU, so its monitor would not notice by itself."""
+        t = slot.vm.target if slot.vm is not None else None
+        if t is None:
+            return None
+        try:
+            if t.domain is not None:
+                return None if t.domain.dom.isActive() else "the libvirt domain stopped"
+            pid = socket_peer_pid(t.qmp_path, timeout=2.0)
+            os.kill(pid, 0)
+        except (VmshieldError, ProcessLookupError) as e:
+            return f"QEMU is gone ({e})"
+        except Exception:  # libvirt errors: the domain is unknown now
+            return "QEMU is gone"
+        return None
+
     # -- status -------------------------------------------------------------------------
 
     def status(self, slot: Slot) -> dict[str, Any]:
@@ -444,8 +501,9 @@ class Registry:
         return out
 
     def _publish_status(self, slot: Slot) -> None:
-        kernel = slot.vm.kernel.release if slot.vm is not None else None
-        self.store.set_vm_status(slot.id, kernel, self.status(slot))
+        if slot.vm is not None:
+            slot.kernel = slot.vm.kernel.release
+        self.store.set_vm_status(slot.id, slot.kernel, self.status(slot))
 
     def armed_points(self) -> dict[str, int]:
         with self._lock:
@@ -458,6 +516,11 @@ class Registry:
         with self._lock:
             slots = list(self.slots.values())
         return {s.id: (s.monitor.dropped if s.monitor is not None else 0) for s in slots}
+
+
+def _quiet_stop(mon: Monitor) -> None:
+    with contextlib.suppress(BaseException):
+        mon.stop()
 
 
 def _pydantic_text(e: ValidationError) -> str:
