@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,7 @@ import pytest
 from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import tasks
+from vmshield.hv import target as target_mod
 from vmshield.hv.target import Target
 from vmshield.lab.kernels import kernel_path
 from vmshield.lab.vm import initramfs_path
@@ -88,3 +93,85 @@ def test_clear_errors_for_what_is_missing(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 15
     finally:
         srv.close()
+
+
+class QmpProxy:
+    """A QMP proxy like libvirt's virt-qemu-qmp-proxy: its own Unix socket, relaying every
+    byte to QEMU's. The socket's peer (SO_PEERCRED) is this test process, not QEMU."""
+
+    def __init__(self, path: Path, upstream: Path) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(str(self.upstream))
+            for a, b in ((client, up), (up, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stopping = True
+        self.server.close()
+
+
+@pytest.fixture
+def proxied(foreign_qemu: Path, tmp_path: Path) -> Iterator[Path]:
+    proxy = QmpProxy(tmp_path / "proxy.sock", foreign_qemu)
+    try:
+        yield proxy.path
+    finally:
+        proxy.close()
+
+
+def test_memory_through_a_qmp_proxy_comes_from_qemu(proxied: Path) -> None:
+    """Today's peer-pid lookup would read the proxy's (this process's) memory."""
+    with Target(str(proxied)) as t:
+        assert t.memory_kind == "process"
+        cpu = t.cpus()[0]
+        k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4)
+        assert k.release.startswith("6.1.")
+        assert {"init", "sh"} <= {x.name for x in tasks(k)}
+
+
+def test_cli_kernel_through_a_qmp_proxy(proxied: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "VMSHIELD_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [sys.executable, "-m", "vmshield", "kernel", str(proxied), "--json"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in res.stderr
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["release"].startswith("6.1.") and info["memory_access"] == "process"
+
+
+def test_qemu_not_found_behind_a_proxy_is_a_clear_error(
+    proxied: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When no readable QEMU holds the RAM (here: the scan is made to see no process, as
+    for a QEMU of another user), the attach fails with one clear error."""
+    monkeypatch.setattr(target_mod, "pids", lambda: [])
+    with pytest.raises(HypervisorError, match="cannot find the QEMU process behind"):
+        Target(str(proxied)).open()

@@ -39,7 +39,7 @@ def test_no_server_errors(daemon: Daemon) -> None:
             "--exclude-path", "/v1/events/stream",
             "--max-examples", "40", "--seed", "1", "--request-timeout", "60",
         ],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=daemon.state,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert daemon.proc is not None and daemon.proc.poll() is None

@@ -16,7 +16,7 @@ import vmshield
 SRC = Path(vmshield.__file__).resolve().parent
 # Lower rank = lower layer. A module may import its own layer and any lower one.
 RANK = {
-    "errors": 0, "paths": 0,
+    "errors": 0, "paths": 0, "text": 0, "procs": 0,
     "hv": 1,
     "guest": 2,
     "space": 3,

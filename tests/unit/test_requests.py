@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 from vmshield.errors import VmshieldError
 from vmshield.monitor.catalog import CATALOG, match_filter
 from vmshield.monitor.request import (
+    IsolationRequest,
     RequestError,
     catalog_object,
+    check_filter,
     parse_filters,
     parse_object_spec,
     parse_ufunc,
+    validate,
 )
 
 
@@ -72,3 +75,61 @@ def test_random_specs_parse_or_fail_cleanly(spec: str) -> None:
     except VmshieldError:
         return
     assert all(k and v for k, v in flt.items())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "normal"),
+    [
+        ("pid", "7", "7"),
+        ("pid", "007", "7"),
+        ("uid", "4294967295", "4294967295"),
+        ("port", "22", "22"),
+        ("port", "80*", "80*"),
+        ("changed", "TRUE", "True"),
+        ("escalation", "false", "False"),
+        ("changed", "*", "*"),
+        ("comm", "sshd", "sshd"),
+        ("comm", "a-very-long-program*", "a-very-long-program*"),
+        ("path", "/etc/*", "/etc/*"),
+        ("address", "10.0.0.*", "10.0.0.*"),
+        ("address", "fe80::1", "fe80::1"),
+    ],
+)
+def test_filter_values_are_typed_and_normalised(key: str, value: str, normal: str) -> None:
+    assert check_filter(key, value) == normal
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("uid", "root"),
+        ("pid", "abc"),
+        ("pid", "-1"),
+        ("pid", "2147483648"),
+        ("uid", "4294967296"),
+        ("pid", "١٢"),  # non-ASCII digits: never a pid
+        ("port", "http"),
+        ("port", "65536"),
+        ("port", "8*x"),
+        ("changed", "yes"),
+        ("escalation", ""),
+        ("comm", "a-name-of-16-byt"),
+        ("address", "example.com"),
+        ("path", "/tmp/\x1b[2J"),
+    ],
+)
+def test_filter_values_of_the_wrong_type_are_refused(key: str, value: str) -> None:
+    with pytest.raises(RequestError, match=f"filter {key}="):
+        check_filter(key, value)
+
+
+def test_validate_needs_no_vm() -> None:
+    req = IsolationRequest(vm="v", object="net.connect", filters={"port": "0443"})
+    assert validate(req) is CATALOG["net.connect"]
+    assert req.filters == {"port": "443"}
+    with pytest.raises(RequestError, match="uid takes a decimal number"):
+        validate(IsolationRequest(vm="v", object="file.open", filters={"uid": "root"}))
+    with pytest.raises(RequestError, match="cannot take action 'deny'"):
+        validate(IsolationRequest(vm="v", object="process.exit", action="deny"))
+    # process:X takes any action (each behaviour logs what it cannot take)
+    validate(IsolationRequest(vm="v", object="process:sshd", action="deny"))

@@ -19,7 +19,7 @@ from tests.unit.test_kallsyms_synthetic import KERNEL_BASE, Encoded, Sym, encode
 from vmshield.errors import GuestFormatError, SymbolError
 from vmshield.guest import kallsyms
 from vmshield.guest.symbols import Symbol
-from vmshield.guest.symcache import FORMAT, CachedBuild, SymbolCache
+from vmshield.guest.symcache import FORMAT, MAX_BTF_VARIANTS, CachedBuild, SymbolCache
 from vmshield.guest.symtab import SymbolTable
 
 KEY = "3f" * 32  # stands for the SHA-256 of the token table and index
@@ -206,45 +206,59 @@ def test_from_json_rejects_another_format() -> None:
         CachedBuild.from_json({"format": 0})
 
 
-class FakeBtf:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def member_offset(self, struct_name: str, path: str) -> int:
-        self.calls.append(f"{struct_name}.{path}")
-        return {"task_struct.pid": 0x5C8, "task_struct.comm": 0x738}[f"{struct_name}.{path}"]
-
-    def sizeof(self, type_name: str) -> int:
-        self.calls.append(f"sizeof:{type_name}")
-        return {"task_struct": 0x2A40}[type_name]
+BTF_A = "a1" * 32  # stand for SHA-256 digests of two different BTF blobs
+BTF_B = "b2" * 32
 
 
-class FakeKernel:
-    def __init__(self) -> None:
-        self.btf = FakeBtf()
-
-
-def test_layouts_are_cached_and_stored(tmp_path: Path) -> None:
+def test_layouts_are_filed_per_btf_hash_and_stored(tmp_path: Path) -> None:
     enc = sample()
     build = build_of(enc)
     cache = SymbolCache(tmp_path)
     cache.store(build)
-    kernel: Any = FakeKernel()
-    assert build.member_offset(kernel, "task_struct", "pid") == 0x5C8
-    assert build.member_offset(kernel, "task_struct", "pid") == 0x5C8
-    assert build.sizeof(kernel, "task_struct") == 0x2A40
-    assert kernel.btf.calls == ["task_struct.pid", "sizeof:task_struct"]
+    build.remember(BTF_A, "task_struct.pid", 0x5C8)
+    build.remember(BTF_A, "sizeof:task_struct", 0x2A40)
     assert build.dirty
     cache.store(build)
     loaded = cache.load(KEY, enc.blob)
-    assert loaded is not None
-    assert loaded.layouts == {"task_struct.pid": 0x5C8, "sizeof:task_struct": 0x2A40}
-    other: Any = FakeKernel()
-    assert loaded.member_offset(other, "task_struct", "pid") == 0x5C8
-    assert loaded.sizeof(other, "task_struct") == 0x2A40
-    assert other.btf.calls == [] and not loaded.dirty
-    assert loaded.member_offset(other, "task_struct", "comm") == 0x738
-    assert loaded.dirty
+    assert loaded is not None and not loaded.dirty
+    assert loaded.layouts == {BTF_A: {"task_struct.pid": 0x5C8, "sizeof:task_struct": 0x2A40}}
+    assert loaded.layout(BTF_A, "task_struct.pid") == 0x5C8
+    assert loaded.layout(BTF_B, "task_struct.pid") is None  # other BTF: nothing known
+    loaded.remember(BTF_B, "task_struct.pid", 0x10)
+    assert loaded.layout(BTF_A, "task_struct.pid") == 0x5C8
+    assert loaded.layout(BTF_B, "task_struct.pid") == 0x10
+    with pytest.raises(ValueError):
+        loaded.remember("not-a-hash", "x.y", 1)
+
+
+def test_btf_variants_are_bounded(tmp_path: Path) -> None:
+    enc = sample()
+    build = build_of(enc)
+    digests = [f"{i:064x}" for i in range(MAX_BTF_VARIANTS + 3)]
+    for i, d in enumerate(digests):
+        build.remember(d, "task_struct.pid", i)
+    assert list(build.layouts) == digests[-MAX_BTF_VARIANTS:]
+    cache = SymbolCache(tmp_path)
+    cache.store(build)
+    loaded = cache.load(KEY, enc.blob)
+    assert loaded is not None and loaded.layouts == build.layouts
+
+
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        {"task_struct.pid": 8},  # the old format: not keyed by BTF hash
+        {BTF_A: {"task_struct.pid": "8"}},
+        {BTF_A: {"task_struct.pid": True}},
+        {BTF_A: [1]},
+        {"zz" * 32: {"x.y": 1}},
+        {f"{i:064x}": {} for i in range(MAX_BTF_VARIANTS + 1)},
+    ],
+)
+def test_bad_layouts_miss(tmp_path: Path, layouts: Any) -> None:
+    enc = sample()
+    cache = edited_entry(tmp_path, enc, layouts=layouts)
+    assert cache.load(KEY, enc.blob) is None
 
 
 def test_store_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -252,11 +266,11 @@ def test_store_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
     cache = SymbolCache(tmp_path)
     build = build_of(enc)
     cache.store(build)
-    build.layouts["x.y"] = 8
+    build.remember(BTF_A, "x.y", 8)
     cache.store(build)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{KEY}.json"]
     loaded = cache.load(KEY, enc.blob)
-    assert loaded is not None and loaded.layouts == {"x.y": 8}
+    assert loaded is not None and loaded.layouts == {BTF_A: {"x.y": 8}}
 
 
 # --------------------------------------------------------------------- SymbolTable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,18 +20,21 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from vmshield.cli import service
+from vmshield.cli.oneline import OneLineErrors, seconds
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
+from vmshield.guest.vm import VM
 from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
 from vmshield.paths import cache_dir
+from vmshield.text import cell, term
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=OneLineErrors)
 vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
 app.add_typer(vm_app, name="vm")
 space_app = typer.Typer(
@@ -38,8 +42,10 @@ space_app = typer.Typer(
     help="The in-guest security space: build it, look at it, remove it.",
 )
 app.add_typer(space_app, name="space")
-out = Console()
-err = Console(stderr=True)
+# Markup off: arguments and guest strings are text, never Rich markup (a '[/x]' would
+# crash the print). Guest-controlled strings also go through vmshield.text.term.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -49,7 +55,8 @@ VmArg = Annotated[
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    """One line on stderr (control characters escaped, no wrapping), exit status 2."""
+    err.print(Text("error:", style="red") + Text(f" {term(e)}"), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -109,13 +116,14 @@ def vm_start(
     """Boot a lab VM in the background; returns when its shell is up."""
     t0 = time.monotonic()
     with _errors():
+        seconds("--timeout", timeout)
         info = labvm.start(name, kernel, memory, cpus, timeout)
     if as_json:
         _print_json(asdict(info) | {"boot_seconds": round(time.monotonic() - t0, 2)})
     else:
         out.print(
-            f"VM {name} is up: kernel {info.kernel}, {info.memory} MiB, {info.cpus} vCPU, "
-            f"{info.accel}, pid {info.pid} ({time.monotonic() - t0:.1f} s)"
+            f"VM {term(name)} is up: kernel {term(info.kernel)}, {info.memory} MiB, "
+            f"{info.cpus} vCPU, {info.accel}, pid {info.pid} ({time.monotonic() - t0:.1f} s)"
         )
 
 
@@ -129,7 +137,7 @@ def vm_list(as_json: JsonOpt = False) -> None:
     table = Table("name", "kernel", "memory", "cpus", "accel", "pid", "state")
     for i, r in vms:
         table.add_row(
-            i.name, i.kernel, str(i.memory), str(i.cpus), i.accel, str(i.pid),
+            cell(i.name), cell(i.kernel), str(i.memory), str(i.cpus), cell(i.accel), str(i.pid),
             "running" if r else "stopped",
         )  # fmt: skip
     out.print(table)
@@ -140,7 +148,7 @@ def vm_stop(name: str) -> None:
     """Stop a lab VM and remove its run files."""
     with _errors():
         was_running = labvm.stop(name)
-    out.print(f"VM {name} {'stopped' if was_running else 'was not running; cleaned up'}")
+    out.print(f"VM {term(name)} {'stopped' if was_running else 'was not running; cleaned up'}")
 
 
 @vm_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -154,6 +162,7 @@ def vm_run(
     Prints the command's output and exits with its exit status.
     """
     with _errors():
+        seconds("--timeout", timeout)
         res = labvm.LabVM(name).run(" ".join(command), timeout)
     sys.stdout.write(res.output)
     raise typer.Exit(res.status)
@@ -188,7 +197,7 @@ def kernel(target: VmArg, as_json: JsonOpt = False) -> None:
         return
     table = Table(show_header=False)
     for key, v in info.items():
-        table.add_row(key, str(v))
+        table.add_row(key, cell(v))
     out.print(table)
 
 
@@ -214,7 +223,7 @@ def symbols(
     if as_json:
         _print_json([{"address": f"{a:016x}", "type": ty, "name": n} for a, ty, n in rows])
         return
-    sys.stdout.write("".join(f"{a:016x} {ty} {n}\n" for a, ty, n in rows))
+    sys.stdout.write("".join(f"{a:016x} {term(ty)} {term(n)}\n" for a, ty, n in rows))
 
 
 @app.command()
@@ -239,15 +248,18 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
                     "pid": x.pid, "ppid": x.ppid, "uid": x.uid, "euid": x.euid, "gid": x.gid,
                     "comm": x.comm, "name": x.name, "kernel_thread": x.kernel_thread,
                     "task": f"{x.address:#x}",
-                }
+                } | ({"error": x.error} if x.error else {})
                 for x in ts
             ]
         )  # fmt: skip
         return
     table = Table("PID", "PPID", "UID", "COMM", box=None)
     for x in ts:
+        if x.error:  # listed, not dropped: the walk went on past it
+            table.add_row("?", "?", "?", cell(f"<unreadable task {x.address:#x}: {x.error}>"))
+            continue
         comm = f"[{x.name}]" if x.kernel_thread else x.name
-        table.add_row(str(x.pid), str(x.ppid), str(x.uid), escape(comm))
+        table.add_row(str(x.pid), str(x.ppid), str(x.uid), cell(comm))
     out.print(table)
 
 
@@ -260,12 +272,19 @@ def modules(target: VmArg, as_json: JsonOpt = False) -> None:
         ms = walk(k)
     if as_json:
         _print_json(
-            [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in ms]
+            [
+                {"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size}
+                | ({"address": f"{m.address:#x}", "error": m.error} if m.error else {})
+                for m in ms
+            ]
         )
         return
     table = Table("NAME", "STATE", "BASE", "SIZE", box=None)
     for m in ms:
-        table.add_row(escape(m.name), m.state, f"{m.base:#x}", str(m.size))
+        if m.error:
+            table.add_row(cell(f"<unreadable module {m.address:#x}: {m.error}>"), "?", "?", "?")
+            continue
+        table.add_row(cell(m.name), cell(m.state), f"{m.base:#x}", str(m.size))
     out.print(table)
 
 
@@ -319,150 +338,89 @@ def monitor(
     import faulthandler
     import signal as _signal
 
-    faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
-
-    from vmshield.monitor.actions import DumpPolicy
-    from vmshield.monitor.engine import ExitEngine
+    from vmshield.cli import checks
+    from vmshield.cli.render import event_line
     from vmshield.monitor.events import Event
-    from vmshield.monitor.request import (
-        IsolationRequest,
-        parse_filters,
-        parse_object_spec,
-        resolve_all,
-    )
-    from vmshield.monitor.space_engine import SpaceEngine, SpaceStats
-    from vmshield.monitor.space_engine import unsupported as space_unsupported
+    from vmshield.monitor.kinds import EngineKind, TamperPolicy, parse_choice
+    from vmshield.monitor.session import Monitor
+    from vmshield.monitor.space_engine import SpaceEngine
 
-    if engine not in ("exit", "auto", "space"):
-        _fail(VmshieldError(f"unknown engine {engine!r} (use space, exit or auto)"))
-    if on_tamper not in ("rearm", "alert", "exit"):
-        _fail(VmshieldError(f"unknown tamper policy {on_tamper!r} (use rearm, alert or exit)"))
-    stop = {"now": False}
+    with _errors():  # everything that needs no VM, before anything is attached
+        parse_choice(EngineKind, engine, "engine")
+        parse_choice(TamperPolicy, on_tamper, "tamper policy")
+        seconds("--duration", duration, optional=True)
+        seconds("--check-interval", check_interval)
+        if not dump_interval >= 0:
+            raise VmshieldError(f"--dump-interval {dump_interval}: must be 0 or more seconds")
+        wanted = checks.requests(target, objects, filters or [], action)
+    stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
-        stop["now"] = True
+        stop.set()
 
-    _signal.signal(_signal.SIGTERM, _on_signal)
-    _signal.signal(_signal.SIGINT, _on_signal)
+    def note(text: str) -> None:
+        err.print(term(text), highlight=False, soft_wrap=True)
+
+    table_console = Console(highlight=False, markup=False)
+
+    def emit(ev: Event) -> None:
+        if as_json:
+            sys.stdout.write(ev.to_json() + "\n")
+            sys.stdout.flush()
+            return
+        table_console.print(event_line(ev), soft_wrap=True)
+
     with attached(target) as (t, k), _errors():
         if t is None:
             raise VmshieldError("monitor needs a running VM, not a dump file")
-        flt = parse_filters(filters or [])
+        faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
+        _signal.signal(_signal.SIGTERM, _on_signal)
+        _signal.signal(_signal.SIGINT, _on_signal)
+        mon = Monitor(
+            VM(target, t, k, lambda: None), wanted, engine=engine, on_tamper=on_tamper,
+            dump_dir=dump_dir, dump_interval=dump_interval, check_interval=check_interval,
+            notes=note,
+        )  # fmt: skip
+        mon.subscribe(emit)
+        mon.start(duration)
         try:
-            reqs = []
-            for spec in objects:
-                name, o_flt, o_action = parse_object_spec(spec)
-                req = IsolationRequest(
-                    vm=target, object=name, filters={**flt, **o_flt}, action=o_action or action
-                )
-                subs = resolve_all(req, k)
-                logged = [r.request.object for r in subs if r.request.action != req.action]
-                if logged:  # process:X with an action not every behaviour can take
-                    err.print(
-                        f"{name}: action {req.action} applies where the behaviour allows it; "
-                        f"logged only: {', '.join(logged)}",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-                reqs.extend(subs)
-        except ValueError as e:  # pydantic wraps our RequestError
-            raise VmshieldError(str(e).splitlines()[-1].split(", input_value")[0]) from None
-        if not dump_interval >= 0:
-            raise VmshieldError(f"--dump-interval {dump_interval}: must be 0 or more seconds")
-        if any(r.request.action == "dump" for r in reqs):  # before anything is armed
-            DumpPolicy(dump_dir, dump_interval).check(t)
-        table_console = Console(highlight=False)
-
-        def emit(ev: Event) -> None:
-            if as_json:
-                sys.stdout.write(ev.to_json() + "\n")
-                sys.stdout.flush()
-                return
-            p = ev.process
-            who = f"{p.comm}[{p.pid}] uid={p.uid}" if p else "?"
-            what = " ".join(f"{k}={v}" for k, v in ev.fields.items())
-            table_console.print(
-                f"{time.strftime('%H:%M:%S', time.localtime(ev.time))} "
-                f"{escape(ev.object):<14} {escape(ev.action):<5} {escape(who)} {escape(what)}",
-                soft_wrap=True,
-            )
-
-        eng: ExitEngine | SpaceEngine
-        why = space_unsupported(reqs)
-        if engine == "space" and why:
-            raise VmshieldError(f"the security space cannot serve this: {why}")
-        if engine != "exit" and not why:
-            eng = SpaceEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval,
-                              check_interval=check_interval, policy=on_tamper)  # fmt: skip
-            try:
-                eng.arm()
-            except VmshieldError as e:
-                if engine == "space" or eng.space is not None:  # never two engines at once
-                    raise
-                why = f"building the security space failed: {e}"
-        if engine == "exit" or why:
-            if engine == "auto":
-                err.print(f"engine auto: using exit ({why})", highlight=False, soft_wrap=True)
-            eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval)
-            eng.arm()
-        t.qmp.close()  # reconnected only for pause/dump: others may use QMP meanwhile
-        try:
-            points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in reqs)
-            kind = "space" if isinstance(eng, SpaceEngine) else "exit"
+            eng = mon.engine
             if isinstance(eng, SpaceEngine) and eng.space and eng.space.region:
                 r = eng.space.region
-                err.print(
+                note(
                     f"security space at {r.base:#x}: {r.text_pages} code page(s) (RO+X), "
                     f"{r.config_pages} config page(s) (RO+NX), {r.ncpus} per-CPU ring(s) "
-                    f"of {r.ring_stride >> 10} KiB",
-                    highlight=False,
-                    soft_wrap=True,
+                    f"of {r.ring_stride >> 10} KiB"
                 )
-            err.print(
-                f"armed {len(reqs)} point(s) (engine {kind}): {points}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            started = time.monotonic()
-            eng.run(duration, lambda: stop["now"])
-            if isinstance(eng, SpaceEngine) and eng.fallback_requested and not stop["now"]:
-                err.print(
-                    "security space tampered with: removing it; the requests continue on "
-                    "the exit engine",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                eng.detach()
-                eng = ExitEngine(t, k, reqs, emit, dump_dir=dump_dir, dump_interval=dump_interval)
-                eng.arm()
-                t.qmp.close()
-                err.print(f"armed {len(reqs)} point(s) (engine exit)", highlight=False)
-                left = (
-                    None if duration is None else max(0.1, duration - (time.monotonic() - started))
-                )
-                eng.run(left, lambda: stop["now"])
+            points = ", ".join(f"{r.request.object}@{r.point.symbol}" for r in mon.resolved)
+            note(f"armed {len(mon.resolved)} point(s) (engine {mon.engine_kind}): {points}")
+            while not mon.wait(0.2) and not stop.is_set():
+                pass
         finally:
-            eng.detach()
-            s = eng.stats
-            summary = Table(title="summary", box=None)
-            summary.add_column("object")
-            summary.add_column("events", justify="right")
-            for name, count in sorted(s.by_object.items()):
-                summary.add_row(escape(name), str(count))
-            if not as_json:
-                err.print(summary)
-            rt = s.round_trips / s.hits if s.hits else 0.0
-            cost = (
-                f"no VM exit per event, {s.drops} dropped, {s.alerts} integrity alerts"
-                if isinstance(s, SpaceStats)
-                else f"{rt:.1f} gdbstub round trips per hit"
-            )
-            err.print(
-                f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
-                f"{s.decode_errors} with decode errors, {cost}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            mon.stop()
+            _print_summary(mon.summary(), as_json)
+
+
+def _print_summary(s: Any, as_json: bool) -> None:
+    """The monitor's summary on stderr: events per object (unless --json), then one line."""
+    summary = Table(title="summary", box=None)
+    summary.add_column("object")
+    summary.add_column("events", justify="right")
+    for name, count in sorted(s.by_object.items()):
+        summary.add_row(cell(name), str(count))
+    if not as_json:
+        err.print(summary)
+    cost = (
+        f"no VM exit per event, {s.drops} dropped, {s.alerts} integrity alerts"
+        if s.engine == "space"
+        else f"{s.round_trips_per_hit:.1f} gdbstub round trips per hit"
+    )
+    err.print(
+        f"detached: {s.hits} hits, {s.events} events, {s.filtered} filtered, "
+        f"{s.decode_errors} with decode errors, {cost}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -495,7 +453,7 @@ def catalog(as_json: JsonOpt = False) -> None:
         return
     table = Table("object", "points", "fields", "filters", "actions")
     for r in rows:
-        table.add_row(*(escape(", ".join(r[k]) if isinstance(r[k], list) else str(r[k]))
+        table.add_row(*(cell(", ".join(r[k]) if isinstance(r[k], list) else str(r[k]))
                         for k in ("object", "points", "fields", "filters", "actions")))  # fmt: skip
     out.print(table)
 
@@ -506,7 +464,7 @@ def detach(target: VmArg) -> None:
     exit engine's breakpoints, and a security space with its patched sites."""
     with _errors():
         if _destroy_space(target, required=False):
-            out.print(f"{target}: security space removed")
+            out.print(f"{term(target)}: security space removed")
     with _errors(), Target(target) as t:
         state = t.gdb_path().with_suffix(".armed.json")
         stub = t.gdbstub()
@@ -517,7 +475,7 @@ def detach(target: VmArg) -> None:
         state.unlink(missing_ok=True)
         if not t.qmp.running():
             t.qmp.cont()
-    out.print(f"{target}: monitoring points cleared, guest running")
+    out.print(f"{term(target)}: monitoring points cleared, guest running")
 
 
 @space_app.command("build")
@@ -568,12 +526,14 @@ def _space_report(sp: Any, as_json: bool) -> None:
         return
     out.print(
         f"security space at {info['base']}: {r.text_pages} code + {r.config_pages} config "
-        f"page(s), {r.ncpus} ring(s); counters {info['counters']}",
+        f"page(s), {r.ncpus} ring(s); counters {term(info['counters'])}",
         highlight=False,
         soft_wrap=True,
     )
     for site in info["sites"]:
-        out.print(f"  {site['symbol']} {site['address']} live={site['live']}", highlight=False)
+        out.print(
+            f"  {term(site['symbol'])} {site['address']} live={site['live']}", highlight=False
+        )
 
 
 @space_app.command("destroy")
@@ -581,7 +541,7 @@ def space_destroy(target: VmArg) -> None:
     """Unpatch every site, free the security space and leave no trace."""
     with _errors():
         if _destroy_space(target, required=True):
-            out.print(f"{target}: security space removed")
+            out.print(f"{term(target)}: security space removed")
 
 
 def _destroy_space(target: str, required: bool) -> bool:
@@ -614,10 +574,14 @@ def _destroy_space(target: str, required: bool) -> bool:
             with borrowed(t, k, "teardown") as b:
                 sp.destroy(b)
         except StaleSpace as e:  # borrowed() let the VM run on
-            out.print(f"{target}: {e}", highlight=False, soft_wrap=True)
+            out.print(f"{term(target)}: {term(e)}", highlight=False, soft_wrap=True)
             return False
         for sym in sp.left_disabled:
-            out.print(f"{target}: {sym}: FTRACE_FL_DISABLED left set (guest ftrace users active)")
+            out.print(
+                f"{term(target)}: {term(sym)}: FTRACE_FL_DISABLED left set "
+                "(guest ftrace users active)",
+                soft_wrap=True,
+            )
         return True
 
 
@@ -626,7 +590,7 @@ def resume(target: VmArg) -> None:
     """Resume a VM that a pause action stopped."""
     with _errors(), Target(target) as t:
         t.qmp.cont()
-    out.print(f"{target}: running")
+    out.print(f"{term(target)}: running")
 
 
 service.register(app)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -188,20 +189,44 @@ class Kernel:
         return m[1] if m else "?"
 
     @cached_property
-    def btf(self) -> Btf:
-        """The kernel's BTF, read from its own memory on first use."""
+    def _btf_blob(self) -> bytes:
+        """This guest's BTF bytes, read once: the hash and the parse see the same bytes,
+        so a guest rewriting its BTF meanwhile cannot pair one hash with other layouts."""
         start = self.symbols.address("__start_BTF")
         stop = self.symbols.address("__stop_BTF")
         if not 0 < stop - start <= 64 << 20:
             raise GuestFormatError(f"BTF bounds are implausible ({start:#x}..{stop:#x})")
-        return self.build.btf(lambda: self.read(start, stop - start))
+        return self.read(start, stop - start)
+
+    @cached_property
+    def btf_sha256(self) -> str:
+        """SHA-256 of this guest's BTF blob: the key of every layout cached from it."""
+        t0 = time.perf_counter()
+        digest = hashlib.sha256(self._btf_blob).hexdigest()
+        self.stats.seconds["btf_hash"] = round(time.perf_counter() - t0, 4)
+        return digest
+
+    @cached_property
+    def btf(self) -> Btf:
+        """The kernel's BTF, read from its own memory on first use."""
+        return Btf.parse(self._btf_blob)
 
     def member_offset(self, struct: str, path: str) -> int:
-        """Byte offset of a member (dotted path through embedded members), from BTF."""
-        return self.build.member_offset(self, struct, path)
+        """Byte offset of a member (dotted path through embedded members), from BTF.
+
+        Cached per build under the hash of this guest's own BTF: another guest of the
+        same build with different BTF never supplies the offsets used here."""
+        return self._layout(f"{struct}.{path}", lambda: self.btf.member_offset(struct, path))
 
     def sizeof(self, type_name: str) -> int:
-        return self.build.sizeof(self, type_name)
+        return self._layout(f"sizeof:{type_name}", lambda: self.btf.sizeof(type_name))
+
+    def _layout(self, key: str, resolve: Callable[[], int]) -> int:
+        known = self.build.layout(self.btf_sha256, key)
+        if known is None:
+            known = resolve()
+            self.build.remember(self.btf_sha256, key, known)
+        return known
 
 
 def _find_kallsyms(

@@ -7,7 +7,7 @@ cycle-checked, and says which list misbehaved.
 
 from __future__ import annotations
 
-from vmshield.errors import GuestFormatError
+from vmshield.errors import GuestFormatError, MemoryAccessError, TranslationError
 from vmshield.guest.kernel import Kernel
 
 
@@ -26,3 +26,30 @@ def list_entries(k: Kernel, head: int, member_offset: int, limit: int, what: str
         out.append(cur - member_offset)
         cur = k.u64(cur)
     return out
+
+
+def walk_entries(
+    k: Kernel, head: int, member_offset: int, limit: int, what: str
+) -> tuple[list[int], str | None]:
+    """Like :func:`list_entries`, but a link that cannot be read (the guest unmapped or
+    corrupted a node) ends the walk with what was found so far and says why, instead of
+    losing the whole list: ``(entries, None)`` or ``(entries up to the break, reason)``.
+    A loop or an over-long list is still an error: its entries cannot be trusted."""
+    seen = {head}
+    out: list[int] = []
+    try:
+        cur = k.u64(head)
+    except (TranslationError, MemoryAccessError) as e:
+        return out, f"{what} list head {head:#x} is unreadable: {e}"
+    while cur != head:
+        if cur in seen:
+            raise GuestFormatError(f"{what} list loops back to {cur:#x}")
+        if len(out) >= limit:
+            raise GuestFormatError(f"{what} list is longer than {limit}")
+        seen.add(cur)
+        out.append(cur - member_offset)
+        try:
+            cur = k.u64(cur)
+        except (TranslationError, MemoryAccessError) as e:
+            return out, f"{what} list link at {cur:#x} is unreadable: {e}"
+    return out, None

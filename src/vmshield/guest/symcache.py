@@ -4,8 +4,14 @@ A build is keyed by the SHA-256 of its kallsyms token table and index (found in 
 milliseconds; they differ between any two builds). A cached entry is only used after the
 whole kallsyms span in guest memory hashes to what was cached (with the relocated
 ``kallsyms_relative_base`` zeroed, since KASLR changes it every boot), so a guest cannot
-make vmshield use a stale or foreign table. The entry also remembers every BTF member
-offset and type size resolved so far, so a cached attach never parses BTF.
+make vmshield use a stale or foreign table.
+
+The entry also remembers every BTF member offset and type size resolved so far, so a
+cached attach never parses BTF. Those layouts are derived from the BTF blob, not from
+kallsyms, so they are filed under the SHA-256 of the BTF bytes they came from: two
+guests of the same build whose BTF differs (one guest's kernel attacker rewrote its
+own) share the symbols but never each other's offsets. Each attach hashes its own
+guest's BTF before it uses any cached layout (a few milliseconds for 5 MB).
 """
 
 from __future__ import annotations
@@ -17,21 +23,22 @@ import json
 import os
 import tempfile
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vmshield.errors import GuestFormatError
 from vmshield.guest import kallsyms
-from vmshield.guest.btf import Btf
 
-FORMAT = 1
+FORMAT = 2
+# BTF variants remembered per build: a guest that keeps rewriting its BTF cannot grow the
+# entry without bound, and evicting one variant only costs that guest a BTF parse.
+MAX_BTF_VARIANTS = 4
+_HEX64 = frozenset("0123456789abcdef")
 
 
-class _HasBtf(Protocol):
-    @property
-    def btf(self) -> Btf: ...
+def _is_sha256(s: str) -> bool:
+    return len(s) == 64 and set(s) <= _HEX64
 
 
 def _span_hash(blob: bytes, lo: int, hi: int, rb_at: int) -> str:
@@ -52,9 +59,9 @@ class CachedBuild:
     names: list[str]
     types: str
     offsets: list[int]
-    layouts: dict[str, int] = field(default_factory=dict)
+    # SHA-256 of a BTF blob -> {"struct.path": offset, "sizeof:type": size} resolved from it
+    layouts: dict[str, dict[str, int]] = field(default_factory=dict)
     dirty: bool = False
-    _btf: Btf | None = None
 
     @classmethod
     def from_decoded(
@@ -79,24 +86,21 @@ class CachedBuild:
     def relative_base(self, blob: bytes) -> int:
         return int.from_bytes(blob[self.rb_at : self.rb_at + 8], "little")
 
-    def btf(self, read: Callable[[], bytes]) -> Btf:
-        if self._btf is None:
-            self._btf = Btf.parse(read())
-        return self._btf
+    def layout(self, btf_sha256: str, key: str) -> int | None:
+        """A layout resolved earlier from a BTF blob with exactly this hash, or None."""
+        return self.layouts.get(btf_sha256, {}).get(key)
 
-    def member_offset(self, kernel: _HasBtf, struct: str, path: str) -> int:
-        k = f"{struct}.{path}"
-        if k not in self.layouts:
-            self.layouts[k] = kernel.btf.member_offset(struct, path)
-            self.dirty = True
-        return self.layouts[k]
-
-    def sizeof(self, kernel: _HasBtf, type_name: str) -> int:
-        k = f"sizeof:{type_name}"
-        if k not in self.layouts:
-            self.layouts[k] = kernel.btf.sizeof(type_name)
-            self.dirty = True
-        return self.layouts[k]
+    def remember(self, btf_sha256: str, key: str, value: int) -> None:
+        """File a layout under the hash of the BTF bytes it was resolved from."""
+        if not _is_sha256(btf_sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {btf_sha256!r}")
+        table = self.layouts.get(btf_sha256)
+        if table is None:
+            while len(self.layouts) >= MAX_BTF_VARIANTS:
+                del self.layouts[next(iter(self.layouts))]  # oldest variant first
+            table = self.layouts[btf_sha256] = {}
+        table[key] = value
+        self.dirty = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,8 +132,22 @@ class CachedBuild:
             names=names,
             types=d["types"],
             offsets=offs.tolist(),
-            layouts={str(k): int(v) for k, v in d["layouts"].items()},
+            layouts=_layouts_from_json(d["layouts"]),
         )
+
+
+def _layouts_from_json(raw: Any) -> dict[str, dict[str, int]]:
+    """Layouts per BTF hash, with every key and value checked (a damaged file is a miss)."""
+    if not isinstance(raw, dict) or len(raw) > MAX_BTF_VARIANTS:
+        raise GuestFormatError("cache entry layouts are not a small object")
+    out: dict[str, dict[str, int]] = {}
+    for digest, table in raw.items():
+        if not isinstance(digest, str) or not _is_sha256(digest) or not isinstance(table, dict):
+            raise GuestFormatError("cache entry layouts are not keyed by BTF hash")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in table.values()):
+            raise GuestFormatError("cache entry layout values are not integers")
+        out[digest] = {str(k): int(v) for k, v in table.items()}
+    return out
 
 
 class SymbolCache:

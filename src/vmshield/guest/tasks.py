@@ -3,7 +3,9 @@
 Layouts come from the kernel's own BTF through :meth:`Kernel.member_offset`; nothing is
 hard-coded. The task list lives in guest memory and may be forged or torn (the guest
 runs while we read): walks are bounded and cycle-safe, and a task that cannot be read is
-reported as such instead of ending the walk silently.
+reported as such instead of ending the walk silently. ``tasks`` goes on past a task
+whose fields cannot be read (it is listed with ``error`` set), and a task list broken
+part-way gives the tasks before the break plus an entry saying where it broke.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.kernel import Kernel
-from vmshield.guest.lists import list_entries
+from vmshield.guest.lists import list_entries, walk_entries
 
 MAX_TASKS = 1 << 16
 TASK_COMM_LEN = 16
@@ -35,6 +37,11 @@ class TaskInfo:
     comm: str  # task->comm
     name: str  # as /proc/PID/comm shows it (workqueue workers carry their work)
     kernel_thread: bool
+    error: str = ""  # set when the task (or the list at it) could not be read
+
+    @classmethod
+    def unreadable(cls, address: int, error: str) -> TaskInfo:
+        return cls(address, -1, -1, -1, -1, -1, -1, "", "?", False, error)
 
 
 class TaskReader:
@@ -142,9 +149,17 @@ class TaskReader:
             euid=k.u32(cred + self.off_euid),
             gid=k.u32(cred + self.off_gid),
             comm=comm,
-            name=self.proc_name(task, comm),
+            name=self._name_or_comm(task, comm),
             kernel_thread=k.u64(task + self.off_mm) == 0,
         )
+
+    def _name_or_comm(self, task: int, comm: str) -> str:
+        """The /proc name, or the plain comm when the structures behind it (kthread,
+        worker) cannot be read: a display detail must not lose the task."""
+        try:
+            return self.proc_name(task, comm)
+        except VmshieldError:
+            return comm
 
     def walk(self) -> list[int]:
         """Addresses of every task on ``init_task.tasks`` (init_task itself excluded)."""
@@ -153,9 +168,22 @@ class TaskReader:
 
 
 def tasks(k: Kernel) -> list[TaskInfo]:
-    """Every process of the guest, in task-list order (``ps`` without pid 0)."""
+    """Every process of the guest, in task-list order (``ps`` without pid 0).
+
+    A task that cannot be read is listed with ``error`` set and the walk goes on; a list
+    that breaks part-way ends with an entry (address 0) saying where."""
     r = TaskReader(k)
-    return [r.info(t) for t in r.walk()]
+    head = k.symbols.address("init_task") + r.off_tasks
+    found, broken = walk_entries(k, head, r.off_tasks, MAX_TASKS, "task")
+    out = []
+    for t in found:
+        try:
+            out.append(r.info(t))
+        except VmshieldError as e:
+            out.append(TaskInfo.unreadable(t, str(e)))
+    if broken:
+        out.append(TaskInfo.unreadable(0, broken))
+    return out
 
 
 def current_task(k: Kernel, cpu: int = 0) -> int:

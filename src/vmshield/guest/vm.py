@@ -72,6 +72,7 @@ class VM:
         return self.target is not None
 
     def require_live(self, what: str) -> Target:
+        """The QEMU behind this VM, or an error saying ``what`` needs a live VM."""
         if self.target is None:
             raise VmshieldError(f"{what} needs a running VM, not a dump file ({self.name})")
         return self.target

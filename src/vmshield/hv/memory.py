@@ -122,7 +122,15 @@ class GuestMemory:
         if w.view is not None:
             return w.view[off : off + size]
         assert self._procmem is not None
-        return os.pread(self._procmem, size, off)
+        try:
+            data = os.pread(self._procmem, size, off)
+        except OSError as e:  # QEMU unmapped it, or exited: an error, not a traceback
+            raise MemoryAccessError(
+                f"cannot read QEMU's memory for guest-physical {gpa:#x}+{size:#x}: {e}"
+            ) from None
+        if len(data) != size:
+            raise MemoryAccessError(f"short read of QEMU's memory at guest-physical {gpa:#x}")
+        return data
 
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy view (shared backends only), for scanning large ranges."""
@@ -139,7 +147,12 @@ class GuestMemory:
             w.view[off : off + len(data)] = data
             return
         assert self._procmem is not None
-        os.pwrite(self._procmem, data, off)
+        try:
+            os.pwrite(self._procmem, data, off)
+        except OSError as e:
+            raise MemoryAccessError(
+                f"cannot write QEMU's memory for guest-physical {gpa:#x}: {e}"
+            ) from None
 
     def ranges(self) -> list[tuple[int, int]]:
         return [(w.start, w.end) for w in self._windows]

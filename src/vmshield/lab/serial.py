@@ -10,6 +10,7 @@ guest tells its own truth (its ``ps``, its ``/proc/kallsyms``) through it.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import secrets
 import socket
@@ -57,7 +58,9 @@ class SerialConsole:
             f'echo "@@VMS:{nonce}:$?@@"\n'
         )
         deadline = time.monotonic() + timeout
-        with open(self.lock_path, "a+") as lock:
+        # The lock file lives in the private run folder; never follow a symlink there.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(self.lock_path, flags, 0o600), "a+") as lock:
             self._lock(lock, deadline)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

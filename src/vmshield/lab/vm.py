@@ -5,6 +5,12 @@ and serial sockets, the serial log, QEMU's pid file and ``vm.json``; its RAM is 
 file under ``/dev/shm`` so the monitor can read it with no round trip. Guests have no
 network device (``-nic none``). The accelerator is KVM only where the CPU has real
 hardware virtualization (vmx/svm); everywhere else TCG.
+
+Host hygiene: the run folder is private (``vmshield.paths.private_dir``) and its state
+files are read and written without following symlinks; the RAM file is created 0600 by
+vmshield before QEMU opens it (``/dev/shm`` is shared by every user, so a file someone
+else placed there first, or one with another mode, is refused); and a pid from the pid
+file is only trusted, or signalled, while its command line still names this VM.
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmshield.errors import LabError
+from vmshield.errors import LabError, VmshieldError
 from vmshield.lab.kernels import kernel_path
 from vmshield.lab.serial import CommandResult, SerialConsole
-from vmshield.paths import build_dir, run_dir
+from vmshield.paths import build_dir, private_dir, read_private, run_dir, write_private
+from vmshield.procs import alive, is_lab_qemu
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 READY = b"VMSHIELD_READY"
@@ -81,7 +89,7 @@ class LabVM:
 
     def info(self) -> VmInfo:
         try:
-            data = json.loads(self.meta_path.read_text())
+            data = json.loads(read_private(self.meta_path))
             return VmInfo(**data)
         except FileNotFoundError:
             raise LabError(
@@ -91,11 +99,13 @@ class LabVM:
             raise LabError(f"VM {self.name!r}: corrupt {self.meta_path}: {e}") from e
 
     def pid(self) -> int | None:
+        """The pid of this VM's QEMU while it runs; None once it is gone, and also when
+        the pid now belongs to another process (pids are reused)."""
         try:
-            pid = int(self.pid_path.read_text().strip())
-        except (OSError, ValueError):
+            pid = int(read_private(self.pid_path, 64).strip())
+        except (OSError, ValueError, VmshieldError):
             return None
-        return pid if _alive(pid) else None
+        return pid if is_lab_qemu(pid, self.name, self.pid_path) else None
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -110,21 +120,6 @@ class LabVM:
         return self.console().run(command, timeout)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is not alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def initramfs_path() -> Path:
     p = build_dir() / "initramfs.cpio.gz"
     if not p.exists():
@@ -135,6 +130,29 @@ def initramfs_path() -> Path:
 def ram_path(vm: LabVM) -> str:
     """The shared guest RAM file of a lab VM."""
     return f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+
+
+def create_ram_file(path: str) -> None:
+    """Create the guest RAM file 0600 as the user's own before QEMU opens it.
+
+    ``/dev/shm`` is writable by every user (sticky): a file another user made there
+    first, a symlink, or a file with another mode is refused, so guest RAM is never
+    readable by others nor redirected elsewhere. Once created here the file stays
+    ours (the sticky bit keeps others from replacing it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise LabError(f"cannot create guest RAM file {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode != 0o600:
+            raise LabError(
+                f"guest RAM file {path} already exists and is not a 0600 regular file of "
+                f"yours (uid {st.st_uid}, mode {mode:o}): refused"
+            )
+    finally:
+        os.close(fd)
 
 
 def qemu_command(vm: LabVM, kernel: Path, memory: int, cpus: int, accel: str) -> list[str]:
@@ -171,6 +189,7 @@ def start(
 ) -> VmInfo:
     """Boot a lab VM in the background; returns once its shell answers."""
     vm = LabVM(name)
+    private_dir()  # an unusable run directory is the first thing to say
     if vm.running():
         raise LabError(f"VM {name!r} is already running")
     if not 64 <= memory <= 16384:
@@ -180,9 +199,12 @@ def start(
     kpath = kernel_path(kernel)
     if shutil.which("qemu-system-x86_64") is None:
         raise LabError("qemu-system-x86_64 is not installed: run `make setup`")
-    if vm.dir.exists():
+    if vm.dir.is_symlink():
+        vm.dir.unlink()
+    elif vm.dir.exists():
         shutil.rmtree(vm.dir)
-    vm.dir.mkdir(parents=True)
+    os.mkdir(vm.dir, 0o700)
+    create_ram_file(ram_path(vm))
     accel = choose_accel()
     cmd = qemu_command(vm, kpath, memory, cpus, accel)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
@@ -192,7 +214,7 @@ def start(
     if pid is None:
         raise LabError("QEMU started but wrote no pid")
     info = VmInfo(name, kernel, str(kpath), memory, cpus, accel, pid, ram_path(vm), time.time())
-    vm.meta_path.write_text(json.dumps(asdict(info), indent=1))
+    write_private(vm.meta_path, json.dumps(asdict(info), indent=1).encode())
     try:
         _wait_ready(vm, timeout)
     except BaseException:
@@ -223,13 +245,13 @@ def stop(name: str, timeout: float = 10.0) -> bool:
     ram = None
     with contextlib.suppress(LabError):
         ram = vm.info().ram_path
-    pid = vm.pid()
+    pid = vm.pid()  # only while it is still this VM's QEMU
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if is_lab_qemu(pid, name, vm.pid_path):
             os.kill(pid, signal.SIGKILL)
     if ram:
         Path(ram).unlink(missing_ok=True)

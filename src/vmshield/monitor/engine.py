@@ -33,6 +33,7 @@ from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.events import Event, PointInfo
 from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.paths import write_private
 
 EPERM = 1
 SIGKILL = 9
@@ -84,9 +85,8 @@ class ExitEngine:
     def arm(self) -> None:
         self.stub = self.t.gdbstub()
         self._start_guard(self.stub.fileno())
-        self._state.write_text(
-            json.dumps({"points": {f"{a:#x}": [r.request.id for r in rs]
-                                   for a, rs in self.by_addr.items()}})
+        write_private(self._state, json.dumps({"points": {
+            f"{a:#x}": [r.request.id for r in rs] for a, rs in self.by_addr.items()}}).encode(),
         )  # fmt: skip
         try:
             for addr in self.by_addr:

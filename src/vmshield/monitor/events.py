@@ -39,6 +39,9 @@ class PointInfo(BaseModel):
 
 
 class Event(BaseModel):
+    """One behaviour seen at a monitoring point (or a security-space alert): who did
+    what with which arguments, which point fired, and the action taken."""
+
     schema_: str = Field(default=SCHEMA, alias="schema")
     time: float
     vm: str
@@ -54,4 +57,5 @@ class Event(BaseModel):
     model_config = {"populate_by_name": True}
 
     def to_json(self) -> str:
+        """The event as one JSON line (``schema`` spelled as such)."""
         return self.model_dump_json(by_alias=True)

@@ -60,11 +60,14 @@ class Engine(Protocol):
     kind: EngineKind
     stats: EngineStats
 
-    def arm(self) -> None: ...
+    def arm(self) -> None:
+        """Place every point; the VM runs on. Nothing stays armed if this raises."""
 
-    def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None: ...
+    def run(self, duration: float | None, should_stop: Callable[[], bool]) -> None:
+        """Handle hits until ``duration`` seconds passed or ``should_stop()`` is true."""
 
-    def detach(self) -> None: ...
+    def detach(self) -> None:
+        """Remove every point and restore every byte changed (idempotent)."""
 
 
 class ChoiceError(VmshieldError, ValueError):

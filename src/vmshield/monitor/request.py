@@ -1,8 +1,13 @@
 """Isolation requests: ``{vm, object, filters, action}``, validated before anything is armed.
 
 Validation happens in two steps, both before the guest is touched: against the catalog
-(unknown object, a filter the object does not have, an action it cannot take) and
-against the kernel (a symbol this kernel lacks). A bad request changes nothing.
+(unknown object, a filter the object does not have, a filter value of the wrong type,
+an action it cannot take; :func:`validate`, which needs no VM) and against the kernel
+(a symbol this kernel lacks). A bad request changes nothing.
+
+Filter values are typed: a ``uid=root`` or ``pid=abc`` would silently never match
+(the filters compare numbers as decimal text), so they are refused with one line that
+says what the filter takes; numbers are normalised (``pid=007`` is ``pid=7``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.ftrace import MonitoringPoint, place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.monitor import ufunc
-from vmshield.monitor.catalog import CATALOG, KFUNC, CatalogObject, kfunc_object, ufunc_object
+from vmshield.monitor.catalog import (
+    ALL_ACTIONS,
+    CATALOG,
+    KFUNC,
+    CatalogObject,
+    kfunc_object,
+    ufunc_object,
+)
 
 
 class RequestError(VmshieldError):
@@ -24,6 +36,10 @@ class RequestError(VmshieldError):
 
 
 class IsolationRequest(BaseModel):
+    """``{vm, object, filters, action}``: what to watch in which VM and what to do when
+    it happens. The object must be in the catalog (checked here); its filters, action
+    and monitoring point are checked against the kernel when a monitor resolves it."""
+
     vm: str
     object: str
     filters: dict[str, str] = Field(default_factory=dict)
@@ -96,6 +112,67 @@ def parse_object_spec(spec: str) -> tuple[str, dict[str, str], str | None]:
     return name, flt, action
 
 
+MAX_FILTER_LEN = 4096
+COMM_LEN = 15  # TASK_COMM_LEN - 1: the kernel keeps no more of a process name
+GLOB = frozenset("*?[")
+
+
+def _number(key: str, val: str, limit: int) -> str:
+    if not (val.isascii() and val.isdigit()) or int(val) >= limit:
+        raise RequestError(f"filter {key}={val!r}: {key} takes a decimal number below {limit}")
+    return str(int(val))
+
+
+def check_filter(key: str, val: str) -> str:
+    """One filter value checked for its key's type; the value to match with."""
+    if not val or len(val) > MAX_FILTER_LEN or not val.isprintable():
+        raise RequestError(
+            f"filter {key}={val!r}: the value must be 1-{MAX_FILTER_LEN} printable characters"
+        )
+    if key == "pid":
+        return _number(key, val, 1 << 31)
+    if key == "uid":
+        return _number(key, val, 1 << 32)
+    if key == "port":
+        if GLOB & set(val):
+            if not set(val) <= set("0123456789*?[]!-"):
+                raise RequestError(f"filter port={val!r}: a port is a number (or a digit glob)")
+            return val
+        return _number(key, val, 1 << 16)
+    if key in ("escalation", "changed"):
+        norm = {"true": "True", "false": "False", "*": "*"}.get(val.lower())
+        if norm is None:
+            raise RequestError(f"filter {key}={val!r}: {key} takes true, false or *")
+        return norm
+    if key == "comm" and not GLOB & set(val) and len(val.encode()) > COMM_LEN:
+        raise RequestError(
+            f"filter comm={val!r}: a process name is at most {COMM_LEN} bytes in the kernel "
+            "(use a glob such as 'name*' for longer program names)"
+        )
+    if key == "address" and not set(val.lower()) <= set("0123456789abcdef.:*?[]!-"):
+        raise RequestError(f"filter address={val!r}: an IPv4/IPv6 address (or a glob of one)")
+    return val
+
+
+def validate(req: IsolationRequest) -> CatalogObject:
+    """Everything about a request that needs no VM: the object, each filter's name and
+    value, the action. Normalises the filter values in place."""
+    obj = catalog_object(req.object)
+    if not req.object.startswith(PROCESS):
+        for key in req.filters:
+            if key not in obj.filters:
+                raise RequestError(
+                    f"{req.object} has no filter {key!r} (it has: {', '.join(obj.filters)})"
+                )
+    req.filters = {key: check_filter(key, val) for key, val in req.filters.items()}
+    allowed = ALL_ACTIONS if req.object.startswith(PROCESS) else obj.actions
+    if req.action not in allowed:
+        raise RequestError(
+            f"{req.object} cannot take action {req.action!r} (it can: {', '.join(allowed)})"
+        )
+    return obj
+
+
 def parse_filters(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for it in items:
@@ -136,18 +213,9 @@ def resolve_all(req: IsolationRequest, kernel: Kernel) -> list[ResolvedRequest]:
 
 
 def resolve(req: IsolationRequest, kernel: Kernel) -> ResolvedRequest:
-    obj = catalog_object(req.object)
-    for key in req.filters:
-        if key not in obj.filters:
-            raise RequestError(
-                f"{req.object} has no filter {key!r} (it has: {', '.join(obj.filters)})"
-            )
+    obj = validate(req)
     if obj.default_filters:
         req.filters = {**dict(obj.default_filters), **req.filters}
-    if req.action not in obj.actions:
-        raise RequestError(
-            f"{req.object} cannot take action {req.action!r} (it can: {', '.join(obj.actions)})"
-        )
     if req.object.startswith(UFUNC):
         return _resolve_ufunc(req, obj, kernel)
     for sym in obj.candidates:

@@ -41,6 +41,7 @@ from vmshield.guest.tasks import current_task_offset
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
+from vmshield.paths import read_private, write_private
 
 # Syscall entries that a live system reaches often; the first eligible hit is borrowed.
 BORROW_SITES = (
@@ -92,14 +93,12 @@ class CallJournal:
     pid: int  # the process that started the call
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(path)
+        write_private(path, json.dumps(asdict(self)).encode())
 
     @classmethod
     def load(cls, path: Path) -> CallJournal | None:
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(read_private(path))
             j = cls(**d)
             j.regs = {str(k): int(v) for k, v in j.regs.items()}
             if set(j.regs) != set(RESTORED):
