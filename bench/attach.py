@@ -3,7 +3,7 @@
 Boots one lab VM per kernel, then times ``Kernel.attach`` (QMP connect, RAM map, page
 walk, kallsyms locate + decode or cache load, anchor checks) in this process, and the
 whole ``vmshield kernel NAME --json`` command (Python start-up included) for reference.
-Run: ``.venv/bin/python bench/attach.py [--runs N] [--kernels 5.10,6.1,6.12]``.
+Run: ``.venv/bin/python bench/attach.py [--runs N] [--kernels 5.10,6.1,6.12,7.3]``.
 """
 
 from __future__ import annotations

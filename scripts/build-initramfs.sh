@@ -16,13 +16,13 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,root,home/user,usr/bin,usr/sbin}
 chmod 755 "$stage"
 cp "$BUSYBOX" "$stage/bin/busybox"
-cp "$root/guest/init" "$stage/init"
+cp "$root/lab/image/init" "$stage/init"
 chmod 755 "$stage/init"
-cp "$root/guest/etc_passwd" "$stage/etc/passwd"
-cp "$root/guest/etc_group" "$stage/etc/group"
-cp "$root/guest/etc_shadow" "$stage/etc/shadow"
+cp "$root/lab/image/etc_passwd" "$stage/etc/passwd"
+cp "$root/lab/image/etc_group" "$stage/etc/group"
+cp "$root/lab/image/etc_shadow" "$stage/etc/shadow"
 chmod 600 "$stage/etc/shadow"
-for src in "$root"/guest/progs/*.c; do
+for src in "$root"/lab/image/progs/*.c; do
   name="$(basename "$src" .c)"
   gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/$name" "$src"
   # The unstripped copy stays on the host: tests find user-space functions in it.
@@ -40,7 +40,7 @@ for rel in "$KDIR"/*/release; do
 done
 # A PIE build exporting its ufunc target (.dynsym): user-space points by symbol,
 # with a load bias that changes every run.
-gcc -static-pie -O2 -Wall -Wextra -Werror -Wl,--export-dynamic-symbol=vms_ufunc_target -o "$stage/bin/vmstest-pie" "$root/guest/progs/vmstest.c"
+gcc -static-pie -O2 -Wall -Wextra -Werror -Wl,--export-dynamic-symbol=vms_ufunc_target -o "$stage/bin/vmstest-pie" "$root/lab/image/progs/vmstest.c"
 strip "$stage/bin/vmstest-pie"
 # A setuid-root copy: the privilege-escalation path of the tests and the demo.
 cp "$stage/bin/vmstest" "$stage/bin/vmstest-suid"

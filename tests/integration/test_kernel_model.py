@@ -1,4 +1,5 @@
-"""vmshield's view of the kernel held against the guest's own, on 5.10, 6.1 and 6.12."""
+"""vmshield's view of the kernel held against the guest's own, on every lab kernel
+(5.10, 6.1, 6.12, 7.3)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ space build, re-arm, teardown) leaves neither a frozen nor a crashed guest:
 was built, and a new monitor works afterwards.
 
 The kill is injected at a precise point (``VMSHIELD_FAULT``, see
-:mod:`vmshield.space.borrow`): right after the vCPU was sent into the call. Two kernels
-with the two allocators (``module_alloc`` on 6.1, ``execmem_alloc`` on 6.12).
+:mod:`vmshield.space.borrow`): right after the vCPU was sent into the call. Three kernels
+with the two allocators (``module_alloc`` on 6.1, ``execmem_alloc`` on 6.12) and 7.3's
+execmem ROX cache (two more calls at build, a different one at teardown).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .conftest import Lab, boot
 from .monitorlib import MonitorRun
 
 VMSHIELD = [sys.executable, "-m", "vmshield"]
-KERNELS = ("6.1", "6.12")
+KERNELS = ("6.1", "6.12", "7.3")
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -101,7 +102,7 @@ def test_killed_during_build(vm: Lab, call: str) -> None:
     _recover_and_check(vm, before)
 
 
-@pytest.mark.parametrize("call", ["*", "set_memory_rw", "free"])
+@pytest.mark.parametrize("call", ["*", "permissions", "free"])
 def test_killed_during_teardown(vm: Lab, call: str) -> None:
     """The first RCU wait, a permission change after the scrub, and the free itself
     (which must never run twice)."""
@@ -109,7 +110,10 @@ def test_killed_during_teardown(vm: Lab, call: str) -> None:
     res = _run(vm, ["space", "build", vm.name])
     assert res.returncode == 0, res.stderr
     assert _module_area(vm) != before
-    fn = _free_function(vm) if call == "free" else call
+    # The pages go back read-write (module allocator) or, from 7.3's execmem ROX cache,
+    # read-only + executable: a different call.
+    permissions = "set_memory_rox" if vm.kernel == "7.3" else "set_memory_rw"
+    fn = {"free": _free_function(vm), "permissions": permissions}.get(call, call)
     _assert_killed(_run(vm, ["space", "destroy", vm.name], fault=f"kill-in-call:teardown:{fn}"))
     _recover_and_check(vm, before)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,37 @@ def test_fresh_initramfs_from_fresh_cache(fresh_cache: Path, tmp_path: Path) -> 
         assert f"lib/modules/{release}/crc-itu-t.ko" in listing
     for prog in ("bin/vmstest", "bin/vmstest-pie", "bin/vmstest-suid", "bin/busybox", "init"):
         assert prog in listing.splitlines()
+
+
+def test_non_editable_install_outside_the_checkout_builds_its_agent(tmp_path: Path) -> None:
+    """``pip install .`` into a fresh venv: the installed vmshield (not the checkout's
+    source) runs, and builds the agent from the source it ships as package data."""
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT, src,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                      ".mypy_cache", ".ruff_cache", ".pytest_cache",
+                                      ".hypothesis", ".schemathesis"),
+    )  # fmt: skip
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = dict(
+        os.environ, VMSHIELD_CACHE=str(tmp_path / "cache"), PIP_DISABLE_PIP_VERSION_CHECK="1"
+    )
+    env.pop("PYTHONPATH", None)
+    _run([str(venv / "bin" / "pip"), "install", "-q", str(src)], env, timeout=900)
+    shutil.rmtree(src)  # nothing may come from the source tree any more
+    probe = "import vmshield, vmshield.space.agent as a; print(vmshield.__file__); print(a.build())"
+    res = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    where, obj = res.stdout.split()
+    assert Path(where).is_relative_to(venv), where
+    assert Path(obj).read_bytes()[:4] == b"\x7fELF"
+    cat = subprocess.run(
+        [str(venv / "bin" / "vmshield"), "catalog", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert '"file.open"' in cat.stdout

@@ -48,9 +48,7 @@ def touched_pages_digest(lab: Lab) -> tuple[str, list[int]]:
         sp = SecuritySpace(t, k)
         pages = []
         for sym in SITES:
-            fn = k.symbols.address(sym)
-            nop = fn + (4 if k.read(fn, 4) in (b"\xf3\x0f\x1e\xfa", b"\x66\x0f\x1f\x00") else 0)
-            rec = sp._ftrace_record(nop)
+            rec = sp._ftrace_record(place_point(k, sym).address)
             assert rec is not None, f"no ftrace record for {sym}"
             pages.append(rec & ~0xFFF)
         for p in sorted(set(pages)):

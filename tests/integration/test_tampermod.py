@@ -1,4 +1,5 @@
-"""The generated tamper module really writes read-only guest kernel code, on 5.10, 6.1 and 6.12.
+"""The generated tamper module really writes read-only guest kernel code, on every lab
+kernel (5.10, 6.1, 6.12, 7.3).
 
 This is the in-guest attacker of the tamper test (docs/security-space-plan.md, section 7):
 a module built on the host, pushed over the serial console and loaded with busybox

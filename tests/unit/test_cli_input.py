@@ -35,7 +35,7 @@ class FakeAttach:
         self.kernel = kernel
 
     @contextmanager
-    def __call__(self, target: str) -> Iterator[tuple[Any, Any]]:
+    def __call__(self, target: str, symbols_file: Path | None = None) -> Iterator[tuple[Any, Any]]:
         self.entered.append(target)
         if self.kernel is None:
             with main._errors():

@@ -46,7 +46,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_known_kernels() -> None:
-    assert KNOWN_KERNELS == ("5.10", "6.1", "6.12")
+    assert KNOWN_KERNELS == ("5.10", "6.1", "6.12", "7.3")
 
 
 def test_kernel_path_of_a_known_spec(cache: Path) -> None:
@@ -67,7 +67,7 @@ def test_unknown_spec(cache: Path, spec: str) -> None:
         kernel_path(spec)
     message = str(info.value)
     assert repr(spec) in message and "make setup" in message
-    assert "5.10, 6.1, 6.12" in message
+    assert "5.10, 6.1, 6.12, 7.3" in message
 
 
 def test_kernel_path_accepts_a_file(cache: Path, tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_vmlinux_path_of_a_real_kernel(cache: Path) -> None:
 
 @pytest.mark.parametrize("spec", KNOWN_KERNELS)
 def test_real_cache_has_every_known_kernel(spec: str) -> None:
-    """``make setup`` must have fetched all three kernels; kernel_path's error says so."""
+    """``make setup`` must have fetched every known kernel; kernel_path's error says so."""
     path = kernel_path(spec)
     assert path == kernels_dir() / spec / "vmlinuz"
     assert path.read_bytes()[0x202:0x206] == b"HdrS"

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_kallsyms_synthetic import KERNEL_BASE, Encoded, Sym, encode, make_symbols
+from tests.unit.test_kallsyms_synthetic import (
+    KERNEL_BASE,
+    VARIANTS,
+    Encoded,
+    Sym,
+    encode,
+    make_symbols,
+)
 from vmshield.errors import GuestFormatError, SymbolError
 from vmshield.guest import kallsyms
 from vmshield.guest.symbols import Symbol
@@ -27,7 +34,7 @@ KEY = "3f" * 32  # stands for the SHA-256 of the token table and index
 
 def sample(layout: str = "5.10", count: int = 600) -> Encoded:
     rng = random.Random(42)
-    syms = make_symbols(rng, count, KERNEL_BASE)
+    syms = make_symbols(rng, count, KERNEL_BASE, VARIANTS[layout].percpu)
     syms[5] = Sym("T", "start_kernel", syms[5].address)
     return encode(syms, KERNEL_BASE, layout, seed=42, prefix=4000)
 
@@ -46,13 +53,14 @@ def with_bytes(blob: bytes, at: int, new: bytes) -> bytes:
 # --------------------------------------------------------------------------- cache
 
 
-@pytest.mark.parametrize("layout", ["5.10", "6.1", "6.12"])
+@pytest.mark.parametrize("layout", ["4.9", "5.10", "6.1", "6.12", "6.15", "7.x"])
 def test_round_trip(tmp_path: Path, layout: str) -> None:
     enc = sample(layout)
     build = build_of(enc)
     assert build.dirty
-    assert build.span == (min(enc.at.values()), enc.end)
-    assert build.rb_at == enc.at["relative_base"]
+    assert build.span == enc.span
+    assert build.rb_at == enc.at.get("relative_base", -1)
+    assert (build.encoding, build.offsets_at) == (enc.encoding, enc.at["offsets"])
     cache = SymbolCache(tmp_path / "symtab")
     cache.store(build)  # creates the folder
     assert not build.dirty
@@ -61,12 +69,13 @@ def test_round_trip(tmp_path: Path, layout: str) -> None:
     assert loaded is not None
     assert loaded.names == enc.names
     assert loaded.types == enc.types
-    assert kallsyms.addresses(loaded.offsets, loaded.relative_base(enc.blob)) == enc.addresses
-    assert (loaded.key, loaded.span, loaded.span_sha256, loaded.rb_at) == (
+    assert loaded.addresses(enc.blob, enc.base_va) == enc.addresses
+    assert (loaded.key, loaded.span, loaded.span_sha256, loaded.rb_at, loaded.encoding) == (
         build.key,
         build.span,
         build.span_sha256,
         build.rb_at,
+        build.encoding,
     )
     assert loaded.layouts == {} and not loaded.dirty
 
@@ -113,6 +122,18 @@ def test_relocated_relative_base_still_matches(tmp_path: Path, layout: str) -> N
         a if s.absolute else a + slide for s, a in zip(enc.symbols, enc.addresses, strict=True)
     ]
     assert kallsyms.addresses(loaded.offsets, rb) == expected
+
+
+def test_place_relative_table_moves_with_the_image(tmp_path: Path) -> None:
+    """7.x: nothing in the tables is relocated, so the same bytes match after another
+    KASLR slide, and the addresses follow where the tables are now."""
+    enc = sample("7.x")
+    cache = SymbolCache(tmp_path)
+    cache.store(build_of(enc))
+    loaded = cache.load(KEY, enc.blob)
+    assert loaded is not None and loaded.rb_at == -1 and loaded.relative_base(enc.blob) == 0
+    slide = 0x1A40_0000
+    assert loaded.addresses(enc.blob, enc.base_va + slide) == [a + slide for a in enc.addresses]
 
 
 CORRUPT_FILES = [
@@ -357,7 +378,7 @@ def test_symbol_table_from_cache(tmp_path: Path) -> None:
     cache.store(build_of(enc))
     loaded = cache.load(KEY, enc.blob)
     assert loaded is not None
-    addrs = kallsyms.addresses(loaded.offsets, loaded.relative_base(enc.blob))
+    addrs = loaded.addresses(enc.blob, enc.base_va)
     table = SymbolTable(loaded.names, addrs, loaded.types)
     assert table.address("start_kernel") == enc.symbols[5].address
     assert table.address("_text") == KERNEL_BASE

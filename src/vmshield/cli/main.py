@@ -25,13 +25,13 @@ from rich.text import Text
 
 from vmshield.cli import service
 from vmshield.cli.oneline import OneLineErrors, seconds
-from vmshield.errors import VmshieldError
+from vmshield.errors import GuestFormatError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
 from vmshield.guest.vm import VM
 from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
-from vmshield.paths import cache_dir
+from vmshield.paths import cache_dir, run_dir
 from vmshield.text import cell, term
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=OneLineErrors)
@@ -52,6 +52,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 VmArg = Annotated[
     str, typer.Argument(help="Lab VM name, a QEMU QMP socket path, or a QEMU ELF dump.")
 ]
+SymbolsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--symbols",
+        help="Kernel symbols from this file (System.map, a /proc/kallsyms copy or a "
+        "Volatility 3 ISF) instead of kallsyms from guest memory, or 'guest-agent[:SOCKET]' "
+        "for the guest's own /proc/kallsyms through its guest agent; rebased by the KASLR "
+        "slide and checked against guest memory.",
+    ),
+]
 
 
 def _fail(e: Exception) -> None:
@@ -69,10 +79,40 @@ def _errors() -> Iterator[None]:
 
 
 @contextmanager
-def attached(target: str) -> Iterator[tuple[Target | None, Kernel]]:
+def attached(
+    target: str, symbols_file: Path | None = None
+) -> Iterator[tuple[Target | None, Kernel]]:
     """Open a target (a live VM, or a QEMU memory dump file) and build its kernel model
-    (cached per build); close on exit."""
+    (cached per build, or from ``--symbols``); close on exit."""
     cache = SymbolCache(cache_dir() / "symtab")
+
+    def attach(read: Any, cr3: int, cr4: int) -> Kernel:
+        from vmshield.guest import transfer
+
+        spec = str(symbols_file) if symbols_file is not None else ""
+        if spec == "guest-agent" or spec.startswith("guest-agent:"):
+            sock = transfer.agent_socket(target, run_dir(), spec)
+            return transfer.attach_via_agent(read, cr3, cr4, sock)
+        if symbols_file is not None:
+            return Kernel.attach_external(read, cr3, cr4, symbols_file)
+        try:
+            return Kernel.attach(read, cr3, cr4, cache)
+        except GuestFormatError as e:
+            # The fallback of the method: the guest's own table, through its agent.
+            sock = transfer.agent_socket(target, run_dir(), "guest-agent")
+            if Path(target).is_file() or not sock.exists():
+                raise
+            err.print(
+                f"note: {e}; asking the guest agent at {sock} for /proc/kallsyms",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+            try:
+                return transfer.attach_via_agent(read, cr3, cr4, sock)
+            except VmshieldError as e2:
+                raise GuestFormatError(f"{e}; and the guest agent: {e2}") from None
+
     if Path(target).is_file():
         from vmshield.hv.dumpfile import GuestDump
 
@@ -82,18 +122,18 @@ def attached(target: str) -> Iterator[tuple[Target | None, Kernel]]:
                 if not dump.cpus:
                     raise VmshieldError(f"{target}: no vCPU state in the dump (QEMU note)")
                 dcpu = dump.cpus[0]
-                k = Kernel.attach(dump.read, dcpu.cr3, dcpu.cr4, cache)
+                k = attach(dump.read, dcpu.cr3, dcpu.cr4)
                 yield None, k
             finally:
                 dump.close()
         return
     with _errors(), Target(target) as t:
         cpu = t.cpus()[0]
-        k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, cache)
+        k = attach(t.mem.read, cpu.cr3, cpu.cr4)
         try:
             yield t, k
         finally:
-            if k.build.dirty:
+            if k.build.dirty and symbols_file is None:
                 cache.store(k.build)
 
 
@@ -172,10 +212,10 @@ def vm_run(
 
 
 @app.command()
-def kernel(target: VmArg, as_json: JsonOpt = False) -> None:
+def kernel(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """The guest kernel: version, KASLR slide, symbol and BTF type counts."""
     t0 = time.perf_counter()
-    with attached(target) as (t, k):
+    with attached(target, symbols_file) as (t, k):
         attach_s = time.perf_counter() - t0
         with _errors():
             btf_types = k.btf.type_count
@@ -206,6 +246,7 @@ def symbols(
     target: VmArg,
     regex: Annotated[str | None, typer.Argument(help="Only names matching this.")] = None,
     as_json: JsonOpt = False,
+    symbols_file: SymbolsOpt = None,
 ) -> None:
     """Kernel symbols in /proc/kallsyms format: ADDRESS TYPE NAME."""
     try:
@@ -213,7 +254,7 @@ def symbols(
     except re.error as e:
         _fail(VmshieldError(f"bad regex {regex!r}: {e}"))
         return
-    with attached(target) as (_t, k):
+    with attached(target, symbols_file) as (_t, k):
         syms = k.symbols
         rows = [
             (a, ty, n)
@@ -227,11 +268,11 @@ def symbols(
 
 
 @app.command()
-def ps(target: VmArg, as_json: JsonOpt = False) -> None:
+def ps(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Processes of the guest (pid, ppid, uid, comm), walked from init_task."""
     from vmshield.guest.tasks import tasks
 
-    with attached(target) as (t, k):
+    with attached(target, symbols_file) as (t, k):
         was_running = t is not None and t.qmp.running()
         if t and was_running:
             t.qmp.stop()  # a consistent list: the guest does not run while we walk it
@@ -264,11 +305,11 @@ def ps(target: VmArg, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def modules(target: VmArg, as_json: JsonOpt = False) -> None:
+def modules(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Loaded kernel modules (name, state, base, size)."""
     from vmshield.guest.modules import modules as walk
 
-    with attached(target) as (_t, k), _errors():
+    with attached(target, symbols_file) as (_t, k), _errors():
         ms = walk(k)
     if as_json:
         _print_json(
@@ -327,6 +368,7 @@ def monitor(
             "back), alert (report only) or exit (remove it, continue on the exit engine)."
         ),
     ] = "rearm",
+    symbols_file: SymbolsOpt = None,
 ) -> None:
     """Arm monitoring points for isolation objects and stream their events.
 
@@ -370,7 +412,7 @@ def monitor(
             return
         table_console.print(event_line(ev), soft_wrap=True)
 
-    with attached(target) as (t, k), _errors():
+    with attached(target, symbols_file) as (t, k), _errors():
         if t is None:
             raise VmshieldError("monitor needs a running VM, not a dump file")
         faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
@@ -459,11 +501,11 @@ def catalog(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def detach(target: VmArg) -> None:
+def detach(target: VmArg, symbols_file: SymbolsOpt = None) -> None:
     """Clear vmshield's monitoring points from a VM (after a monitor was killed): the
     exit engine's breakpoints, and a security space with its patched sites."""
     with _errors():
-        if _destroy_space(target, required=False):
+        if _destroy_space(target, required=False, symbols_file=symbols_file):
             out.print(f"{term(target)}: security space removed")
     with _errors(), Target(target) as t:
         state = t.gdb_path().with_suffix(".armed.json")
@@ -479,13 +521,13 @@ def detach(target: VmArg) -> None:
 
 
 @space_app.command("build")
-def space_build(target: VmArg, as_json: JsonOpt = False) -> None:
+def space_build(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Build the security space in a running guest and leave it there (monitors with
     --engine space then use it instead of building their own)."""
     from vmshield.space.borrow import borrowed
     from vmshield.space.space import SecuritySpace
 
-    with attached(target) as (t, k), _errors():
+    with attached(target, symbols_file) as (t, k), _errors():
         if t is None:
             raise VmshieldError("space build needs a running VM, not a dump file")
         if SecuritySpace.load_state(t, k) is not None:
@@ -499,11 +541,11 @@ def space_build(target: VmArg, as_json: JsonOpt = False) -> None:
 
 
 @space_app.command("status")
-def space_status(target: VmArg, as_json: JsonOpt = False) -> None:
+def space_status(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Where the security space is, its patched sites, ring counters, integrity."""
     from vmshield.space.space import SecuritySpace
 
-    with attached(target) as (t, k), _errors():
+    with attached(target, symbols_file) as (t, k), _errors():
         if t is None:
             raise VmshieldError("space status needs a running VM")
         sp = SecuritySpace.load_state(t, k)
@@ -537,18 +579,18 @@ def _space_report(sp: Any, as_json: bool) -> None:
 
 
 @space_app.command("destroy")
-def space_destroy(target: VmArg) -> None:
+def space_destroy(target: VmArg, symbols_file: SymbolsOpt = None) -> None:
     """Unpatch every site, free the security space and leave no trace."""
     with _errors():
-        if _destroy_space(target, required=True):
+        if _destroy_space(target, required=True, symbols_file=symbols_file):
             out.print(f"{term(target)}: security space removed")
 
 
-def _destroy_space(target: str, required: bool) -> bool:
+def _destroy_space(target: str, required: bool, symbols_file: Path | None = None) -> bool:
     from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
     from vmshield.space.space import SecuritySpace, StaleSpace
 
-    with attached(target) as (t, k):
+    with attached(target, symbols_file) as (t, k):
         if t is None:
             raise VmshieldError("needs a running VM")
         if journal_path(t).exists():  # a monitor died while the guest ran its call
@@ -592,6 +634,10 @@ def resume(target: VmArg) -> None:
         t.qmp.cont()
     out.print(f"{term(target)}: running")
 
+
+from vmshield.cli.doctor import doctor as _doctor  # noqa: E402  (doctor uses this module)
+
+app.command("doctor")(_doctor)
 
 service.register(app)
 

@@ -3,14 +3,18 @@
 Full paths are rebuilt the way the kernel's d_path() does: up the dentry chain to the
 mount's root, then across to the mount point in the parent mount, until the root mount.
 The chains come from guest memory, so the walk is bounded; a path deeper than the bound
-comes back prefixed with ``.../`` rather than failing.
+comes back prefixed with ``.../`` rather than failing. The bound is far beyond what any
+path the VFS accepts in one call has (PATH_MAX is 4096 bytes, so at most 2048
+components), so a real deep path under ``/tmp`` comes back whole and a ``path=/tmp/*``
+rule still sees it; only a path deeper still (reached by relative opens) loses its
+root-most part, and rules treat such a ``.../`` path as a possible match (fail closed).
 """
 
 from __future__ import annotations
 
 from vmshield.guest.kernel import Kernel
 
-MAX_PATH_DEPTH = 64
+MAX_PATH_DEPTH = 4096
 MAX_NAME = 255
 
 
@@ -28,7 +32,7 @@ def dentry_path(k: Kernel, mnt: int, dentry: int) -> str:
     off_mp = k.member_offset("mount", "mnt_mountpoint")
     off_mparent = k.member_offset("mount", "mnt_parent")
     parts: list[str] = []
-    for _ in range(MAX_PATH_DEPTH * 4):
+    for _ in range(MAX_PATH_DEPTH + 64):  # the depth plus some mount crossings
         root = k.u64(mnt + off_root) if mnt else 0
         if dentry == root:
             mount = mnt - off_mnt
@@ -45,6 +49,8 @@ def dentry_path(k: Kernel, mnt: int, dentry: int) -> str:
         dentry = parent_dentry
         if len(parts) > MAX_PATH_DEPTH:
             return ".../" + "/".join(reversed(parts))
+    else:  # never reached the root: the root-most part is unknown
+        return ".../" + "/".join(reversed(parts))
     return "/" + "/".join(reversed(parts))
 
 

@@ -3,8 +3,10 @@
 Why the NOP: a breakpoint on the 5-byte ``nopl 0x0(%rax,%rax,1)`` that ftrace leaves at
 each traceable function's entry can be resumed by ``rip += 5`` and one continue: no
 single step, no breakpoint toggling (each toggle makes TCG retranslate). The NOP is at
-+0, or at +4 after ``endbr64`` or a sealed endbr (``nopl (%rax)``) on IBT kernels; the
-prologue is decoded (capstone) rather than assumed.
++0, or at +4 after ``endbr64`` or a sealed endbr on IBT kernels: objtool/apply_seal_endbr
+overwrite the ``endbr64`` of functions never called indirectly with a 4-byte NOP, whose
+form changed between releases (``66 0f 1f 00`` on 6.12, ``0f 1f 40 d6`` on 7.3), so any
+4-byte NOP there counts. The prologue is decoded (capstone) rather than assumed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from vmshield.errors import SymbolError
 from vmshield.guest.kernel import Kernel
 
 ENDBR64 = bytes.fromhex("f30f1efa")  # IBT landing pad (6.12)
-SEALED_ENDBR = bytes.fromhex("660f1f00")
+SEALED_ENDBR = bytes.fromhex("660f1f00")  # 6.12's seal; 7.3 writes 0f 1f 40 d6
+
+
+def _is_landing_pad(insn: capstone.CsInsn) -> bool:
+    """``endbr64`` or a 4-byte NOP that replaced one (a sealed endbr, any release)."""
+    return bytes(insn.bytes) == ENDBR64 or (insn.mnemonic == "nop" and insn.size == 4)
+
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
@@ -39,7 +47,7 @@ def place_point(kernel: Kernel, symbol: str) -> MonitoringPoint:
         raise SymbolError(f"cannot decode the entry of {symbol}")
     first = insns[0]
     nop = first
-    if bytes(first.bytes) in (ENDBR64, SEALED_ENDBR) and len(insns) > 1:
+    if _is_landing_pad(first) and len(insns) > 1:
         nop = insns[1]
     # The boot-time NOP differs by CPU: 0f 1f 44 00 00 (P6) or 66 66 66 66 90 (K8, seen
     # on 5.10 under TCG). Any one-instruction 5-byte NOP is a patch site.

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from vmshield.errors import GuestFormatError, TranslationError
-from vmshield.guest import kallsyms
+from vmshield.guest import extsyms, kallsyms
 from vmshield.guest.btf import Btf
 from vmshield.guest.paging import PageWalker, ReadPhys
 from vmshield.guest.symcache import CachedBuild, SymbolCache
@@ -100,7 +101,7 @@ class Kernel:
         walker: PageWalker,
         extents: list[Extent],
         build: CachedBuild,
-        relative_base: int,
+        addresses: list[int],
         stats: AttachStats,
     ) -> None:
         self._read_phys = read_phys
@@ -110,9 +111,10 @@ class Kernel:
         self.stats = stats
         self.text = extents[0].va
         self.slide = self.text - LINK_TEXT
-        self.symbols = SymbolTable(
-            build.names, kallsyms.addresses(build.offsets, relative_base), build.types
-        )
+        self.symbols = SymbolTable(build.names, addresses, build.types)
+        self.symbol_source = "kallsyms"  # or the --symbols file (attach_external)
+        self.btf_file: Path | None = None  # BTF copied by the guest agent, if any
+        self.kallsyms_layout = ""  # the variant found (kallsyms.KallsymsTables.layout)
         self._check_anchors()
 
     # -- attach -----------------------------------------------------------------------
@@ -137,11 +139,77 @@ class Kernel:
             tables = kallsyms.find_tables(blob, base)
             build = CachedBuild.from_decoded(key, blob, tables, kallsyms.decode(blob, tables))
             t = stats.lap("kallsyms_decode", t)
-            if cache:
+            if cache and tables.encoding != "absolute":  # u64 entries, relocated each boot
                 cache.store(build)
-        k = cls(read_phys, walker, extents, build, build.relative_base(blob), stats)
+        k = cls(read_phys, walker, extents, build, build.addresses(blob, base), stats)
+        if not stats.cached:
+            k.kallsyms_layout = tables.layout
         stats.lap("model", t)
         return k
+
+    @classmethod
+    def attach_external(cls, read_phys: ReadPhys, cr3: int, cr4: int, path: Path) -> Kernel:
+        """Attach with the symbols of ``path`` (``--symbols``: System.map, /proc/kallsyms
+        text or a Volatility 3 ISF) instead of kallsyms from memory: rebased by the slide
+        the page tables give, then checked against guest memory (see extsyms)."""
+        stats = AttachStats()
+        t = time.perf_counter()
+        walker = kernel_walker(read_phys, cr3, cr4)
+        extents = image_extents(walker)
+        t = stats.lap("page_walk", t)
+        f = extsyms.load_symbol_file(path)
+        syms = extsyms.rebased(f, extsyms.slide_of(f, extents[0].va))
+        build = CachedBuild(
+            key=f"external-{f.sha256}",
+            span=(0, 0),
+            span_sha256="",
+            rb_at=-1,
+            names=[s.name for s in syms],
+            types="".join(s.type for s in syms),
+            offsets=[],
+        )
+        try:
+            k = cls(read_phys, walker, extents, build, [s.address for s in syms], stats)
+        except GuestFormatError as e:
+            raise GuestFormatError(f"--symbols {path} does not match this guest: {e}") from None
+        k.symbol_source = f"{path} ({f.kind})"
+        k._check_external(path)
+        if (path.parent / "btf").is_file() and path.name == "kallsyms":
+            k.btf_file = path.parent / "btf"  # a guest agent transfer (guest.transfer)
+        stats.lap("symbols_file", t)
+        return k
+
+    def _check_external(self, path: Path) -> None:
+        """Function prologues at the file's addresses, and text inside the image."""
+        checked = 0
+        for name in extsyms.PROLOGUE_CHECKS:
+            sym = self.symbols.get(name)
+            if sym is None:
+                continue
+            try:
+                problem = extsyms.entry_problem(self.read(sym.address, 16))
+            except TranslationError:
+                problem = "not mapped"
+            if problem:
+                raise GuestFormatError(
+                    f"--symbols {path} does not match this guest: {name} at "
+                    f"{sym.address:#x} is not a function entry ({problem})"
+                )
+            checked += 1
+        if checked < extsyms.MIN_PROLOGUES:
+            raise GuestFormatError(
+                f"--symbols {path}: fewer than {extsyms.MIN_PROLOGUES} of the functions "
+                f"checked against guest memory ({', '.join(extsyms.PROLOGUE_CHECKS)})"
+            )
+        lo, hi = self.text, max(e.va + e.size for e in self.extents)
+        for name, addr, typ in zip(
+            self.symbols.names, self.symbols.addrs, self.symbols.types, strict=True
+        ):
+            if typ in "Tt" and not lo <= addr < hi:
+                raise GuestFormatError(
+                    f"--symbols {path} does not match this guest: text symbol {name} at "
+                    f"{addr:#x} is outside the kernel image ({lo:#x}..{hi:#x})"
+                )
 
     def _check_anchors(self) -> None:
         text = self.symbols.get("_text")
@@ -191,7 +259,10 @@ class Kernel:
     @cached_property
     def _btf_blob(self) -> bytes:
         """This guest's BTF bytes, read once: the hash and the parse see the same bytes,
-        so a guest rewriting its BTF meanwhile cannot pair one hash with other layouts."""
+        so a guest rewriting its BTF meanwhile cannot pair one hash with other layouts.
+        Symbols without ``__start_BTF`` (a guest agent transfer) use the copied file."""
+        if "__start_BTF" not in self.symbols and self.btf_file is not None:
+            return self.btf_file.read_bytes()  # from the guest agent
         start = self.symbols.address("__start_BTF")
         stop = self.symbols.address("__stop_BTF")
         if not 0 < stop - start <= 64 << 20:

@@ -119,6 +119,21 @@ class PageWalker:
             table = e & _ADDR_MASK
         raise TranslationError(f"{va:#x}: page walk did not end")  # pragma: no cover
 
+    def chain(self, va: int) -> tuple[Mapping, tuple[tuple[int, int], ...]]:
+        """A fresh walk of ``va`` (no cached translation) and the entries it went through:
+        ``(physical address of the entry, its value)`` from the root down to the leaf.
+        Integrity checks keep this to tell a remapped page and to put its entries back."""
+        table = self.root
+        entries: list[tuple[int, int]] = []
+        for lvl in self.levels:
+            at = table + ((va >> lvl.shift) & 0x1FF) * 8
+            e = self._entry(table, (va >> lvl.shift) & 0x1FF)
+            entries.append((at, e))
+            if not e & _PRESENT or lvl.shift == 12 or e & _PS:
+                break
+            table = e & _ADDR_MASK
+        return self._walk(va), tuple(entries)
+
     def translate(self, va: int) -> int:
         m = self.lookup(va)
         return m.pa + (va - m.va)

@@ -61,6 +61,8 @@ class CachedBuild:
     offsets: list[int]
     # SHA-256 of a BTF blob -> {"struct.path": offset, "sizeof:type": size} resolved from it
     layouts: dict[str, dict[str, int]] = field(default_factory=dict)
+    encoding: str = "relative-percpu"  # how offsets encode addresses (kallsyms.ENCODINGS)
+    offsets_at: int = -1  # blob offset of the entries (place-relative addresses need it)
     dirty: bool = False
 
     @classmethod
@@ -76,6 +78,8 @@ class CachedBuild:
             names=d.names,
             types=d.types,
             offsets=d.offsets,
+            encoding=t.encoding,
+            offsets_at=t.offsets,
             dirty=True,
         )
 
@@ -84,7 +88,15 @@ class CachedBuild:
         return hi <= len(blob) and _span_hash(blob, lo, hi, self.rb_at) == self.span_sha256
 
     def relative_base(self, blob: bytes) -> int:
+        if self.rb_at < 0:
+            return 0  # 7.0+: no kallsyms_relative_base
         return int.from_bytes(blob[self.rb_at : self.rb_at + 8], "little")
+
+    def addresses(self, blob: bytes, base_va: int) -> list[int]:
+        """Every symbol's address in this boot (``blob`` is the data at ``base_va``)."""
+        return kallsyms.addresses(
+            self.offsets, self.relative_base(blob), self.encoding, base_va + self.offsets_at
+        )
 
     def layout(self, btf_sha256: str, key: str) -> int | None:
         """A layout resolved earlier from a BTF blob with exactly this hash, or None."""
@@ -113,6 +125,8 @@ class CachedBuild:
             "types": self.types,
             "offsets": base64.b64encode(array("i", self.offsets).tobytes()).decode(),
             "layouts": self.layouts,
+            "encoding": self.encoding,
+            "offsets_at": self.offsets_at,
         }
 
     @classmethod
@@ -133,6 +147,8 @@ class CachedBuild:
             types=d["types"],
             offsets=offs.tolist(),
             layouts=_layouts_from_json(d["layouts"]),
+            encoding=str(d.get("encoding", "relative-percpu")),
+            offsets_at=int(d.get("offsets_at", -1)),
         )
 
 

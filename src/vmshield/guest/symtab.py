@@ -23,9 +23,10 @@ class SymbolTable:
         self.names = names
         self.addrs = addrs
         self.types = types
-        self._index: dict[str, int] = {}
-        for i, n in enumerate(names):
-            self._index.setdefault(n, i)
+        # name -> first index of that name; built back to front in C (dict(zip)) so
+        # earlier entries overwrite later ones: a cached attach does this for ~200k names
+        n = len(names)
+        self._index: dict[str, int] = dict(zip(reversed(names), range(n - 1, -1, -1), strict=True))
         self._order: list[int] | None = None
         self._sorted_addrs: list[int] = []
 

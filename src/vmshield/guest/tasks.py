@@ -186,19 +186,29 @@ def tasks(k: Kernel) -> list[TaskInfo]:
     return out
 
 
+def percpu_va(base: int, var: int) -> int:
+    """Where a per-cpu variable is for the CPU whose per-cpu offset (GS base) is
+    ``base``: ``base + var`` with 64-bit wrap-around, as the CPU computes it. Until 6.14
+    x86-64 per-cpu symbols were small offsets from a zero-based area; from 6.15 (7.3
+    here) they are their link addresses in the image and ``__per_cpu_offset[cpu]`` is
+    the CPU's area minus ``__per_cpu_start``, so the plain sum exceeds 64 bits."""
+    return (base + var) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def current_task(k: Kernel, cpu: int = 0) -> int:
     """``current`` on a vCPU (``struct task_struct *``), from the per-cpu area.
 
-    5.10/6.1 keep it in the per-cpu variable ``current_task``; 6.12 in ``pcpu_hot``.
+    5.10/6.1/7.3 keep it in the per-cpu variable ``current_task``; 6.12 in ``pcpu_hot``.
     The per-cpu base of each CPU is ``__per_cpu_offset[cpu]``.
     """
     base = k.u64(k.symbols.address("__per_cpu_offset") + 8 * cpu)
-    return k.u64(base + current_task_offset(k))
+    return k.u64(percpu_va(base, current_task_offset(k)))
 
 
 def current_task_offset(k: Kernel) -> int:
     """Offset of ``current`` in a CPU's per-cpu area: the per-cpu variable
-    ``current_task`` (5.10/6.1) or ``pcpu_hot.current_task`` (6.12)."""
+    ``current_task`` (5.10/6.1, and again from 6.15: 7.3) or ``pcpu_hot.current_task``
+    (6.12)."""
     if "current_task" in k.symbols:
         return k.symbols.address("current_task")
     try:

@@ -1,8 +1,8 @@
 """The guest kernels the lab boots, and their decompressed ELF for offline analysis.
 
-``make setup`` (scripts/fetch-kernels.sh) caches three Debian cloud kernels under
+``make setup`` (scripts/fetch-kernels.sh) caches four Debian cloud kernels under
 :func:`vmshield.paths.kernels_dir`; the CLI and the tests name them by version family
-("5.10", "6.1", "6.12") instead of by path, and a user may pass a path to any other
+("5.10", "6.1", "6.12", "7.3") instead of by path, and a user may pass a path to any other
 bzImage. Offline analysis needs the decompressed ``vmlinux`` too, which is extracted once
 and cached next to the image.
 """
@@ -18,8 +18,9 @@ from vmshield.errors import LabError
 from vmshield.guest.vmlinuz import extract_vmlinux
 from vmshield.paths import kernels_dir
 
-KNOWN_KERNELS = ("5.10", "6.1", "6.12")
-"""The kernel families ``make setup`` fetches (Debian bullseye, bookworm, trixie)."""
+KNOWN_KERNELS = ("5.10", "6.1", "6.12", "7.3")
+"""The kernel families ``make setup`` fetches (Debian bullseye, bookworm, trixie,
+trixie-backports)."""
 
 _ELF_MAGIC = b"\x7fELF"
 

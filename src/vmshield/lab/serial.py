@@ -9,6 +9,7 @@ guest tells its own truth (its ``ps``, its ``/proc/kallsyms``) through it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -79,7 +80,10 @@ class SerialConsole:
                     try:
                         chunk = s.recv(1 << 16)
                     except TimeoutError:
-                        s.sendall(b"\n")
+                        # Never block on a nudge: while the VM is stopped (a pause, a
+                        # dump) QEMU reads nothing from the socket and its buffer fills.
+                        with contextlib.suppress(BlockingIOError, InterruptedError):
+                            s.send(b"\n", socket.MSG_DONTWAIT)
                         continue
                     if not chunk:
                         raise LabError("serial console closed (did the VM stop?)")

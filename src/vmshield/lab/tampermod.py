@@ -10,7 +10,8 @@ has), so the module is built here, from parts that do not need them:
 
 - the ``vermagic`` string and the ``module_layout`` CRC of ``__versions`` are copied from a
   real module of the same build (the cached, Debian-signed ``crc-itu-t.ko``): the loader
-  compares both with the running kernel (``MODVERSIONS``);
+  compares both with the running kernel (``MODVERSIONS``). Debian's 7.3 is built without
+  ``MODVERSIONS``: its modules have no ``__versions`` and neither has ours;
 - ``.gnu.linkonce.this_module`` is ``sizeof(struct module)`` zero bytes with the name and
   the ``init`` pointer at their BTF offsets; the pointer is an ``R_X86_64_64`` relocation,
   which the module loader applies, exactly as for a kbuild module;
@@ -47,8 +48,10 @@ MAX_DATA = 256
 """Most bytes one module writes: enough for a patch site or a page's first bytes, small
 enough that the generated code stays a short, reviewable run of stores."""
 
-KERNEL_HALF = 0xFFFF_8000_0000_0000
-"""First kernel-half address with 4-level paging (the lab's CPUs have no LA57)."""
+KERNEL_HALF = 0xFF00_0000_0000_0000
+"""First kernel-half address with 5-level paging (QEMU's `-cpu max` has LA57, and the
+Debian kernels use it: the direct map, where page tables are written, then sits at
+0xff...; with 4 levels the kernel half starts at 0xffff8000_00000000)."""
 
 TEMPLATE_MODULE = "crc-itu-t.ko"
 """The real module of each cached kernel whose vermagic and ``module_layout`` CRC we copy."""
@@ -113,9 +116,10 @@ class KernelTemplate:
     """What a module must carry to load on one kernel build, read from the cache."""
 
     version: str
-    """The cache folder name ("5.10", "6.1", "6.12")."""
+    """The cache folder name ("5.10", "6.1", "6.12", "7.3")."""
     vermagic: str
-    module_layout_crc: int
+    module_layout_crc: int | None
+    """None when the build has no MODVERSIONS (7.3): then the module has no __versions."""
     module_size: int
     """``sizeof(struct module)``: BTF and the template's section size, which must agree."""
     name_offset: int
@@ -238,9 +242,11 @@ def _read_template(folder: Path) -> KernelTemplate:
     vermagic = _modinfo(_section(template, sections, ".modinfo", source)).get("vermagic")
     if not vermagic:
         raise GuestFormatError(f"{source}: no vermagic in .modinfo")
-    crc = _versions(_section(template, sections, "__versions", source)).get("module_layout")
-    if crc is None:
-        raise GuestFormatError(f"{source}: no module_layout entry in __versions")
+    crc: int | None = None
+    if any(sec.name == "__versions" for sec in sections):
+        crc = _versions(_section(template, sections, "__versions", source)).get("module_layout")
+        if crc is None:
+            raise GuestFormatError(f"{source}: no module_layout entry in __versions")
     this_module = _section(template, sections, ".gnu.linkonce.this_module", source)
     release_path = folder / "release"
     if release_path.is_file():
@@ -427,7 +433,8 @@ def link_module(template: KernelTemplate, name: str, code: bytes, description: s
     """The loadable module: ``code`` as its init function, nothing imported or exported.
 
     Sections, in the order the loader meets them: ``.init.text`` (freed after init, like
-    any ``__init`` code), ``.modinfo``, ``__versions`` (``module_layout`` only),
+    any ``__init`` code), ``.modinfo``, ``__versions`` (``module_layout`` only; none for
+    a kernel without MODVERSIONS),
     ``.gnu.linkonce.this_module`` and its relocation, ``.symtab``/``.strtab``. The loader
     wants exactly one symbol table and a this_module section of the kernel's exact
     ``sizeof(struct module)``; the relocation target is zero, as it insists.
@@ -442,12 +449,15 @@ def link_module(template: KernelTemplate, name: str, code: bytes, description: s
             ("vermagic", template.vermagic),
         )
     )
-    versions = _MODVERSION.pack(template.module_layout_crc, b"module_layout")
+    crc = template.module_layout_crc
     this_module = bytearray(template.module_size)
     raw_name = name.encode()
     this_module[template.name_offset : template.name_offset + len(raw_name)] = raw_name
 
-    text, modinfo_i, versions_i, mod_i, rela_i, symtab_i, strtab_i = range(1, 8)
+    # Section indices: .init.text 1, .modinfo 2, then __versions 3 when there is one.
+    text = 1
+    mod_i = 4 if crc is not None else 3
+    rela_i, symtab_i, strtab_i = mod_i + 1, mod_i + 2, mod_i + 3
     strtab, at = _strtab([INIT_SYMBOL, "__this_module"])
     symbols = b"".join(
         (
@@ -466,7 +476,6 @@ def link_module(template: KernelTemplate, name: str, code: bytes, description: s
     sections = [
         _OutSection(".init.text", _SHT_PROGBITS, _SHF_ALLOC | _SHF_EXECINSTR, code, 16),
         _OutSection(".modinfo", _SHT_PROGBITS, _SHF_ALLOC, modinfo, 1),
-        _OutSection("__versions", _SHT_PROGBITS, _SHF_ALLOC, versions, 32),
         _OutSection(
             ".gnu.linkonce.this_module", _SHT_PROGBITS, _SHF_WRITE | _SHF_ALLOC,
             bytes(this_module), 64,
@@ -481,7 +490,11 @@ def link_module(template: KernelTemplate, name: str, code: bytes, description: s
         ),
         _OutSection(".strtab", _SHT_STRTAB, 0, strtab, 1),
     ]  # fmt: skip
-    assert [modinfo_i, versions_i, rela_i] == [2, 3, 5]  # the indices used above
+    if crc is not None:
+        versions = _MODVERSION.pack(crc, b"module_layout")
+        sections.insert(2, _OutSection("__versions", _SHT_PROGBITS, _SHF_ALLOC, versions, 32))
+    assert sections[mod_i - 1].name == ".gnu.linkonce.this_module"  # the indices used above
+    assert sections[rela_i - 1].type == _SHT_RELA
     return _write_elf(sections)
 
 

@@ -16,6 +16,7 @@ file is only trusted, or signalled, while its command line still names this VM.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -83,6 +84,7 @@ class LabVM:
     qmp_path = property(lambda self: self.dir / "qmp.sock")
     gdb_path = property(lambda self: self.dir / "gdb.sock")
     serial_path = property(lambda self: self.dir / "serial.sock")
+    qga_path = property(lambda self: self.dir / "qga.sock")  # guest agent (virtio-serial)
     serial_log = property(lambda self: self.dir / "serial.log")
     pid_path = property(lambda self: self.dir / "qemu.pid")
     meta_path = property(lambda self: self.dir / "vm.json")
@@ -128,8 +130,10 @@ def initramfs_path() -> Path:
 
 
 def ram_path(vm: LabVM) -> str:
-    """The shared guest RAM file of a lab VM."""
-    return f"/dev/shm/vmshield-{os.getuid()}-{vm.name}"
+    """The shared guest RAM file of a lab VM: per user and per run folder, so that two
+    run folders (two test runs, two checkouts) may each have a VM of the same name."""
+    tag = hashlib.sha256(str(vm.dir.resolve()).encode()).hexdigest()[:8]
+    return f"/dev/shm/vmshield-{os.getuid()}-{tag}-{vm.name}"
 
 
 def create_ram_file(path: str) -> None:
@@ -177,6 +181,9 @@ def qemu_command(vm: LabVM, kernel: Path, memory: int, cpus: int, accel: str) ->
         "-qmp", f"unix:{vm.qmp_path},server=on,wait=off",
         "-chardev", f"socket,id=gdb0,path={vm.gdb_path},server=on,wait=off",
         "-gdb", "chardev:gdb0",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=qga0,path={vm.qga_path},server=on,wait=off",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-nic", "none",
         "-no-reboot",
         "-daemonize",

@@ -92,23 +92,31 @@ def _open(c: HitContext) -> dict[str, Any]:
     f = c.arg(0)
     k = c.kernel
     return {
-        "path": c.file_path(f),
+        **_path(c.file_path(f)),
         "flags": k.u32(f + c.off("file", "f_flags")),
         "mode": k.u32(f + c.off("file", "f_mode")),
     }
 
 
+def _path(path: str, key: str = "path") -> dict[str, Any]:
+    """A path field, flagged when its root-most part is unknown (see guest/files.py)."""
+    out: dict[str, Any] = {key: path}
+    if path.startswith(".../") and key == "path":
+        out["path_truncated"] = True
+    return out
+
+
 def _unlink(c: HitContext) -> dict[str, Any]:
     """security_path_unlink(const struct path *dir, struct dentry *dentry)."""
     d = c.path_of(c.arg(0))
-    return {"path": d.rstrip("/") + "/" + c.dentry_name(c.arg(1))}
+    return _path(d.rstrip("/") + "/" + c.dentry_name(c.arg(1)))
 
 
 def _rename(c: HitContext) -> dict[str, Any]:
     """security_path_rename(old_dir, old_dentry, new_dir, new_dentry, flags)."""
     old = c.path_of(c.arg(0)).rstrip("/") + "/" + c.dentry_name(c.arg(1))
     new = c.path_of(c.arg(2)).rstrip("/") + "/" + c.dentry_name(c.arg(3))
-    return {"path": old, "new_path": new}
+    return {**_path(old), "new_path": new}
 
 
 def _sock_addr(c: HitContext) -> dict[str, Any]:
@@ -237,6 +245,21 @@ def ufunc_object(name: str) -> CatalogObject:
     )  # fmt: skip
 
 
+def path_could_match(cut: str, pattern: str) -> bool:
+    """Whether a path known only in part could match ``pattern``, for both engines.
+
+    ``cut`` is either the root-most part of the path (the security space keeps that much
+    of a path too long for its record) or ``.../NAME`` (a path deeper than any bound,
+    whose root-most part is unknown). A filter must not be walked around with a long or
+    deep path, so the answer errs towards a match: a prefix matches if some start of the
+    pattern matches it whole (whatever remains of a glob can match some continuation);
+    an unknown root-most part always may match.
+    """
+    if not cut.startswith("/"):
+        return True
+    return any(fnmatch.fnmatchcase(cut, pattern[:i]) for i in range(len(pattern) + 1))
+
+
 def match_filter(key: str, want: str, ev_fields: dict[str, Any], proc: dict[str, Any]) -> bool:
     """One filter against an event (pid/comm/uid on the process, the rest on fields)."""
     if key in ("pid", "uid"):
@@ -244,6 +267,8 @@ def match_filter(key: str, want: str, ev_fields: dict[str, Any], proc: dict[str,
     if key == "comm":
         return fnmatch.fnmatchcase(str(proc.get("comm", "")), want)
     if key == "path":
-        path = ev_fields.get("path", ev_fields.get("filename", ""))
-        return fnmatch.fnmatchcase(str(path), want)
+        path = str(ev_fields.get("path", ev_fields.get("filename", "")))
+        if ev_fields.get("path_truncated"):
+            return path_could_match(path, want)
+        return fnmatch.fnmatchcase(path, want)
     return fnmatch.fnmatchcase(str(ev_fields.get(key)), want)

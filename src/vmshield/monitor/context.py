@@ -14,7 +14,7 @@ from vmshield.errors import VmshieldError
 from vmshield.guest import files
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.sockets import decode_sockaddr
-from vmshield.guest.tasks import TaskReader
+from vmshield.guest.tasks import TaskReader, percpu_va
 from vmshield.hv.gdbpackets import X86Registers
 from vmshield.monitor.events import ProcessContext
 
@@ -46,7 +46,7 @@ class HitContext:
             var = self.tasks.current_offset
             user = self.regs.cs & 3 == 3
             base = self.regs.k_gs_base if user else self.regs.gs_base
-            self._current = k.u64(base + var)
+            self._current = k.u64(percpu_va(base, var))
         return self._current
 
     def process(self) -> ProcessContext | None:

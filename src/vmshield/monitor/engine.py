@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshield.errors import HypervisorError, VmshieldError
+from vmshield.guest.kconsts import tif_sigpending_bit
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.tasks import TaskReader
 from vmshield.hv.gdbpackets import SIGINT, GdbTimeout, X86Registers
@@ -37,7 +38,6 @@ from vmshield.paths import write_private
 
 EPERM = 1
 SIGKILL = 9
-TIF_SIGPENDING = 2
 
 
 @dataclass
@@ -79,6 +79,10 @@ class ExitEngine:
         self._guard: subprocess.Popen[bytes] | None = None
         self._guard_pipe: int | None = None
         self._state = target.gdb_path().with_suffix(".armed.json")
+        # TIF_SIGPENDING differs between releases (2 up to 6.x, 1 on 7.3): read it from
+        # the kernel's code before arming, so a kill never flags the wrong bit.
+        kills = any(r.request.action == "kill" for r in requests)
+        self._tif_sigpending = tif_sigpending_bit(kernel) if kills else None
 
     # -- arm / detach -------------------------------------------------------------------
 
@@ -272,8 +276,10 @@ class ExitEngine:
         sig = k.u64(task + k.member_offset("task_struct", "signal"))
         pend = sig + k.member_offset("signal_struct", "shared_pending.signal")
         self._or_u64(pend, 1 << (SIGKILL - 1))
+        if self._tif_sigpending is None:
+            self._tif_sigpending = tif_sigpending_bit(k)
         self._or_u64(
-            task + k.member_offset("task_struct", "thread_info.flags"), 1 << TIF_SIGPENDING
+            task + k.member_offset("task_struct", "thread_info.flags"), 1 << self._tif_sigpending
         )
 
     def _or_u64(self, va: int, bits: int) -> None:

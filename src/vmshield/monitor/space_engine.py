@@ -33,14 +33,16 @@ from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
+from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow, borrowed
-from vmshield.space.space import Alert, SecuritySpace, SpaceBusy, SpaceError
+from vmshield.space.space import SecuritySpace, SpaceBusy, SpaceError
 
 DRAIN_INTERVAL = 0.02
 AGENT_ACTIONS = {"deny": L.A_DENY, "kill": L.A_KILL}
 POLICIES = ("rearm", "alert", "exit")
 
 
+REPAIRABLE = frozenset({"agent-code", "config", "site", "kernel-table", "ftrace-flags"})
 _RESPONSE = {"rearm": "rearm", "alert": "reported", "exit": "fallback to the exit engine"}
 
 
@@ -290,10 +292,12 @@ class SpaceEngine:
             self._handle(rec, data)
         counters = sp.counters()
         self.stats.hits = counters["hits"]
-        if counters["drops"] > self._drops_seen:
-            lost = counters["drops"] - self._drops_seen
-            self._drops_seen = counters["drops"]
-            self.stats.drops = counters["drops"]
+        # Drops as the host counted them per CPU (rings.py): a counter the guest resets
+        # or saturates is an alert, and later drops are still reported.
+        lost = sp.rings.take_dropped() if sp.rings else 0
+        if lost:
+            self._drops_seen = sp.rings.total_dropped if sp.rings else 0
+            self.stats.drops = self._drops_seen
             self._system_event("space.ring", "drop", {"dropped": lost, "total": self._drops_seen})
 
     def _integrity(self, deep: bool) -> None:
@@ -303,20 +307,27 @@ class SpaceEngine:
         alerts = sp.check(deep)
         if not alerts:
             return
+        # Repair first, so that each alert says what really happened: "rearm" only for
+        # what was put back (a page-table repair is verified by a fresh walk).
+        repaired: list[Alert] = []
+        if self.policy == "rearm":
+            # Only what can be put back stops the VM for a borrowed call (a forged
+            # counter, say, has nothing to put back: the host re-based on it).
+            fixable = [a for a in alerts if a.fix or a.what in REPAIRABLE]
+            repaired = self._rearm(fixable)
+        elif self.policy == "exit" and any(a.what != "cpu-state" for a in alerts):
+            self.fallback_requested = True
         for a in alerts:
             self.stats.alerts += 1
+            if self.policy == "rearm":
+                response = "rearm" if any(a is d for d in repaired) else "reported"
+            else:
+                response = _RESPONSE[self.policy] if a.what != "cpu-state" else "reported"
             self._system_event(
                 "space.integrity", "alert",
                 {"what": a.what, "where": a.where, "address": f"{a.address:#x}",
-                 "expected": a.expected, "found": a.found,
-                 "response": _RESPONSE[self.policy] if a.what != "cpu-state"
-                 else "reported"},
+                 "expected": a.expected, "found": a.found, "response": response},
             )  # fmt: skip
-        repairable = [a for a in alerts if a.what != "cpu-state"]
-        if self.policy == "rearm":
-            self._rearm(repairable)
-        elif self.policy == "exit" and repairable:
-            self.fallback_requested = True
 
     def _still_paused(self) -> bool:
         """True while a pause this engine made is in force. Repairs borrow a vCPU, which
@@ -326,14 +337,15 @@ class SpaceEngine:
             self.paused = vm_status(self.t) != "running"
         return self.paused
 
-    def _rearm(self, alerts: list[Alert]) -> None:
+    def _rearm(self, alerts: list[Alert]) -> list[Alert]:
         sp = self.space
         if not alerts or sp is None or self._still_paused():
-            return
+            return []
         with borrowed(self.t, self.k, "rearm") as b:
             b.select()
-            sp.repair(b.stub, alerts)
+            done = sp.repair(b, alerts)
             sp.sync_time(b)
+        return done
 
     def _system_event(self, obj: str, action: str, fields: dict[str, Any]) -> None:
         self.emit(Event(

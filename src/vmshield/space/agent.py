@@ -1,11 +1,12 @@
 """Building the agent (gcc) and relocating it for the address the guest gave us.
 
-The agent is freestanding C (``guest/agent/agent.c``) compiled to one relocatable
-object; the header it includes is generated from :mod:`vmshield.space.layout`. Objects
-are cached by the hash of source, header and flags. Loading lays out its allocated
-sections from a base address and applies the x86-64 relocations itself: symbols the
-object defines resolve inside the image, ``vms_config`` to the config page, everything
-else to the guest kernel's kallsyms, so the agent calls kernel helpers with plain
+The agent is freestanding C (``agent.c`` beside this module, shipped as package data)
+compiled to one relocatable object; the header it includes is generated from
+:mod:`vmshield.space.layout`. Objects are cached by the hash of source, header and
+flags. Loading lays out its allocated sections from a base address and applies the
+x86-64 relocations itself: symbols the object defines resolve inside the image,
+``vms_config`` to the config page, everything else to the guest kernel's kallsyms, so
+the agent calls kernel helpers with plain
 direct calls. Only the relocation types gcc emits for ``-mcmodel=kernel`` are accepted.
 """
 
@@ -51,7 +52,7 @@ def source_path() -> Path:
     env = os.environ.get("VMSHIELD_AGENT_SOURCE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "guest" / "agent" / "agent.c"
+    return Path(__file__).resolve().with_name("agent.c")
 
 
 def build(source: Path | None = None, out_dir: Path | None = None) -> Path:

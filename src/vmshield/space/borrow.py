@@ -37,7 +37,7 @@ from pathlib import Path
 from vmshield.errors import HypervisorError, SymbolError
 from vmshield.guest.ftrace import place_point
 from vmshield.guest.kernel import Kernel
-from vmshield.guest.tasks import current_task_offset
+from vmshield.guest.tasks import current_task_offset, percpu_va
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
@@ -134,7 +134,7 @@ class _Parked:
 
 def preempt_count_offset(k: Kernel) -> int:
     """Per-cpu offset of the preempt count: ``__preempt_count`` (5.10/6.1) or
-    ``pcpu_hot.preempt_count`` (6.12)."""
+    ``pcpu_hot.preempt_count`` (6.12); 7.3 has ``__preempt_count`` again."""
     if "__preempt_count" in k.symbols:
         return k.symbols.address("__preempt_count")
     return k.symbols.address("pcpu_hot") + k.member_offset("pcpu_hot", "preempt_count")
@@ -194,12 +194,12 @@ class Borrow:
 
     def _current(self, regs: X86Registers) -> int:
         base = regs.k_gs_base if regs.cs & 3 else regs.gs_base
-        return self.k.u64(base + self._cur)
+        return self.k.u64(percpu_va(base, self._cur))
 
     def _eligible(self, regs: X86Registers) -> bool:
         if regs.cs & 3 or not regs.eflags & EFLAGS_IF:
             return False
-        if self.k.u32(regs.gs_base + self._preempt) & 0x7FFFFFFF:
+        if self.k.u32(percpu_va(regs.gs_base, self._preempt)) & 0x7FFFFFFF:
             return False
         task = self._current(regs)
         k = self.k
@@ -389,7 +389,7 @@ def _returned_vcpu(stub: GdbStub, k: Kernel, j: CallJournal) -> tuple[int, X86Re
         if regs.rip != j.pad or regs.rsp != j.ret_rsp:
             continue
         base = regs.k_gs_base if regs.cs & 3 else regs.gs_base
-        if k.u64(base + cur) == j.task:
+        if k.u64(percpu_va(base, cur)) == j.task:
             return tid, regs
     return None
 

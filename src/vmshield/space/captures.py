@@ -174,8 +174,18 @@ def _cred_span(k: Kernel) -> tuple[int, int]:
     return min(offs), max(offs) + 8
 
 
+def _path(c: Captured, n: int, what: str, key: str = "path") -> dict[str, Any]:
+    """A captured path; one cut to fit the record keeps its root-most part and says so
+    (``path_truncated``), so that path filters treat it as a possible match."""
+    it = c.item(n, what)
+    out: dict[str, Any] = {key: it.text()}
+    if it.status == L.S_TRUNC and key in ("path", "filename"):
+        out["path_truncated"] = True
+    return out
+
+
 def _exec(c: Captured) -> dict[str, Any]:
-    out: dict[str, Any] = {"filename": c.item(0, "filename").text()}
+    out: dict[str, Any] = _path(c, 0, "filename", "filename")
     try:
         raw = c.item(1, "argv").data
         if not raw:  # argc == 0
@@ -208,18 +218,18 @@ def _fork(c: Captured) -> dict[str, Any]:
 
 def _open(c: Captured) -> dict[str, Any]:
     return {
-        "path": c.item(0, "path").text(),
+        **_path(c, 0, "path"),
         "flags": c.item(1, "flags").u(0, 4),
         "mode": c.item(2, "mode").u(0, 4),
     }
 
 
 def _unlink(c: Captured) -> dict[str, Any]:
-    return {"path": c.item(0, "path").text()}
+    return _path(c, 0, "path")
 
 
 def _rename(c: Captured) -> dict[str, Any]:
-    return {"path": c.item(0, "path").text(), "new_path": c.item(1, "new path").text()}
+    return {**_path(c, 0, "path"), "new_path": c.item(1, "new path").text()}
 
 
 def _sockaddr(c: Captured) -> dict[str, Any]:

@@ -8,7 +8,12 @@ the agent may write lives in the ring area; the config page is read-only in the 
 Region: ``[text pages][config pages][ring of CPU 0][ring of CPU 1]...``
 Ring: a :class:`RingHeader` then ``nslots`` fixed-size record slots, then one scratch
 slot used when the ring is full (the agent still decides deny/kill; the record is
-dropped and counted).
+dropped and counted), then ``PATH_SCRATCH`` bytes where the agent builds a whole path
+before it keeps the root-most part of it in the record. Every record carries ``seq``, the
+low 32 bits of its ring position plus one, so that a record shown twice (a forged head)
+is seen.
+The geometry of a ring is known here only (:func:`ring_bytes`, :func:`slot_offset`,
+:func:`path_scratch_offset`); the host's reader is :mod:`vmshield.space.rings`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ COMM_LEN = 16
 RULE_PATH_LEN = 128
 SLOT_SIZE = 1024
 NSLOTS = 4096
+PATH_SCRATCH = 4096  # PATH_MAX: d_absolute_path of any path the VFS accepts in one call
 
 # fetch kinds
 F_NONE, F_KMEM, F_KSTR, F_USTR, F_DPATH, F_ARGV = 0, 1, 2, 3, 4, 5
@@ -91,19 +97,28 @@ class Config(C.Structure):
         ("t_cred", C.c_int32), ("t_comm", C.c_int32), ("t_signal", C.c_int32),
         ("t_tiflags", C.c_int32), ("sig_pending", C.c_int32),
         ("c_uid", C.c_int32), ("c_euid", C.c_int32), ("c_gid", C.c_int32),
-        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32), ("pad", C.c_int32),
+        ("path_dentry", C.c_int32), ("dentry_name", C.c_int32),
+        # the kernel's own top-level page table (direct-map address; 0: not checked), the
+        # first index of its kernel half to compare, and the per-mm LDT slot to skip;
+        # TIF_SIGPENDING's bit number, read from the kernel's code
+        ("pgd_lo", C.c_int32), ("pgd_ldt", C.c_int32), ("tif_sigpending", C.c_int32),
+        ("kernel_pgd", C.c_uint64),
         ("sites", Site * MAX_SITES),
     ]  # fmt: skip
 
 
 class CpuSample(C.Structure):
-    """Control state as the agent saw it on one CPU (ring 0 instructions)."""
+    """Control state as the agent saw it on one CPU (ring 0 instructions). ``cr3`` is the
+    page directory of the task that was running; ``pgd_bad`` counts samples where its
+    kernel half was not the kernel's own (the last one: entry ``pgd_index`` held
+    ``pgd_found``)."""
 
     _fields_ = [
         ("ns", C.c_uint64), ("count", C.c_uint64), ("cr0", C.c_uint64), ("cr4", C.c_uint64),
         ("efer", C.c_uint64), ("star", C.c_uint64), ("lstar", C.c_uint64),
         ("sysenter_eip", C.c_uint64), ("idt_base", C.c_uint64), ("gdt_base", C.c_uint64),
-        ("idt_limit", C.c_uint16), ("gdt_limit", C.c_uint16), ("pad", C.c_uint32),
+        ("idt_limit", C.c_uint16), ("gdt_limit", C.c_uint16), ("pgd_index", C.c_uint32),
+        ("cr3", C.c_uint64), ("pgd_bad", C.c_uint64), ("pgd_found", C.c_uint64),
     ]  # fmt: skip
 
 
@@ -116,7 +131,7 @@ class RingHeader(C.Structure):
         ("head", C.c_uint64), ("tail", C.c_uint64), ("drops", C.c_uint64),
         ("inflight", C.c_uint64), ("hits", C.c_uint64), ("nested", C.c_uint64),
         ("denied", C.c_uint64), ("killed", C.c_uint64),
-        ("sample", CpuSample), ("pad", C.c_uint8 * 104),
+        ("sample", CpuSample), ("pad", C.c_uint8 * 80),
     ]  # fmt: skip
 
 
@@ -131,7 +146,7 @@ class Record(C.Structure):
         ("pid", C.c_int32), ("tgid", C.c_int32), ("ppid", C.c_int32),
         ("uid", C.c_uint32), ("euid", C.c_uint32), ("gid", C.c_uint32),
         ("comm", C.c_char * COMM_LEN), ("args", C.c_uint64 * 6),
-        ("nitems", C.c_uint16), ("used", C.c_uint16), ("pad", C.c_uint32),
+        ("nitems", C.c_uint16), ("used", C.c_uint16), ("seq", C.c_uint32),
     ]  # fmt: skip
 
 
@@ -141,9 +156,21 @@ assert C.sizeof(Record) == 128, C.sizeof(Record)
 
 
 def ring_bytes(nslots: int = NSLOTS, slot_size: int = SLOT_SIZE) -> int:
-    """Bytes of one CPU's ring, page-rounded (header, slots, the scratch slot)."""
-    n = C.sizeof(RingHeader) + (nslots + 1) * slot_size
+    """Bytes of one CPU's ring, page-rounded (header, slots, the scratch slot, the path
+    scratch area)."""
+    n = path_scratch_offset(nslots, slot_size) + PATH_SCRATCH
     return (n + 0xFFF) & ~0xFFF
+
+
+def slot_offset(position: int, nslots: int, slot_size: int = SLOT_SIZE) -> int:
+    """Where the record of ring position ``position`` lives, from the ring's start."""
+    return C.sizeof(RingHeader) + (position % nslots) * slot_size
+
+
+def path_scratch_offset(nslots: int, slot_size: int = SLOT_SIZE) -> int:
+    """The agent's path scratch area, from the ring's start (the agent computes the same
+    from the config: header, ``nslots`` + 1 slots)."""
+    return C.sizeof(RingHeader) + (nslots + 1) * slot_size
 
 
 _CTYPE = {

@@ -24,13 +24,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmshield.errors import SymbolError, VmshieldError
+from vmshield.guest.kconsts import tif_sigpending_bit
 from vmshield.guest.kernel import Kernel
+from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import current_task_offset
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
+from vmshield.paths import read_private, write_private
 from vmshield.space import agent as agentlib
 from vmshield.space import layout as L
+from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow
+from vmshield.space.rings import RingReader
 
 PAGE = 0x1000
 NOPS5 = (bytes.fromhex("0f1f440000"), bytes.fromhex("6666666690"))
@@ -75,6 +80,7 @@ class Region:
     ncpus: int
     nslots: int = L.NSLOTS
     pages: list[int] = field(default_factory=list)  # PA of every page, in VA order
+    rox_cache: bool = False  # came read-only + executable from execmem's ROX cache (7.x)
 
     @property
     def config_va(self) -> int:
@@ -95,17 +101,52 @@ class Region:
         return self.pages[i] + (va & 0xFFF)
 
 
-@dataclass
-class Alert:
-    what: str  # agent-code, config, site, ftrace-flags, pte, cpu-state
+@dataclass(frozen=True)
+class Frame:
+    """A protected page as it was mapped when vmshield took it over: the frame its
+    virtual address translated to, the permissions, and the page-table entries of that
+    walk (to put them back). Checks re-walk the page tables and compare; they never read
+    a protected page through an old translation."""
+
     where: str
-    address: int
-    expected: str
-    found: str
+    va: int  # page-aligned
+    pa: int  # of this 4 KiB page
+    writable: bool
+    nx: bool
+    chain: tuple[tuple[int, int], ...]
+
+
+# Bits the CPU itself sets in page-table entries (accessed, dirty): not a change.
+PTE_HW_BITS = (1 << 5) | (1 << 6)
 
 
 def _pages(n: int) -> int:
     return (n + PAGE - 1) // PAGE
+
+
+def _unseal_rox_cache(b: Borrow, r: Region) -> None:
+    """7.x x86 serves ``execmem_alloc(EXECMEM_DEFAULT)`` from a cache of read-only +
+    executable huge pages (ARCH_HAS_EXECMEM_ROX): the config and rings must not be
+    executable and the rings must be writable, so do what ``execmem_alloc_rw`` does
+    (``set_memory_nx`` + ``set_memory_rw`` on the whole region); ``r.rox_cache`` (set
+    and saved by the caller first) makes teardown give the pages back read-only +
+    executable, as the cache expects them."""
+    k = b.k
+    n = r.size // PAGE
+    rc = [b.call("set_memory_nx", r.base, n), b.call("set_memory_rw", r.base, n)]
+    k.walker.flush()
+    if any(v & 0xFFFFFFFF for v in rc) or not k.walker.lookup(r.base).writable:
+        raise SpaceError(f"cannot make the execmem ROX cache pages writable: {rc}")
+
+
+def _give_back_permissions(b: Borrow, r: Region) -> None:
+    """Before the region goes back to the allocator: read-write + NX as the module
+    allocator gave it, or read-only + executable for the ROX cache (7.x)."""
+    if r.rox_cache:
+        b.call("set_memory_rox", r.base, r.size // PAGE)
+    else:
+        b.call("set_memory_nx", r.base, r.text_pages)
+        b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
 
 
 class SecuritySpace:
@@ -129,7 +170,10 @@ class SecuritySpace:
         # Where build/teardown stand, persisted so that a monitor killed half-way can be
         # finished by `vmshield detach`: building -> ready -> scrubbed -> freeing.
         self.phase = "ready"
-        self._ring_seen: dict[int, tuple[int, int]] = {}  # cpu -> (inflight, hits)
+        self.rings: RingReader | None = None  # the host's own ring state (see rings.py)
+        self.frames: dict[int, Frame] = {}  # protected page VA -> how it was mapped
+        self._walker: PageWalker | None = None
+        self._pgd_bad: dict[int, int] = {}  # cpu -> samples with a foreign kernel half
         self.tables: dict[str, tuple[int, bytes]] = {}  # protected kernel tables
         self.table_findings: list[Alert] = []  # found wrong when first read
         self.state_path = target.gdb_path().with_suffix(".space.json")
@@ -163,6 +207,109 @@ class SecuritySpace:
         r = self.region
         return r is not None and r.base <= va < r.base + r.size
 
+    # -- protected pages: frames recorded once, checked against fresh page walks ----------
+
+    @property
+    def walker(self) -> PageWalker:
+        """A walker rooted at the kernel's own top-level table (``init_top_pgt``), not at
+        the CR3 some task had at attach: that task may exit and its freed page table page
+        be refilled by the guest with whatever it wants us to see."""
+        if self._walker is None:
+            k = self.k
+            self._walker = k.walker
+            for name in ("init_top_pgt", "swapper_pg_dir"):
+                if name not in k.symbols:
+                    continue
+                try:
+                    root = k.walker.translate(k.symbols.address(name))
+                    w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
+                    w.lookup(k.text)
+                except VmshieldError:
+                    continue
+                self._walker = w
+                break
+        return self._walker
+
+    def _record(self, va: int, where: str) -> None:
+        """Remember how the page of ``va`` is mapped now (build time: trusted)."""
+        page = va & ~(PAGE - 1)
+        if page in self.frames:
+            return
+        m, chain = self.walker.chain(page)
+        self.frames[page] = Frame(where, page, m.pa + (page - m.va), m.writable, m.nx, chain)
+
+    def _record_region(self) -> None:
+        r = self.region
+        assert r is not None
+        for i, pa in enumerate(r.pages):
+            va = r.base + i * PAGE
+            what = ("text" if i < r.text_pages else
+                    "config" if i < r.text_pages + r.config_pages else "ring")  # fmt: skip
+            m, chain = self.walker.chain(va)
+            want = {"text": (False, False), "config": (False, True), "ring": (True, True)}[what]
+            if m.pa + (va - m.va) != pa or (m.writable, m.nx) != want:
+                raise SpaceError(
+                    f"security space {what} page {va:#x} is not mapped as built "
+                    f"(pa {m.pa + (va - m.va):#x}, rw={m.writable}, nx={m.nx})"
+                )
+            self.frames[va] = Frame(f"security space {what}", va, pa, m.writable, m.nx, chain)
+
+    def _start_rings(self) -> None:
+        """The host's ring reader, from zeroed rings (build, adopt)."""
+        r = self.region
+        assert r is not None
+        self.rings = RingReader(self._read, self._write_data, r.pa, r.rings_va, r.ring_stride,
+                                r.ncpus, r.nslots)  # fmt: skip
+
+    def _frame_read(self, va: int, n: int) -> bytes:
+        """Bytes of protected pages at the frames recorded for them (the deep check makes
+        sure the page tables still point there); other pages through a fresh walk."""
+        out = bytearray()
+        while n > 0:
+            page = va & ~(PAGE - 1)
+            m = min(n, PAGE - (va - page))
+            f = self.frames.get(page)
+            if f is not None:
+                out += self.t.mem.read(f.pa + (va - page), m)
+            else:
+                out += self.walker.read(va, m)
+            va, n = va + m, n - m
+        return bytes(out)
+
+    def _check_frames(self) -> list[Alert]:
+        """Re-walk every protected page through the current page tables: a page mapped
+        elsewhere, with other permissions, or not at all, is a ``pte`` alert carrying the
+        entries that put it back."""
+        alerts = []
+        w = self.walker
+        w.flush()
+        for f in self.frames.values():
+            want = f"pa={f.pa:#x} rw={f.writable} nx={f.nx}"
+            try:
+                m = w.lookup(f.va)
+                pa = m.pa + (f.va - m.va)
+                if (pa, m.writable, m.nx) == (f.pa, f.writable, f.nx):
+                    continue
+                found = f"pa={pa:#x} rw={m.writable} nx={m.nx}"
+            except VmshieldError as e:
+                found = f"unreadable: {e}"
+            alerts.append(Alert("pte", f.where, f.va, want, found, self._chain_fix(f)))
+        return alerts
+
+    def _chain_fix(self, f: Frame) -> tuple[tuple[int, bytes], ...]:
+        """The recorded entries that differ now (accessed/dirty bits aside), with their
+        recorded values (keeping the current accessed/dirty bits)."""
+        fix = []
+        for at, value in f.chain:
+            try:
+                now = int.from_bytes(self.t.mem.read(at, 8), "little")
+            except VmshieldError:
+                continue
+            if (now ^ value) & ~PTE_HW_BITS:
+                put = (value & ~PTE_HW_BITS) | (now & PTE_HW_BITS)
+                fix.append((at, put.to_bytes(8, "little")))
+        return tuple(fix)
+
     # -- build ------------------------------------------------------------------------
 
     def build(self, b: Borrow, ncpus: int) -> None:
@@ -187,9 +334,12 @@ class SecuritySpace:
         k.walker.flush()
         try:
             region.pages = [k.walker.translate(base + i * PAGE) for i in range(region.size // PAGE)]
+            region.rox_cache = not k.walker.lookup(base).writable  # 7.x execmem ROX cache
             self.region = region
             self.phase = "building"
             self.save_state()  # from here on `vmshield detach` can free it
+            if region.rox_cache:
+                _unseal_rox_cache(b, region)
             self.image = agentlib.link(obj, base, region.config_va, self._resolve)
             code = self.image.code + b"\xcc" * (text_pages * PAGE - len(self.image.code))
             self._fill_config(ncpus)
@@ -203,6 +353,8 @@ class SecuritySpace:
             self._image_bytes = code
             self._protect(b, region)
             self.sync_time(b)
+            self._record_region()
+            self._start_rings()
             self.snapshot_tables()
         except BaseException:
             if b.call_in_flight:  # the guest still runs a call we started: touch nothing
@@ -210,8 +362,7 @@ class SecuritySpace:
             with contextlib.suppress(VmshieldError):
                 # Read-only pages must not go back to the allocator (on 5.10 nothing
                 # resets the direct-map alias at free time): undo, then free.
-                b.call("set_memory_nx", base, text_pages)
-                b.call("set_memory_rw", base, text_pages + config_pages)
+                _give_back_permissions(b, region)
                 b.call(free, base)
                 self.region = None
                 self.state_path.unlink(missing_ok=True)
@@ -247,6 +398,9 @@ class SecuritySpace:
         # Records and counters of an earlier session must not pass for this one's.
         for cpu in range(r.ncpus):
             self._write_data(r.rings_va + cpu * r.ring_stride, bytes(C.sizeof(L.RingHeader)))
+        self.walker.flush()
+        self._record_region()  # the pages and their protections are checked just below
+        self._start_rings()
         self.sync_time(b)
         self._rehash()
         self.save_state()
@@ -313,6 +467,9 @@ class SecuritySpace:
             except VmshieldError:
                 continue
             self.tables[name] = (va, data)
+            for page in range(va & ~(PAGE - 1), va + size, PAGE):
+                with contextlib.suppress(VmshieldError):
+                    self._record(page, name)
             if name.endswith("sys_call_table"):
                 ptrs = [int.from_bytes(data[j : j + 8], "little") for j in range(0, size - 7, 8)]
                 while ptrs and ptrs[-1] == 0:  # alignment padding up to the next symbol
@@ -364,6 +521,7 @@ class SecuritySpace:
         c.msr_mask = L.M_EFER | L.M_STAR | L.M_LSTAR | L.M_SYSENTER
         c.sample_interval_ns = SAMPLE_INTERVAL_NS
         c.pc_current = current_task_offset(k)
+        c.tif_sigpending = tif_sigpending_bit(k)
         if "cpu_number" in k.symbols:
             c.pc_cpu = k.symbols.address("cpu_number")
         else:
@@ -376,6 +534,12 @@ class SecuritySpace:
         c.c_uid, c.c_euid, c.c_gid = off("cred", "uid"), off("cred", "euid"), off("cred", "gid")
         c.path_dentry = off("path", "dentry")
         c.dentry_name = off("dentry", "d_name.name")
+        w = self.walker
+        if w is not k.walker:  # the kernel's own directory was found: tasks' are compared
+            shift = 48 if w.va_bits == 57 else 39
+            c.kernel_pgd = c.page_offset_base + w.root
+            c.pgd_lo = (c.page_offset_base >> shift) & 0x1FF
+            c.pgd_ldt = (-112 if w.va_bits == 57 else -240) & 0x1FF  # LDT_PGD_ENTRY_L5/_L4
 
     def write_config(self) -> None:
         """Publish the host's copy of the config (sites, rules) to the guest."""
@@ -408,6 +572,8 @@ class SecuritySpace:
             raise SpaceError(f"{symbol} is in use by the guest's ftrace (flags {flags:#x})")
         st = SiteState(i, symbol, address, found.hex(), call.hex(),
                        rec + 8 if rec else None, flags, flags | disabled)  # fmt: skip
+        self._record(address, symbol)
+        self._record(address + 4, symbol)
         self.sites.append(st)
         s = self.config.sites[i]
         s.ret = address + 5
@@ -553,8 +719,7 @@ class SecuritySpace:
         if self.phase in ("ready", "building"):
             self._quiesce_and_scrub(b, r)
         if self.phase == "scrubbed":
-            b.call("set_memory_nx", r.base, r.text_pages)
-            b.call("set_memory_rw", r.base, r.text_pages + r.config_pages)
+            _give_back_permissions(b, r)
             self.phase = "freeing"
             self.save_state()
             b.call(self._free_function(), r.base)
@@ -602,29 +767,17 @@ class SecuritySpace:
         return L.RingHeader.from_buffer_copy(raw)
 
     def drain(self, limit: int = 4096) -> Iterator[tuple[L.Record, bytes]]:
-        """Records published since the last drain, per CPU in order; advances tails."""
-        r = self.region
-        assert r is not None
-        hsize = C.sizeof(L.RingHeader)
-        rsize = C.sizeof(L.Record)
-        for cpu in range(r.ncpus):
-            ring = r.rings_va + cpu * r.ring_stride
-            raw = self._read(ring, 16)
-            head, tail = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
-            if head - tail > r.nslots or head < tail:  # corrupted by the guest: resync
-                tail = max(0, head - r.nslots)
-            end = min(head, tail + limit)
-            while tail < end:
-                # One read per contiguous run of slots (up to the ring's wrap point).
-                first = tail % r.nslots
-                count = min(end - tail, r.nslots - first)
-                blob = self._read(ring + hsize + first * L.SLOT_SIZE, count * L.SLOT_SIZE)
-                for i in range(count):
-                    data = blob[i * L.SLOT_SIZE : (i + 1) * L.SLOT_SIZE]
-                    rec = L.Record.from_buffer_copy(data, 0)
-                    yield rec, data[rsize : rsize + min(rec.used, L.RECORD_DATA)]
-                tail += count
-            self._write_data(ring + 8, tail.to_bytes(8, "little"))
+        """Records published since the last drain, per CPU in order, each once whatever
+        the guest does to the ring headers (see :mod:`vmshield.space.rings`); findings
+        come out of the next :meth:`check`, drops out of ``rings.take_dropped``."""
+        if self.rings is None:
+            return
+        try:
+            yield from self.rings.drain(limit)
+        except VmshieldError as e:  # the region's frames are outside guest RAM: forged
+            self.rings.findings.append(Alert("ring-state", "security space rings",
+                                             self.region.rings_va if self.region else 0,
+                                             "readable", f"unreadable: {e}"))  # fmt: skip
 
     def counters(self) -> dict[str, int]:
         r = self.region
@@ -649,12 +802,50 @@ class SecuritySpace:
         self._hashes = {"agent-code": _sha(self._image_bytes), "config": _sha(bytes(self.config))}
 
     def check(self, deep: bool = False) -> list[Alert]:
-        """Compare what the guest holds now with what we wrote. ``deep`` also checks the
-        page-table entries (a remap to a forged copy defeats content hashes alone)."""
+        """Compare what the guest holds now with what we wrote. ``deep`` also re-walks
+        the page tables of every protected page (agent, config, rings, sites, kernel
+        tables): a remap to a forged copy defeats content hashes alone. Nothing the guest
+        does here raises: a page that cannot be read is an alert."""
         r = self.region
         if r is None:
             return []
         alerts: list[Alert] = []
+        try:
+            self._check_contents(alerts)
+        except VmshieldError as e:
+            alerts.append(Alert("pte", "security space", r.base, "readable", f"unreadable: {e}"))
+        if self.rings is not None:
+            if deep:
+                try:
+                    self.rings.check_inflight()
+                except VmshieldError as e:
+                    alerts.append(Alert("ring-state", "security space rings", r.rings_va,
+                                        "readable", f"unreadable: {e}"))  # fmt: skip
+            alerts += self.rings.take_findings()
+        if deep:
+            alerts += self._check_frames()
+            alerts += self.table_findings
+            self.table_findings = []
+            for name, (va, ref) in self.tables.items():
+                try:
+                    cur = self._frame_read(va, len(ref))
+                except VmshieldError as e:
+                    alerts.append(Alert("kernel-table", name, va, "readable", f"unreadable: {e}"))
+                    continue
+                if cur != ref:
+                    at = next(i for i in range(len(ref)) if cur[i] != ref[i])
+                    alerts.append(Alert("kernel-table", name, va + at,
+                                        ref[at:at + 8].hex(), cur[at:at + 8].hex()))  # fmt: skip
+        try:
+            alerts += self._check_cpu_state()
+        except VmshieldError as e:
+            alerts.append(Alert("ring-state", "cpu samples", r.rings_va, "readable", str(e)))
+        return alerts
+
+    def _check_contents(self, alerts: list[Alert]) -> None:
+        """Agent code, config, sites and ftrace flags against what we wrote (every drain)."""
+        r = self.region
+        assert r is not None
         code = self._read(r.base, r.text_pages * PAGE)
         if _sha(code) != self._hashes["agent-code"]:
             at = next(i for i, (a, b) in enumerate(zip(code, self._image_bytes, strict=True))
@@ -667,56 +858,21 @@ class SecuritySpace:
         for s in self.sites:
             if not s.live:
                 continue
-            now = self.k.read(s.address, 5).hex()
+            try:
+                now = self._frame_read(s.address, 5).hex()
+            except VmshieldError as e:
+                now = f"unreadable: {e}"
             if now != s.patched:
                 alerts.append(Alert("site", s.symbol, s.address, s.patched, now))
             if s.ftrace_flags_va is not None:
-                f = self.k.u32(s.ftrace_flags_va)
+                try:
+                    f = int.from_bytes(self.walker.read(s.ftrace_flags_va, 4), "little")
+                    found = f"{f:#x}"
+                except VmshieldError as e:
+                    f, found = -1, f"unreadable: {e}"
                 if f != s.ftrace_flags_after:
                     alerts.append(Alert("ftrace-flags", s.symbol, s.ftrace_flags_va,
-                                        f"{s.ftrace_flags_after:#x}", f"{f:#x}"))  # fmt: skip
-        if deep:
-            self.k.walker.flush()
-            for i in range(r.text_pages + r.config_pages):
-                va = r.base + i * PAGE
-                m = self.k.walker.lookup(va)
-                want_nx = i >= r.text_pages
-                if m.pa != r.pages[i] or m.writable or m.nx != want_nx:
-                    alerts.append(Alert("pte", "security space mapping", va,
-                                        f"pa={r.pages[i]:#x} ro nx={want_nx}",
-                                        f"pa={m.pa:#x} rw={m.writable} nx={m.nx}"))  # fmt: skip
-            alerts += self._check_rings()
-            alerts += self.table_findings
-            self.table_findings = []
-            for name, (va, ref) in self.tables.items():
-                try:
-                    cur = self.k.read(va, len(ref))
-                except VmshieldError as e:
-                    alerts.append(Alert("kernel-table", name, va, "readable", str(e)))
-                    continue
-                if cur != ref:
-                    at = next(i for i in range(len(ref)) if cur[i] != ref[i])
-                    alerts.append(Alert("kernel-table", name, va + at,
-                                        ref[at:at + 8].hex(), cur[at:at + 8].hex()))  # fmt: skip
-        alerts += self._check_cpu_state()
-        return alerts
-
-    def _check_rings(self) -> list[Alert]:
-        """A ring whose in-flight flag stays set while its hit count does not move: the
-        agent cannot be preempted (IRQs are off), so the flag was forged, which would
-        silently switch the space off on that CPU."""
-        r = self.region
-        assert r is not None
-        alerts = []
-        for cpu in range(r.ncpus):
-            h = self.ring_header(cpu)
-            before = self._ring_seen.get(cpu)
-            self._ring_seen[cpu] = (int(h.inflight), int(h.hits))
-            if h.inflight and before is not None and before[0] and before[1] == h.hits:
-                alerts.append(Alert("ring-state", f"cpu {cpu} ring",
-                                    r.rings_va + cpu * r.ring_stride + 24, "inflight=0",
-                                    f"inflight={h.inflight} (stuck)"))  # fmt: skip
-        return alerts
+                                        f"{s.ftrace_flags_after:#x}", found))  # fmt: skip
 
     def _check_cpu_state(self) -> list[Alert]:
         r = self.region
@@ -729,6 +885,17 @@ class SecuritySpace:
             now = {f: int(getattr(s, f)) for f in CPU_FIELDS}
             now["cr4"] &= ~CR4_PER_TASK
             first = self.baseline.setdefault(cpu, now)
+            if first is now:
+                alerts += self._record_idt(cpu, now["idt_base"])
+            if s.pgd_bad != self._pgd_bad.get(cpu, 0):
+                self._pgd_bad[cpu] = int(s.pgd_bad)
+                bits = self.walker.va_bits
+                va = (int(s.pgd_index) & 0x1FF) << (bits - 9)
+                if va >> (bits - 1):  # the kernel half: sign-extended
+                    va |= ((1 << 64) - 1) ^ ((1 << bits) - 1)
+                alerts.append(Alert(
+                    "pte", f"cpu {cpu} page directory {s.cr3:#x} (CR3) entry {s.pgd_index}",
+                    va, "the kernel's own entry (init_top_pgt)", f"{s.pgd_found:#x}"))  # fmt: skip
             for f in CPU_FIELDS:
                 if now[f] != first[f]:
                     alerts.append(Alert("cpu-state", f"cpu {cpu} {f}", 0,
@@ -736,26 +903,86 @@ class SecuritySpace:
                     first[f] = now[f]  # report each change once
         return alerts
 
-    def repair(self, stub: GdbStub, alerts: list[Alert]) -> None:
-        """Re-arm after tampering: write our bytes back (VM stopped, kernel-mode vCPU)."""
+    def _record_idt(self, cpu: int, idt_base: int) -> list[Alert]:
+        """Protect the IDT as the CPU reaches it: IDTR holds a read-only alias (the CPU
+        entry area), which must map the very frame of ``idt_table`` that the table check
+        reads; from then on the alias is re-walked with the other protected pages."""
+        where = f"cpu {cpu} IDT (IDTR)"
+        try:
+            self._record(idt_base, where)
+        except VmshieldError as e:
+            return [Alert("pte", where, idt_base, "mapped", f"unreadable: {e}")]
+        alias = self.frames[idt_base & ~(PAGE - 1)]
+        table = self.tables.get("idt_table")
+        own = self.frames.get(table[0] & ~(PAGE - 1)) if table else None
+        if own is not None and alias.pa != own.pa:
+            return [Alert("pte", where, idt_base, f"pa={own.pa:#x} (idt_table)",
+                          f"pa={alias.pa:#x}")]  # fmt: skip
+        return []
+
+    def repair(self, b: Borrow, alerts: list[Alert]) -> list[Alert]:
+        """Re-arm after tampering: write our bytes back (VM stopped, kernel-mode vCPU
+        selected in ``b``). Returns the alerts really repaired: a page-table repair counts
+        only once a fresh walk finds the page where it was; the others stay reported."""
         r = self.region
         assert r is not None
+        stub = b.stub
+        done: list[Alert] = []
+        ptes: list[Alert] = []
         for a in alerts:
-            if a.what == "agent-code":
-                stub.write_memory(r.base, self._image_bytes)
-            elif a.what == "config":
-                self.write_config()
-            elif a.what == "site":
-                s = next(s for s in self.sites if s.address == a.address)
-                stub.write_memory(s.address, bytes.fromhex(s.patched))
-            elif a.what == "kernel-table" and a.where in self.tables:
-                va, want = self.tables[a.where]
-                self._write_data(va, want)  # data read by the CPU and kernel: no TB issue
-            elif a.what == "ring-state":
-                self._write_data(a.address, bytes(8))
-            elif a.what == "ftrace-flags":
-                s = next(s for s in self.sites if s.ftrace_flags_va == a.address)
-                self._write_data(a.address, s.ftrace_flags_after.to_bytes(4, "little"))
+            try:
+                if a.what == "pte":
+                    if a.fix:
+                        for at, value in a.fix:
+                            self.t.mem.write(at, value)
+                        ptes.append(a)
+                    continue
+                if a.fix:  # ring counters and flags: data in guest RAM
+                    for at, value in a.fix:
+                        self.t.mem.write(at, value)
+                elif a.what == "agent-code":
+                    stub.write_memory(r.base, self._image_bytes)
+                elif a.what == "config":
+                    self.write_config()
+                elif a.what == "site":
+                    s = next(s for s in self.sites if s.address == a.address)
+                    stub.write_memory(s.address, bytes.fromhex(s.patched))
+                elif a.what == "kernel-table" and a.where in self.tables:
+                    va, want = self.tables[a.where]
+                    self._write_frames(va, want)  # data read by the CPU: no TB issue
+                elif a.what == "ftrace-flags":
+                    s = next(s for s in self.sites if s.ftrace_flags_va == a.address)
+                    self._write_data(a.address, s.ftrace_flags_after.to_bytes(4, "little"))
+                else:
+                    continue
+            except (VmshieldError, StopIteration):
+                continue
+            done.append(a)
+        if ptes:
+            # Every CPU may still hold the forged translation: the guest's own flush.
+            for fn in ("flush_tlb_all", "__flush_tlb_all"):
+                if fn in self.k.symbols:
+                    b.call(fn)
+                    break
+            self.walker.flush()
+            self.k.walker.flush()
+            standing = {(a.address, a.where) for a in self._check_frames()}
+            done += [a for a in ptes if (a.address, a.where) not in standing]
+        return done
+
+    def _write_frames(self, va: int, data: bytes) -> None:
+        """Data writes to protected pages go to their recorded frames."""
+        pos = 0
+        while pos < len(data):
+            a = va + pos
+            page = a & ~(PAGE - 1)
+            n = min(len(data) - pos, PAGE - (a - page))
+            f = self.frames.get(page)
+            if f is not None:
+                self.t.mem.write(f.pa + (a - page), data[pos : pos + n])
+            else:
+                self._write_data(a, data[pos : pos + n])
+            pos += n
 
     # -- persistence (for `vmshield detach` after a crash) --------------------------------
 
@@ -763,12 +990,13 @@ class SecuritySpace:
         r = self.region
         if r is None:
             return
+        # Written whole then renamed: a monitor killed mid-write leaves the old state.
         tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({
+        write_private(tmp, json.dumps({
             "region": asdict(r), "sites": [asdict(s) for s in self.sites],
             "time_base": list(self.time_base), "owned": self.owned, "user_pid": self.user_pid,
             "phase": self.phase,
-        }))  # fmt: skip
+        }).encode())  # fmt: skip
         tmp.replace(self.state_path)
 
     def in_use_by(self) -> int | None:
@@ -790,7 +1018,7 @@ class SecuritySpace:
         if not sp.state_path.is_file():
             return None
         try:
-            d: dict[str, Any] = json.loads(sp.state_path.read_text())
+            d: dict[str, Any] = json.loads(read_private(sp.state_path))
             sp.region = Region(**d["region"])
             sp.sites = [SiteState(**s) for s in d["sites"]]
             ns, host = d.get("time_base", (0, 0.0))

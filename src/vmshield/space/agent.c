@@ -123,8 +123,11 @@ static unsigned long slen(const char *s, unsigned long max)
 
 /* fnmatch-style glob with `*` and `?` (the host refuses other syntax for in-guest
  * rules); iterative with one backtrack point. Both strings are NUL-terminated within
- * bounded buffers, and the step count is bounded too. */
-static int glob(const char *p, const char *s)
+ * bounded buffers, and the step count is bounded too. With `partial`, `s` is only the
+ * start of the real string (a path cut to fit the record): the answer is whether some
+ * continuation of `s` could match, i.e. whether `s` was consumed without a mismatch
+ * (whatever is left of the pattern can always match something). */
+static int glob(const char *p, const char *s, int partial)
 {
 	const char *star = NULL, *mark = NULL;
 	for (unsigned long steps = 0; *s; steps++) {
@@ -142,6 +145,8 @@ static int glob(const char *p, const char *s)
 			return 0;
 		}
 	}
+	if (partial)
+		return 1;
 	while (*p == '*')
 		p++;
 	return !*p;
@@ -193,8 +198,10 @@ static u64 base_value(u8 base, const u64 *frame, u64 current)
 	return 0;
 }
 
-/* A path too long for the record: deliver ".../NAME" (the last component), marked
- * truncated, rather than nothing. */
+/* A path too long even for the scratch area (deeper than PATH_MAX, reached through a
+ * relative open): its root-most part is unknown. Deliver ".../NAME" (the last
+ * component), marked truncated; a path rule treats it as a possible match (fail
+ * closed), see vms_agent(). */
 static long path_tail(const struct vms_fetch *f, u64 path, const u64 *frame, u64 current,
 		      u8 *dst, long len, u8 *status)
 {
@@ -217,7 +224,7 @@ static long path_tail(const struct vms_fetch *f, u64 path, const u64 *frame, u64
 
 /* Capture one item into dst (at most f->len bytes). Sets *status; returns length. */
 static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *dst,
-		  long room, u8 *status)
+		  long room, u8 *status, char *scratch)
 {
 	long len = f->len < room ? f->len : room;
 	u64 addr = base_value(f->base, frame, current);
@@ -268,41 +275,83 @@ static long fetch(const struct vms_fetch *f, const u64 *frame, u64 current, u8 *
 		return (long)slen((char *)dst, (unsigned long)len) + 1;
 	}
 	case VMS_F_DPATH: {
-		/* Relative to the global root, as the exit engine reports paths (d_path would
-		 * be relative to a chroot); pseudo files (pipes, sockets) only have d_path. */
-		char *p = d_absolute_path((const void *)addr, (char *)dst, (int)len);
+		/* The whole path is built in this CPU's scratch area (PATH_MAX bytes, IRQs are
+		 * off: nobody else uses it), relative to the global root as the exit engine
+		 * reports paths (d_path would be relative to a chroot; pseudo files such as
+		 * pipes only have d_path). The record keeps the root-most part: a prefix rule
+		 * (a directory and a star) still sees where a long or deep path is. */
+		const long cap = VMS_PATH_SCRATCH;
+		int trunc = 0;
+		char *p = d_absolute_path((const void *)addr, scratch, (int)cap);
 		if ((unsigned long)p >= (unsigned long)-4095L)
-			p = d_path((const void *)addr, (char *)dst, (int)len);
+			p = d_path((const void *)addr, scratch, (int)cap);
 		if ((unsigned long)p == (unsigned long)-36L) /* -ENAMETOOLONG */
 			return path_tail(f, addr, frame, current, dst, len, status);
-		if ((unsigned long)p >= (unsigned long)-4095L || p < (char *)dst ||
-		    p >= (char *)dst + len)
+		if ((unsigned long)p >= (unsigned long)-4095L || p < scratch || p >= scratch + cap)
 			return 0;
-		long n = (long)slen(p, (unsigned long)((char *)dst + len - p));
-		copy(dst, p, (unsigned long)n); /* d_path builds from the end: move to front */
-		*status = VMS_S_OK;
+		long n = (long)slen(p, (unsigned long)(scratch + cap - p));
+		copy(scratch, p, (unsigned long)n); /* built from the end: move to the front */
 		if (f->base2 != VMS_B_NONE) { /* dir path + "/" + dentry name */
 			u64 name;
-			if (n > 0 && dst[n - 1] == '/')
+			if (n > 0 && scratch[n - 1] == '/')
 				n--;
-			if (!rd64(base_value(f->base2, frame, current) + (s64)f->off2, &name) ||
-			    n + 2 >= len)
-				return *status = VMS_S_FAULT, 0;
-			dst[n++] = '/';
-			long r = strncpy_from_kernel_nofault((char *)dst + n, (const void *)name,
-							     len - n);
-			if (r <= 0)
-				return *status = VMS_S_FAULT, 0;
-			dst[len - 1] = 0;
-			if (r >= len - n)
-				*status = VMS_S_TRUNC;
-			n += (long)slen((char *)dst + n, (unsigned long)(len - n));
+			if (!rd64(base_value(f->base2, frame, current) + (s64)f->off2, &name))
+				return 0;
+			if (n + 2 >= cap) {
+				trunc = 1; /* no room for the name: the directory is the prefix */
+			} else {
+				scratch[n++] = '/';
+				long r = strncpy_from_kernel_nofault(scratch + n, (const void *)name,
+								     cap - n);
+				if (r <= 0)
+					return 0;
+				scratch[cap - 1] = 0;
+				if (r >= cap - n)
+					trunc = 1;
+				n += (long)slen(scratch + n, (unsigned long)(cap - n - 1));
+			}
 		}
+		if (n > len - 1) {
+			n = len - 1;
+			trunc = 1;
+		}
+		copy(dst, scratch, (unsigned long)n);
 		dst[n] = 0;
+		*status = trunc ? VMS_S_TRUNC : VMS_S_OK;
 		return n + 1;
 	}
 	}
 	return 0;
+}
+
+/* The kernel half of the running task's page directory must be the kernel's own: it is
+ * copied from init_top_pgt into every directory at fork and never differs after (the
+ * per-mm LDT slot aside). An entry changed in one task's copy would let kernel code that
+ * runs in that task see other pages than the host checks. Compared here, in the task's
+ * own context, where its directory cannot have been freed yet; the host reports any
+ * increase of pgd_bad. */
+static void check_pgd(struct vms_cpusample *s)
+{
+	const struct vms_config *c = &vms_config;
+	u64 mine = c->page_offset_base + (s->cr3 & 0x000ffffffffff000ULL);
+	u64 want[8], have[8];
+	if (!c->kernel_pgd || c->pgd_lo < 256 || c->pgd_lo > 511)
+		return;
+	for (u32 i = (u32)c->pgd_lo & ~7u; i < 512; i += 8) {
+		if (copy_from_kernel_nofault(want, (const void *)(c->kernel_pgd + i * 8), 64) ||
+		    copy_from_kernel_nofault(have, (const void *)(mine + i * 8), 64))
+			return;
+		for (u32 j = 0; j < 8; j++) {
+			if (i + j < (u32)c->pgd_lo || i + j == (u32)c->pgd_ldt)
+				continue;
+			if ((want[j] ^ have[j]) & ~0x60ULL) { /* accessed/dirty aside */
+				s->pgd_index = i + j;
+				s->pgd_found = have[j];
+				s->pgd_bad++;
+				return;
+			}
+		}
+	}
 }
 
 static void sample_cpu(struct vms_ringheader *ring, u64 now)
@@ -318,6 +367,8 @@ static void sample_cpu(struct vms_ringheader *ring, u64 now)
 		return;
 	__asm__ __volatile__("mov %%cr0, %0" : "=r"(s->cr0));
 	__asm__ __volatile__("mov %%cr4, %0" : "=r"(s->cr4));
+	__asm__ __volatile__("mov %%cr3, %0" : "=r"(s->cr3));
+	check_pgd(s);
 #define RDMSR(msr, field)                                                           \
 	do {                                                                        \
 		__asm__ __volatile__("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));      \
@@ -342,16 +393,20 @@ static void sample_cpu(struct vms_ringheader *ring, u64 now)
 	s->count++;
 }
 
+/* path_mode: 0 no path, 1 whole path, 2 root-most prefix (cut to fit), 3 unknown prefix
+ * (".../NAME"). A path rule on a cut path matches if the path could match (fail closed):
+ * a long or deep path must not walk around a deny rule on a directory. */
 static int rules_match(const struct vms_rule *r, const struct vms_record *rec,
-		       const char *path, u16 port, int have_port)
+		       const char *path, int path_mode, u16 port, int have_port)
 {
 	if ((r->has & VMS_R_PID) && rec->pid != r->pid)
 		return 0;
 	if ((r->has & VMS_R_UID) && rec->uid != r->uid)
 		return 0;
-	if ((r->has & VMS_R_COMM) && !glob(r->comm, rec->comm))
+	if ((r->has & VMS_R_COMM) && !glob(r->comm, rec->comm, 0))
 		return 0;
-	if ((r->has & VMS_R_PATH) && (!path || !glob(r->path, path)))
+	if ((r->has & VMS_R_PATH) && path_mode != 3 &&
+	    (!path || !glob(r->path, path, path_mode == 2)))
 		return 0;
 	if ((r->has & VMS_R_PORT) && (!have_port || port != r->port))
 		return 0;
@@ -371,7 +426,7 @@ static void kill_current(u64 current)
 			     : "r"(1ULL << 8) /* SIGKILL - 1 */);
 	__asm__ __volatile__("lock orq %1, %0"
 			     : "+m"(*(u64 *)(current + (s64)c->t_tiflags))
-			     : "r"(1ULL << 2) /* TIF_SIGPENDING */);
+			     : "r"(1ULL << (c->tif_sigpending & 63)));
 }
 
 /* Called by the gate with IRQs off. Returns 1 to deny (the function returns -EPERM). */
@@ -437,6 +492,8 @@ __attribute__((used)) long vms_agent(u64 *frame)
 	u8 *data = slot + sizeof(*rec);
 	long used = 0, room = (long)c->slot_size - (long)sizeof(*rec);
 	const char *path = NULL;
+	int path_mode = 0;
+	char *scratch = (char *)ring + sizeof(*ring) + (c->nslots + 1) * (u64)c->slot_size;
 	u16 port = 0;
 	int have_port = 0;
 	for (u32 i = 0; i < site->nfetch && i < VMS_MAX_FETCH; i++) {
@@ -444,12 +501,15 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		u8 *item = data + used;
 		if (room - used < 8)
 			break;
-		long n = fetch(&site->fetch[i], frame, current, item + 4, room - used - 4, &status);
+		long n = fetch(&site->fetch[i], frame, current, item + 4, room - used - 4, &status,
+			       scratch);
 		*(u16 *)item = (u16)n;
 		item[2] = site->fetch[i].kind;
 		item[3] = status;
-		if ((s32)i == site->path_item && n > 0 && status == VMS_S_OK)
+		if ((s32)i == site->path_item && n > 0 && status != VMS_S_FAULT) {
 			path = (const char *)item + 4;
+			path_mode = status == VMS_S_OK ? 1 : path[0] == '/' ? 2 : 3;
+		}
 		if ((s32)i == site->port_item && n >= 2 && status == VMS_S_OK) {
 			u16 family = (u16)(item[4] | (item[5] << 8));
 			if (site->port_mode == 0 && n >= 4 && (family == 2 || family == 10))
@@ -464,7 +524,7 @@ __attribute__((used)) long vms_agent(u64 *frame)
 
 	for (u32 i = 0; i < site->nrules && i < VMS_MAX_RULES; i++) {
 		const struct vms_rule *r = &site->rules[i];
-		if (!rules_match(r, rec, path, port, have_port))
+		if (!rules_match(r, rec, path, path_mode, port, have_port))
 			continue;
 		rec->matched |= 1U << i;
 		if (r->action == VMS_A_DENY)
@@ -480,10 +540,13 @@ __attribute__((used)) long vms_agent(u64 *frame)
 	ring->killed += (rec->verdict >> 1) & 1;
 	rec->size = (u32)(sizeof(*rec) + (u64)used);
 	barrier();
-	if (full)
+	if (full) {
 		ring->drops++;
-	else
+	} else {
+		rec->seq = (u32)ring->head + 1; /* position + 1: a zeroed slot is no record */
+		barrier();
 		ring->head++; /* publish: the host reads records below head */
+	}
 out:
 	barrier();
 	ring->inflight = 0;

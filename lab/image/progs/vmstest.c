@@ -14,6 +14,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <sys/syscall.h>
 #include <sys/ptrace.h>
@@ -95,6 +96,39 @@ static int do_rename(const char *a, const char *b)
 	ident("rename");
 	printf(" path=%s new_path=%s rc=%d errno=%d\n", a, b, rc, rc < 0 ? errno : 0);
 	return rc < 0;
+}
+
+/* A path too long for a record and deeper than any fixed bound: under ROOT, DEPTH
+ * directories named with LEN letters each, made by mkdir + chdir (a relative walk, so
+ * the whole path may exceed PATH_MAX), then open("f") with O_CREAT in the deepest one.
+ * Prints the full path's length and depth; a deny rule on ROOT's parent must still
+ * apply to this open. The tree is left in place (`rm -rf` it). */
+static int do_deep(const char *root, int depth, int len)
+{
+	char name[256];
+	long total = (long)strlen(root);
+	if (depth < 0 || len < 1 || len > 255)
+		return 2;
+	memset(name, 'd', (size_t)len);
+	name[len] = 0;
+	if ((mkdir(root, 0755) != 0 && errno != EEXIST) || chdir(root) != 0) {
+		perror("vmstest deep");
+		return 1;
+	}
+	for (int i = 0; i < depth; i++) {
+		if ((mkdir(name, 0755) != 0 && errno != EEXIST) || chdir(name) != 0) {
+			perror("vmstest deep");
+			return 1;
+		}
+		total += 1 + len;
+	}
+	int fd = open("f", O_RDONLY | O_CREAT, 0644);
+	int err = fd < 0 ? errno : 0;
+	ident("deep");
+	printf(" path_len=%ld depth=%d fd=%d errno=%d\n", total + 2, depth + 1, fd, err);
+	if (fd >= 0)
+		close(fd);
+	return err ? 1 : 0;
 }
 
 /* Fork a child that exits at once with a known code; print both pids. */
@@ -295,6 +329,8 @@ int main(int argc, char **argv)
 		printf("vmstest exec errno=%d\n", errno);
 		return 1;
 	}
+	if (argc >= 5 && strcmp(argv[1], "deep") == 0)
+		return do_deep(argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc >= 2 && strcmp(argv[1], "id") == 0) {
 		ident("id");
 		printf("\n");
@@ -302,6 +338,6 @@ int main(int argc, char **argv)
 	}
 	fprintf(stderr, "usage: vmstest [as UID] open PATH | connect PORT | bind PORT | "
 		"listen PORT | unlink PATH | rename A B | fork CODE | exit CODE | ptrace | bpf | "
-		"exec PATH ARGS... | loop N | mix N | true | sleep S | id\n");
+		"exec PATH ARGS... | loop N | mix N | true | sleep S | id | deep ROOT DEPTH LEN\n");
 	return 2;
 }
