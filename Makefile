@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := build/.stamps
-APT_PACKAGES := qemu-system-x86 busybox-static cpio gzip lz4 zstd xz-utils gcc libc6-dev file python3-venv
+APT_PACKAGES := qemu-system-x86 busybox-static cpio gzip lz4 zstd xz-utils gcc libc6-dev file python3-venv postgresql chromium libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
 INITRAMFS := build/initramfs.cpio.gz
 GUEST_SOURCES := $(wildcard lab/image/*) $(wildcard lab/image/progs/*.c) scripts/build-initramfs.sh
 

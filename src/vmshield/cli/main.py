@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vmshield.cli import service
 from vmshield.cli.oneline import OneLineErrors, seconds
 from vmshield.errors import GuestFormatError, VmshieldError
 from vmshield.guest.kernel import Kernel
@@ -667,6 +668,8 @@ def resume(target: VmArg) -> None:
 from vmshield.cli.doctor import doctor as _doctor  # noqa: E402  (doctor uses this module)
 
 app.command("doctor")(_doctor)
+
+service.register(app)
 
 
 def main() -> None:

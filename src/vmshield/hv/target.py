@@ -24,6 +24,8 @@ from types import TracebackType
 
 from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.hv.gdbstub import GdbStub
+from vmshield.hv.libvirt import PREFIX as LIBVIRT
+from vmshield.hv.libvirt import Domain, LibvirtQmp
 from vmshield.hv.memmap import RamRange
 from vmshield.hv.memory import GuestMemory
 from vmshield.hv.qmp import Qmp, socket_peer_pid
@@ -115,8 +117,14 @@ class Target:
 
     def __init__(self, target: str) -> None:
         self.name = target
-        self.qmp_path = resolve_qmp(target)
-        self.qmp = Qmp(self.qmp_path)
+        self.domain: Domain | None = None
+        if target.startswith(LIBVIRT):  # a domain libvirt runs: QMP through libvirt
+            self.domain = Domain(target[len(LIBVIRT) :])
+            self.qmp: Qmp = LibvirtQmp(self.domain)
+            self.qmp_path = Path(target)
+        else:
+            self.qmp_path = resolve_qmp(target)
+            self.qmp = Qmp(self.qmp_path)
         self.memory: GuestMemory | None = None
         self.memory_kind = ""
 
@@ -130,7 +138,12 @@ class Target:
                 self.memory_kind = "shared"
             else:
                 hvas = [self.qmp.gpa_to_hva(r.start) for r in ranges]
-                pid = qemu_pid(self.qmp, self.qmp_path, ranges, hvas)
+                # QEMU's pid: from libvirt for its domains (never from a socket peer)
+                pid = (
+                    self.domain.pid()
+                    if self.domain
+                    else qemu_pid(self.qmp, self.qmp_path, ranges, hvas)
+                )
                 self.memory = GuestMemory.from_process(pid, ranges, hvas)
                 self.memory_kind = "process"
         except BaseException:
@@ -143,6 +156,9 @@ class Target:
             self.memory.close()
             self.memory = None
         self.qmp.close()
+        if self.domain is not None:
+            self.domain.close()
+            self.domain = None
 
     def __enter__(self) -> Target:
         return self.open()
@@ -164,6 +180,13 @@ class Target:
     def gdb_path(self) -> Path:
         """The gdbstub socket of this target: a lab VM's own, or one vmshield opens through
         QMP (``gdbserver``) for a QEMU started without ``-gdb``."""
+        if self.domain is not None:  # a directory libvirt's QEMU user can write
+            path = self.domain.directory() / "vmshield-gdb.sock"
+            if not path.exists():
+                self.qmp.start_gdbserver(path)
+            if not path.exists():
+                raise HypervisorError(f"QEMU did not open a gdbstub at {path}")
+            return path
         lab = self.qmp_path.parent / "gdb.sock"
         if self.qmp_path.name == "qmp.sock" and lab.exists():
             return lab

@@ -1,0 +1,1 @@
+"""Alembic migration environment of the store (run by :meth:`vmshield.store.Store.open`)."""
