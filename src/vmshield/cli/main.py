@@ -34,12 +34,20 @@ from vmshield.lab import vm as labvm
 from vmshield.paths import cache_dir, run_dir
 from vmshield.text import cell, term
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=OneLineErrors)
-vm_app = typer.Typer(no_args_is_help=True, help="Lab VMs that vmshield boots itself.")
+# Help texts are docstrings: markdown mode reflows their paragraphs (no line broken
+# mid-sentence) and shows ``names`` as code rather than raw backticks.
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, cls=OneLineErrors,
+    rich_markup_mode="markdown",
+)  # fmt: skip
+vm_app = typer.Typer(
+    no_args_is_help=True, help="Lab VMs that vmshield boots itself.", rich_markup_mode="markdown"
+)
 app.add_typer(vm_app, name="vm")
 space_app = typer.Typer(
     no_args_is_help=True,
     help="The in-guest security space: build it, look at it, remove it.",
+    rich_markup_mode="markdown",
 )
 app.add_typer(space_app, name="space")
 # Markup off: arguments and guest strings are text, never Rich markup (a '[/x]' would

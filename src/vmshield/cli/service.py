@@ -113,7 +113,9 @@ def daemon(
         _fail(str(e))
 
 
-token_app = typer.Typer(no_args_is_help=True, help="Bearer tokens of the daemon's store.")
+token_app = typer.Typer(
+    no_args_is_help=True, help="Bearer tokens of the daemon's store.", rich_markup_mode="markdown"
+)
 
 
 @token_app.command("create")
