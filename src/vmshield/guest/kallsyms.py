@@ -292,33 +292,53 @@ def _num_syms_before(blob: bytes, s: int, base_va: int, m: int) -> tuple[int, in
     return None
 
 
-def _find_names(
-    blob: bytes, markers_at: int, markers: list[int], base_va: int
-) -> tuple[int, int, int, int]:
-    """(names start, num_syms, num_syms position, names end) consistent with the markers."""
+class _Work:
+    """The search's work bound for one token table: entries decoded (names walked, the
+    ``_text`` scan, address entries read) over every candidate tried, so forged data
+    that offers many near-misses cannot make the search quadratic."""
+
+    LIMIT = 4 * MAX_SYMS
+
+    def __init__(self) -> None:
+        self.spent = 0
+
+    def charge(self, entries: int) -> None:
+        self.spent += entries
+        if self.spent > self.LIMIT:
+            raise _WorkExceeded(
+                f"the kallsyms search exceeded its work bound ({self.LIMIT} entries decoded)"
+            )
+
+
+class _WorkExceeded(GuestFormatError):
+    """The work bound ran out: the search stops here instead of trying more candidates."""
+
+
+def _names_candidates(
+    blob: bytes, markers_at: int, markers: list[int], base_va: int, work: _Work
+) -> Iterator[tuple[int, int, int, int]]:
+    """(names start, num_syms, num_syms position, names end) consistent with the markers,
+    nearest the markers first. Several may be: a small table's stream can also be walked
+    from inside one of its own entries whose last bytes read as a count (or from filler
+    before it), so the caller verifies each one against ``_text`` and the addresses and
+    takes the first that holds, instead of the first that merely walks."""
     m = len(markers)
     last = markers[-1]
     hi = markers_at - last
     lo = max(4, hi - 256 * (KSYM_NAME_LEN + 2) - 8)
     s = hi - ((base_va + hi) % 4)
-    walked = 0  # entries decoded over all candidates: forged data must not go quadratic
     while s >= lo:
         found = _num_syms_before(blob, s, base_va, m)
         if found is not None:
             n, num_at = found
             end, cost = _walk_names(blob, s, n, markers_at, markers)
-            walked += cost + 1
-            if walked > 4 * MAX_SYMS:
-                raise GuestFormatError("kallsyms_names search exceeded its work bound")
+            work.charge(cost + 1)
             if markers_at in (_align4(end, base_va), _align8(end, base_va)):
-                return s, n, num_at, end
+                yield s, n, num_at, end
         s -= 4
-    raise GuestFormatError(
-        f"no kallsyms_names stream (with kallsyms_num_syms before it) agrees with the {m} markers"
-    )
 
 
-def _text_index(blob: bytes, names: int, n: int, tokens: list[bytes]) -> int:
+def _text_index(blob: bytes, names: int, n: int, tokens: list[bytes], work: _Work) -> int:
     """The table index of the ``_text`` symbol (usually among the first few thousand:
     the table is in address order and only per-cpu symbols come before the image)."""
     targets = (b"T_text", b"t_text")
@@ -326,9 +346,11 @@ def _text_index(blob: bytes, names: int, n: int, tokens: list[bytes]) -> int:
     for i in range(n):
         k, pos = _name_len(blob, pos)
         if k <= 6 and b"".join(tokens[c] for c in blob[pos : pos + k]) in targets:
+            work.charge(i + 1)
             return i
         pos += k
-    raise GuestFormatError("kallsyms has no _text symbol")
+    work.charge(n)
+    raise GuestFormatError(f"kallsyms has no _text symbol among its {n} names")
 
 
 def _sorted(values: Sequence[int]) -> bool:
@@ -385,6 +407,7 @@ def _find_addresses(
     index_at: int,
     base_va: int,
     text_i: int,
+    work: _Work,
 ) -> tuple[int, str, int, int]:
     """(entries position, encoding, relative base value, its position or -1)."""
     after4 = _align4(index_at + 512, base_va)
@@ -397,11 +420,12 @@ def _find_addresses(
         cands.append((after, "relative-percpu", rb_at))
         cands.append((after, "relative", rb_at))
     # Up to 6.3: offsets, relative_base (8-byte aligned), then num_syms; or u64
-    # kallsyms_addresses right before num_syms.
+    # kallsyms_addresses right before num_syms. Not the unsigned "relative" encoding:
+    # ABSOLUTE_PERCPU went in 6.15, two years after 6.4 moved the offsets behind the
+    # token index, so no kernel has it here. (Trying it made a tiny absolute table
+    # ambiguous: u64 entries [0, X] read the same as offsets [0, 0] and a base X.)
     rb_at = num_at - 8
-    off_at = rb_at - _align8(4 * n, 0)
-    cands.append((off_at, "relative-percpu", rb_at))
-    cands.append((off_at, "relative", rb_at))
+    cands.append((rb_at - _align8(4 * n, 0), "relative-percpu", rb_at))
     cands.append((num_at - 8 * n, "absolute", -1))
     for pos, encoding, rb_pos in cands:
         size = 8 if encoding == "absolute" else 4
@@ -413,6 +437,7 @@ def _find_addresses(
             if rb < KERNEL_HALF:
                 continue
         tables = (text_i, base_va + names)
+        work.charge(n)
         if _check_encoding(blob, pos, n, encoding, rb, base_va, tables) is not None:
             return pos, encoding, rb, rb_pos
     raise GuestFormatError(
@@ -524,39 +549,67 @@ def _tables_from_anchor(
         for p, m in _markers_before_seqs(blob, table, base_va):
             yield p, m, 4
 
-    last_err = "kallsyms_markers (no array increasing from 0 before the token table)"
+    # Every candidate (markers, then names and num_syms) is verified to the end (_text,
+    # the addresses) before it is taken: the first one that only walks can be a wrong
+    # one (a zero u32 of kallsyms_seqs_of_names read as one marker, or a names stream
+    # walked from inside one of its own entries), and giving up there missed the real
+    # table behind it. The error reports the candidate that got furthest.
+    work = _Work()
+    base_found = list(progress.found)
+    best_depth, best_found = 0, base_found
+    best_err = "kallsyms_markers (no array increasing from 0 before the token table)"
     tried = 0
     for markers_at, markers, marker_size in candidates():
         tried += 1
+        names_err = f"kallsyms_names ({tried} marker candidate(s); last: "
         try:
-            names, n, num_at, names_end = _find_names(blob, markers_at, markers, base_va)
-        except GuestFormatError as e:
-            last_err = f"kallsyms_names ({tried} marker candidate(s); last: {e})"
-            continue
-        progress.add("kallsyms_markers", markers_at, f" ({len(markers)})")
-        progress.add("kallsyms_num_syms", num_at, f" ({n})")
-        progress.add("kallsyms_names", names)
-        text_i = _text_index(blob, names, n, tokens)
-        off_at, encoding, rb, rb_at = _find_addresses(
-            blob, names, num_at, n, index_at, base_va, text_i
-        )
-        return KallsymsTables(
-            base_va=base_va,
-            num_syms=n,
-            names=names,
-            markers=markers_at,
-            num_markers=len(markers),
-            token_table=table,
-            token_index=index_at,
-            offsets=off_at,
-            relative_base=rb,
-            relative_base_at=rb_at,
-            names_end=names_end,
-            encoding=encoding,
-            num_syms_at=num_at,
-            marker_size=marker_size,
-        )
-    raise GuestFormatError(last_err)
+            for names, n, num_at, names_end in _names_candidates(
+                blob, markers_at, markers, base_va, work
+            ):
+                progress.found = list(base_found)
+                progress.add("kallsyms_markers", markers_at, f" ({len(markers)})")
+                progress.add("kallsyms_num_syms", num_at, f" ({n})")
+                progress.add("kallsyms_names", names)
+                depth = 2
+                try:
+                    text_i = _text_index(blob, names, n, tokens, work)
+                    depth = 3
+                    off_at, encoding, rb, rb_at = _find_addresses(
+                        blob, names, num_at, n, index_at, base_va, text_i, work
+                    )
+                except _WorkExceeded:
+                    raise
+                except GuestFormatError as e:
+                    if depth > best_depth:
+                        best_depth, best_found, best_err = depth, progress.found, str(e)
+                    continue
+                return KallsymsTables(
+                    base_va=base_va,
+                    num_syms=n,
+                    names=names,
+                    markers=markers_at,
+                    num_markers=len(markers),
+                    token_table=table,
+                    token_index=index_at,
+                    offsets=off_at,
+                    relative_base=rb,
+                    relative_base_at=rb_at,
+                    names_end=names_end,
+                    encoding=encoding,
+                    num_syms_at=num_at,
+                    marker_size=marker_size,
+                )
+        except _WorkExceeded as e:
+            progress.found = best_found
+            raise GuestFormatError(f"{e} after {tried} marker candidate(s)") from None
+        if best_depth <= 1:  # no names for any markers so far: report the latest
+            best_depth = 1
+            best_err = (
+                f"{names_err}no kallsyms_names stream (with kallsyms_num_syms before it) "
+                f"agrees with the {len(markers)} markers)"
+            )
+    progress.found = best_found
+    raise GuestFormatError(best_err)
 
 
 @dataclass(frozen=True)
@@ -628,15 +681,24 @@ def addresses(
     where the entries sit in the guest (only the place-relative encoding needs it)."""
     rb = relative_base
     if encoding == "relative-percpu":
-        return [off if off >= 0 else rb - 1 - off for off in offsets]
+        return _wrap64([off if off >= 0 else rb - 1 - off for off in offsets])
     if encoding == "relative":
-        return [rb + (off & 0xFFFFFFFF) for off in offsets]
+        return _wrap64([rb + (off & 0xFFFFFFFF) for off in offsets])
     if encoding == "place-relative":
         # map/range keep the 200k additions in C: a cached 7.3 attach does this each time
-        out = list(map(operator.add, offsets, range(offsets_va, offsets_va + 4 * len(offsets), 4)))
-        if out and (min(out) < 0 or max(out) > _MASK64):  # only forged tables wrap
-            out = [a & _MASK64 for a in out]
-        return out
+        return _wrap64(
+            list(map(operator.add, offsets, range(offsets_va, offsets_va + 4 * len(offsets), 4)))
+        )
     if encoding == "absolute":
         return list(offsets)
     raise ValueError(f"unknown kallsyms encoding {encoding!r}")
+
+
+def _wrap64(out: list[int]) -> list[int]:
+    """``out`` modulo 2**64, as the kernel's ``unsigned long`` arithmetic has it. Only
+    forged or misread tables wrap, and then their addresses stop being sorted, which is
+    what rejects them: a base near the top plus a large offset must not decode to an
+    address above the 64-bit space (it did, and a tiny table then passed as sorted)."""
+    if out and (min(out) < 0 or max(out) > _MASK64):
+        return [a & _MASK64 for a in out]
+    return out
