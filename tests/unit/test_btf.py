@@ -3,8 +3,10 @@
 The expected offsets below were checked during development against two independent tools:
 ``bpftool btf dump ... format raw`` (every record of the 6.1 and 6.12 blobs decodes to the
 same text) and gcc's ``offsetof`` over ``bpftool ... format c`` headers (about 160k member
-offsets and struct sizes across the three kernels agree). Neither tool is needed to run
-these tests.
+offsets and struct sizes across the three kernels agree). The 7.3 expectations were checked
+the same way (bpftool 7.1's raw dump for the counts, ids, enumerators and the bitfield;
+gcc ``offsetof``/``sizeof`` over its C dump for every offset and size listed). Neither
+tool is needed to run these tests.
 
 The real blobs come from the vmlinux files ``make setup`` downloads; they are read with a
 small ELF section reader below, standard library only.
@@ -30,7 +32,7 @@ from vmshield.errors import GuestFormatError, SymbolError
 from vmshield.guest.btf import MAX_CHAIN, MAX_NESTING, Btf, Kind, parse_btf
 from vmshield.paths import kernels_dir
 
-KERNELS = ("5.10", "6.1", "6.12")
+KERNELS = ("5.10", "6.1", "6.12", "7.3")
 
 # --------------------------------------------------------------------------- real blobs
 
@@ -83,6 +85,8 @@ class Expected:
     offsets: dict[tuple[str, str], int]
     sizes: dict[str, int]
     bitfield: tuple[int, int]  # task_struct.sched_reset_on_fork (bit offset, width)
+    # PERF_EVENT_STATE_DEAD: -4 until PERF_EVENT_STATE_REVOKED took -4 (after 6.12)
+    perf_state_dead: int = -4
 
 
 # Checked against gcc offsetof on bpftool's C dump, and bpftool's raw dump.
@@ -237,6 +241,59 @@ EXPECTED: dict[str, Expected] = {
         },
         bitfield=(18848, 1),
     ),
+    "7.3": Expected(
+        # 7.3's BTF is sorted by name (FUNC 'zswpout_show' is the last record), so
+        # task_struct has a high id, and the one DATASEC sits among the rest.
+        type_count=121184,
+        func_count=53265,
+        task_struct_id=110917,
+        offsets={
+            ("task_struct", "comm"): 3408,
+            ("task_struct", "tasks"): 2664,
+            ("task_struct", "real_parent"): 2888,
+            ("task_struct", "parent"): 2896,
+            ("task_struct", "tgid"): 2876,
+            ("task_struct", "pid"): 2872,
+            ("task_struct", "cred"): 3392,
+            ("task_struct", "real_cred"): 3384,
+            ("task_struct", "mm"): 2744,
+            ("task_struct", "thread_pid"): 2976,
+            ("task_struct", "files"): 3488,
+            ("task_struct", "children"): 2904,
+            ("task_struct", "group_leader"): 2936,
+            ("task_struct", "flags"): 44,
+            ("task_struct", "__state"): 24,
+            ("task_struct", "rcu_users"): 5704,
+            ("task_struct", "se.vruntime"): 264,
+            ("cred", "uid"): 8,
+            ("cred", "euid"): 24,
+            ("cred", "cap_effective"): 64,
+            ("file", "f_path"): 64,
+            ("file", "f_path.dentry"): 72,
+            ("file", "f_path.mnt"): 64,
+            ("file", "f_inode"): 32,
+            ("module", "list"): 8,
+            ("module", "name"): 24,
+            ("module", "state"): 0,
+            ("dentry", "d_name"): 32,
+            ("dentry", "d_parent"): 24,
+            ("mm_struct", "pgd"): 120,  # inside an anonymous struct
+            ("mm_struct", "mmap_lock"): 408,
+            ("qstr", "name"): 8,
+            ("list_head", "next"): 0,
+            ("list_head", "prev"): 8,
+        },
+        sizes={
+            "list_head": 16,
+            "task_struct": 6144,
+            "cred": 184,
+            "file": 176,
+            "module": 1280,
+            "mm_struct": 1728,
+        },
+        bitfield=(22368, 1),
+        perf_state_dead=-5,
+    ),
 }
 
 
@@ -363,7 +420,8 @@ def test_real_kernel_enums_and_funcs(version: str) -> None:
     assert btf.enum_value("module_state", "MODULE_STATE_GOING") == 2
     assert btf.enum_value(None, "MODULE_STATE_UNFORMED") == 3
     # A negative enumerator: 5.10's encoder predates the signedness flag, 6.x sets it.
-    assert btf.enum_value("perf_event_state", "PERF_EVENT_STATE_DEAD") == -4
+    dead = EXPECTED[version].perf_state_dead
+    assert btf.enum_value("perf_event_state", "PERF_EVENT_STATE_DEAD") == dead
     assert btf.enum_value("enum perf_event_state", "PERF_EVENT_STATE_ACTIVE") == 1
     with pytest.raises(SymbolError):
         btf.enum_value("module_state", "NOPE")
@@ -391,6 +449,44 @@ def test_6_12_specific_kinds() -> None:
     tag = next(btf.iter_types(Kind.DECL_TAG))
     assert (tag.name, tag.component_idx) == ("bpf_kfunc", -1)
     assert btf.kind(tag.ref) == Kind.FUNC
+
+
+def test_7_3_specific_kinds() -> None:
+    """7.3 adds TYPE_TAG records and a second DECL_TAG (``bpf_fastcall``), and sorts its
+    records by name: the counts of every kind match bpftool's raw dump."""
+    btf = real_btf("7.3")
+    counts: dict[Kind, int] = {}
+    for type_id in range(1, btf.type_count + 1):
+        kind = btf.kind(type_id)
+        counts[kind] = counts.get(kind, 0) + 1
+    assert counts == {
+        Kind.ARRAY: 3287,
+        Kind.CONST: 3226,
+        Kind.DATASEC: 1,
+        Kind.DECL_TAG: 314,
+        Kind.ENUM: 2353,
+        Kind.ENUM64: 22,
+        Kind.FLOAT: 1,
+        Kind.FUNC: 53265,
+        Kind.FUNC_PROTO: 28292,
+        Kind.FWD: 126,
+        Kind.INT: 15,
+        Kind.PTR: 14806,
+        Kind.RESTRICT: 10,
+        Kind.STRUCT: 10599,
+        Kind.TYPEDEF: 2436,
+        Kind.TYPE_TAG: 5,
+        Kind.UNION: 1980,
+        Kind.VAR: 424,
+        Kind.VOLATILE: 22,
+    }
+    datasec = btf.type(53503)
+    assert (datasec.kind, datasec.name, datasec.vlen) == (Kind.DATASEC, ".data..percpu", 424)
+    tags = {tag.name for tag in btf.iter_types(Kind.DECL_TAG)}
+    assert tags == {"bpf_kfunc", "bpf_fastcall"}
+    last = btf.type(btf.type_count)
+    assert (last.kind, last.name) == (Kind.FUNC, "zswpout_show")
+    assert btf.enum_value("perf_event_state", "PERF_EVENT_STATE_REVOKED") == -4
 
 
 # --------------------------------------------------------------------------- builder
