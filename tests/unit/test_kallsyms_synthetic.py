@@ -338,14 +338,9 @@ def tables_va(text: int) -> int:
 
 
 def random_encoded(seed: int, count: int, layout: str, **kw: Any) -> Encoded:
-    # The property tests below run derandomized (the same examples every run): random
-    # ones found synthetic tables the finder misses (e.g. seed=2418, 6.1, 603 symbols),
-    # which is a known open defect, not a flake to be rolled again in CI.
-    # Two u64 addresses [0, X] read the same as "offsets [0, 0] + base X": a table of
-    # one or two symbols is ambiguous between the absolute and relative encodings (no
-    # kernel has fewer than tens of thousands), so the absolute layouts get three.
-    if VARIANTS[layout].encoding == "absolute":
-        count = max(count, 3)
+    """A table of ``count`` random symbols in ``layout``, all drawn from ``seed``. Any
+    count works in every layout, down to one symbol (the 4.x absolute layout used to get
+    at least three: see test_tiny_absolute_table_is_not_read_as_relative)."""
     rng = random.Random(seed)
     rb = KERNEL_BASE + rng.randrange(0, 0x1F0) * 0x20_0000  # a KASLR slide
     syms = make_symbols(rng, count, rb, VARIANTS[layout].percpu)
@@ -412,10 +407,24 @@ def symbols_for(
     return syms, rb
 
 
+TINY_ABSOLUTE = {  # a per-cpu symbol at 0, then _text and a symbol at the same address
+    "explicit": [
+        ("A", "V3UpibroWyLP_R3IIxXujtNhyHH13qWKejHNBinSFyIQdpKPSEwT21ebHseA7KiagHK8Dkq4cC_rzpj0")
+    ],
+    "bulk": 2,
+    "seed": 82,
+    "base_mod": 6,
+    "prefix": 3616,
+}
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(**TINY_ABSOLUTE)  # 4.4: read as unsigned relative offsets before num_syms
+@example(explicit=[], bulk=603, seed=2418, base_mod=0, prefix=0)
+@example(
+    explicit=[("T", "0")], bulk=0, seed=357, base_mod=0, prefix=0
+)  # seed 357: explicit names only
 @given(
     explicit=explicit_symbols,
     bulk=st.one_of(st.just(0), counts),
@@ -564,9 +573,8 @@ def outcome(blob: bytes, base_va: int) -> tuple[list[str], str, list[int]] | Non
     return d.names, d.types, addrs
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(seed=2418, layout="6.1", count=603, kind="flip")  # the seqs zero taken as markers
 @given(
     seed=st.integers(0, 2**32),
     layout=st.sampled_from(LAYOUTS),
@@ -608,6 +616,66 @@ def test_every_structural_byte_is_checked() -> None:
 
 
 # ------------------------------------------------------------------- found bugs
+
+
+def test_seqs_zero_read_as_one_marker() -> None:
+    # BUG (fixed; was seed=2418 of the property tests): in the 6.1 layout a zero u32 of
+    # kallsyms_seqs_of_names (symbol 0's 3-byte index and the next one's high byte) sits
+    # right before the token table. _markers_before took it for a one-entry marker
+    # array, a names stream of one "symbol" walked to it from the seqs bytes before, and
+    # the finder gave up at "no _text symbol" instead of trying the real markers behind.
+    assert_round_trip(random_encoded(2418, 603, "6.1"))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_tiny_absolute_table_is_not_read_as_relative(count: int) -> None:
+    # BUG (fixed): u64 kallsyms_addresses [0 (a per-cpu symbol), X (_text)] before
+    # num_syms read the same as 32-bit offsets [0, 0] with a base X, which the finder
+    # tried there in the unsigned "relative" encoding; that encoding (6.15+) only ever
+    # follows the token index, and now only is tried there. With a third symbol at X
+    # the base plus offset went past 2**64 without wrapping and still looked sorted.
+    rb = KERNEL_BASE + 0x40_0000
+    syms = [Sym("A", "pcpu_0", 0, absolute=True), Sym("T", "_text", rb)]
+    syms += [Sym("t", "same_place", rb)] * (count - 2)
+    enc = encode(syms[:count] if count > 1 else syms[1:], rb, "4.4", base_va=tables_va(rb))
+    assert_round_trip(enc)
+    for n in (1, 2):
+        assert_round_trip(random_encoded(n, n, "4.4"))
+
+
+def test_names_walked_from_inside_an_entry() -> None:
+    # BUG (fixed): the names search tries starts from the markers down and took the first
+    # stream that walks to the markers. Here the second name's last four codes read as
+    # the u32 1, 4-aligned right before the third name: a one-symbol stream walks from
+    # there, and the finder stopped at "no _text symbol" instead of going on to the real
+    # start (three symbols) four bytes on. Hand-made 7.x tables: code 0 is "zz", code 1
+    # is "yy", every other byte value its own character (or "~xx").
+    tokens = ["zz", "yy"] + [chr(b) if 0x21 <= b < 0x7F else f"~{b:02x}" for b in range(2, 256)]
+    entries = [b"T_text", b"tabb\x01\x00\x00\x00", b"tc"]  # 7 + 9 bytes: the third is aligned
+    base_va = tables_va(KERNEL_BASE)
+    blob = bytearray(b"\x11" * 12) + struct.pack("<I", len(entries))
+    names = len(blob)
+    for data in entries:
+        blob += bytes([len(data)]) + data
+    blob += bytes(-len(blob) % 4)
+    markers = len(blob)
+    blob += struct.pack("<I", 0)
+    token_table = len(blob)
+    index, pos = [], 0
+    for tok in tokens:
+        index.append(pos)
+        pos += len(tok) + 1
+    blob += b"".join(t.encode() + b"\0" for t in tokens)
+    blob += bytes(-len(blob) % 4)
+    blob += struct.pack("<256H", *index)
+    offsets = len(blob)
+    addrs = [KERNEL_BASE, KERNEL_BASE + 0x10, KERNEL_BASE + 0x20]
+    blob += struct.pack("<3i", *(a - (base_va + offsets + 4 * i) for i, a in enumerate(addrs)))
+    assert struct.unpack_from("<I", blob, names + 12)[0] == 1  # the decoy count
+    t, d, got = decode_all(bytes(blob), base_va)
+    assert (t.names, t.num_syms, t.markers, t.token_table) == (names, 3, markers, token_table)
+    assert d.names == ["_text", "abbyyzzzzzz", "c"]
+    assert got == addrs
 
 
 @pytest.mark.parametrize("count", [1, 200, 256, 400, 1400, 2000])
