@@ -51,8 +51,13 @@ Invariants the search relies on (all releases from 4.x to 7.x):
    symbols unambiguous.
 
 Every candidate is verified end to end, so forged or corrupt tables give a
-:class:`GuestFormatError`, never a wrong table; when nothing is found, the error is one
-line saying which tables were found and which one was missed. Pure: bytes in, symbols out.
+:class:`GuestFormatError`, never a wrong table; and a candidate that fails late (no
+``_text``, no addresses) does not end the search: small tables offer decoys that pass
+the early checks (a zero in ``kallsyms_seqs_of_names`` read as a one-entry marker array,
+a names stream walked from inside one of its own entries), and the real table is the
+next candidate. One work bound covers all candidates of a token table. When nothing is
+found, the error is one line saying which tables were found (for the candidate that got
+furthest) and which one was missed. Pure: bytes in, symbols out.
 """
 
 from __future__ import annotations
