@@ -183,19 +183,25 @@ class RingReader:
         end = min(end, st.pos + limit)
         pos = st.pos
         base = ring + L.data_offset()
+        unpack = _SIZE_SEQ.unpack_from
+        lo, hi = L.RECORD_HEADER, L.RECORD_MAX
         while pos < end:
-            # One read per contiguous run of bytes (up to the ring's end).
+            # One read per contiguous run of bytes (up to the ring's end); the records of
+            # a run are cut out in one tight loop (the hot path of a burst: every name
+            # it uses is local, the expected seq advances with the position).
             first = pos & (size - 1)
             count = min(end - pos, size - first)
             blob = self.read(base + first, count)
+            out: list[bytes] = []
             at = 0
+            expect = (pos >> 3) + 1
             bad = ""
             while at < count:
                 if count - at < 8:
                     bad = f"{count - at} bytes left before head: no record fits"
                     break
-                rsize, seq = _SIZE_SEQ.unpack_from(blob, at)
-                if seq != ((pos + at) >> 3) + 1 & 0xFFFFFFFF:
+                rsize, seq = unpack(blob, at)
+                if seq != expect & 0xFFFFFFFF:
                     bad = (f"record #{seq - 1} at byte {pos + at} (replayed, overwritten "
                            "or forged)")  # fmt: skip
                     break
@@ -205,15 +211,13 @@ class RingReader:
                         break
                     at = count
                     break
-                if (
-                    rsize & 7
-                    or not L.RECORD_HEADER <= rsize <= L.RECORD_MAX
-                    or (at + rsize > count)
-                ):
+                if rsize & 7 or rsize < lo or rsize > hi or at + rsize > count:
                     bad = f"a record of {rsize} bytes at byte {pos + at} (forged)"
                     break
-                yield blob[at : at + rsize]
+                out.append(blob[at : at + rsize])
                 at += rsize
+                expect += rsize >> 3
+            yield from out
             if bad:
                 # Nothing from here to head is trusted: skipped, and said.
                 self._find(cpu, "seq", "head", f"a record at byte {pos + at}",
