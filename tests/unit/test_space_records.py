@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from vmshield.monitor.events import Event, PointInfo, ProcessContext, trusted_event
 from vmshield.monitor.request import IsolationRequest
-from vmshield.monitor.space_engine import SpaceStats, _rule, drain_interval
+from vmshield.monitor.space_engine import SpaceStats, _agg_key_text, _rule, drain_interval
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
@@ -201,11 +201,11 @@ def test_hostile_ring_bytes_never_raise(junk: bytes, where: int, n: int) -> None
 def test_rules_exact_where_the_agent_can_decide() -> None:
     assert not _rule("log", {"pid": "12", "comm": "vm*", "uid": "0"}).has & L.R_HOST
     assert not _rule("log", {"path": "/etc/*", "port": "22"}).has & L.R_HOST
-    for host_side in ({"address": "127.*"}, {"port": "8*"}, {"comm": "[ab]*"},
-                      {"escalation": "true"}, {"path": "/" + "x" * 200}):  # fmt: skip
-        assert _rule("log", host_side).has & L.R_HOST, host_side
-    r = _rule("log", {"changed": "true"})
-    assert r.has & L.R_CHANGED and r.has & L.R_HOST and r.action == L.A_LOG
+    for guest_side in ({"address": "127.*"}, {"port": "8*"}, {"comm": "[ab]*"},
+                       {"escalation": "true"}, {"path": "/" + "x" * 200},
+                       {"changed": "True"}):  # fmt: skip
+        assert not _rule("log", guest_side).has & L.R_HOST, guest_side
+    assert _rule("log", {"path": "/" + "x" * 224}).has & L.R_HOST  # too long for the rule
 
 
 def test_drain_interval_follows_the_fill_level() -> None:
@@ -338,7 +338,7 @@ def test_aggregate_summaries_from_the_guest_tables() -> None:
     slot(3, 1500)
     eng._aggregate_once(1.0)
     assert got[-1].fields["counts"] == [{"object": "kfunc:__x64_sys_getpid", "pid": 42,
-                                         "tgid": 42, "uid": 0, "comm": "vmstest", "key": 0,
+                                         "tgid": 42, "uid": 0, "comm": "vmstest", "key": "",
                                          "count": 500}]  # fmt: skip
     n = len(got)
     eng._aggregate_once(1.0)  # nothing new: no event
@@ -347,3 +347,9 @@ def test_aggregate_summaries_from_the_guest_tables() -> None:
     eng._aggregate_once(1.0)
     assert len(got) == n
     assert any("aggregation slot 3" in a.where for a in r.reader.take_findings())
+    # the key's text: all of it, or its start and "..." (the hash keeps such keys apart)
+    s = L.AggSlot()
+    s.ktext[:6], s.klen = b"/tmp/a", 6
+    assert _agg_key_text(s) == "/tmp/a"
+    s.ktext[:], s.klen = b"/x" * 24, 400
+    assert _agg_key_text(s) == "/x" * 24 + "..."
