@@ -254,10 +254,14 @@ def test_guest_filters_and_a_burst_with_nothing_lost(lab: Lab) -> None:
 
 
 def test_aggregate_counts_in_the_guest(lab: Lab) -> None:
-    """--aggregate: the calls are counted in the guest, one summary event carries them."""
+    """--aggregate: the calls are counted in the guest, one summary event carries them,
+    per object's own key (a connect's address and port)."""
     mon = MonitorRun(lab.name, ["-o", "kfunc:__x64_sys_getpid,comm=vmstest",
+                                "-o", "net.connect,comm=vmstest",
                                 "--aggregate", "0.5"], engine="space")  # fmt: skip
     try:
+        conns = {int(kv(lab.sh(f"vmstest connect {p}", check=False))["pid"]): p
+                 for p in (5701, 5702)}  # fmt: skip
         pid = int(kv(lab.sh("vmstest loop 5000"))["pid"])
 
         def counted() -> int:
@@ -268,10 +272,15 @@ def test_aggregate_counts_in_the_guest(lab: Lab) -> None:
     finally:
         assert mon.stop() == 0, "".join(mon.stderr)
     assert counted() == 5001
-    summary = next(e for e in mon.events if e["object"] == "space.aggregate")
+    summary = next(e for e in mon.events if e["object"] == "space.aggregate"
+                   and any(c["pid"] == pid for c in e["fields"]["counts"]))  # fmt: skip
     (line,) = [c for c in summary["fields"]["counts"] if c["pid"] == pid]
     assert line["comm"] == "vmstest" and line["object"] == "kfunc:__x64_sys_getpid"
     assert not [e for e in mon.events if e["object"] == "kfunc:__x64_sys_getpid"]
+    keys = {(c["pid"], c["key"]) for e in mon.events if e["object"] == "space.aggregate"
+            for c in e["fields"]["counts"] if c["object"] == "net.connect"}  # fmt: skip
+    assert keys == {(p, f"127.0.0.1:{port}") for p, port in conns.items()}
+    assert not [e for e in mon.events if e["object"] == "net.connect"]
 
 
 def test_every_filter_decided_in_the_guest(lab: Lab) -> None:
