@@ -207,28 +207,38 @@ static int token_matches(const u8 *p, s32 c, const u8 **next)
 	return *p >= 0x20 && (s32)*p == c;
 }
 
-/* One glob program against s[0..n): iterative, one backtrack point (every token but
- * the star matches exactly one character, so that is enough). With `partial`, s is only
- * the root-most part of the real text (a path cut to fit the record): the answer is
- * whether some start of the pattern matches s whole, i.e. whether s was consumed without
- * a mismatch. Bounded: the host keeps programs under RULE_PROG bytes and subjects under
- * a record, so the step limit is never reached in practice; if it were, the answer is
- * "match" (fail closed for deny). */
+/* One glob program against s[0..n) (the text ends at n or at a NUL byte, as the host's
+ * does): iterative, one backtrack point (every token but the star matches exactly one
+ * character, so that is enough). With `partial`, s is only the root-most part of the
+ * real text (a path cut to fit the record): the answer is whether some start of the
+ * pattern matches s whole, i.e. whether s was consumed without a mismatch. Bounded by
+ * construction: each turn consumes a character or moves the star's mark forward, so at
+ * most (characters + 1) x (tokens + 1) turns, and both are bounded (a record, RULE_PROG).
+ * ASCII against a literal is the usual case and is done inline. */
 static int glob_one(const u8 *p, const u8 *s, u32 n, int partial)
 {
 	const u8 *star = NULL, *next;
 	u32 pos = 0, mark = 0;
-	for (u32 steps = 0;; steps++) {
-		if (steps > (1u << 22))
-			return 1;
-		u32 after = pos;
-		s32 c = next_char(s, n, &after);
-		if (c < 0)
+	for (;;) {
+		u32 i = pos >> 2, after;
+		s32 c;
+		if (i >= n || (!(pos & 3) && !s[i]))
 			break;
-		if (*p == VMS_G_STAR) {
+		if (!(pos & 3) && s[i] < 0x80) {
+			c = s[i];
+			after = pos + 4;
+		} else {
+			after = pos;
+			c = next_char(s, n, &after);
+		}
+		u8 t = *p;
+		if (t >= 0x20 && t == c) { /* a printable ASCII literal (tags are below 0x20) */
+			p++;
+			pos = after;
+		} else if (t == VMS_G_STAR) {
 			star = ++p;
 			mark = pos;
-		} else if (*p != VMS_G_END && *p != VMS_G_ALT && token_matches(p, c, &next)) {
+		} else if (t < 0x20 && t != VMS_G_END && t != VMS_G_ALT && token_matches(p, c, &next)) {
 			p = next;
 			pos = after;
 		} else if (star) {
@@ -251,11 +261,11 @@ static int glob_one(const u8 *p, const u8 *s, u32 n, int partial)
  * text, and a start that cuts a [class] reads its '[' as a plain character. */
 static int glob(const u8 *p, const u8 *s, u32 n, int partial)
 {
+	if (!partial)
+		return glob_one(p, s, n, 0); /* alternatives are for cut paths only */
 	for (int alt = 0; alt < VMS_RULE_PROG; alt++) {
-		if (glob_one(p, s, n, partial))
+		if (glob_one(p, s, n, 1))
 			return 1;
-		if (!partial)
-			return 0; /* alternatives are for cut paths only */
 		const u8 *end = p;
 		/* skip to the next G_ALT or G_END, token by token */
 		while (*end != VMS_G_END && *end != VMS_G_ALT) {
@@ -707,8 +717,7 @@ static int rule_wants_process(const struct vms_rule *r, const struct vms_record 
 	if ((r->has & VMS_R_UID) && rec->uid != r->uid)
 		return 0;
 	if ((r->has & VMS_R_COMM) &&
-	    !glob(r->prog + r->at[VMS_T_COMM], (const u8 *)rec->comm,
-		  (u32)slen(rec->comm, VMS_COMM_LEN), 0))
+	    !glob_one(r->prog + r->at[VMS_T_COMM], (const u8 *)rec->comm, VMS_COMM_LEN, 0))
 		return 0;
 	return 1;
 }
