@@ -255,6 +255,26 @@ def test_json_lines_are_the_events_json() -> None:
     assert json.loads(line)["fields"] == {"name": "ext4"}
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 39, (1 << 64) - 1]), max_size=6), max_size=6))
+def test_register_text_follows_every_record(regs: list[list[int]]) -> None:
+    """The registers' text is reused while they repeat, and only then (any count of
+    registers, the same ones again, none at all)."""
+    r = Ring()
+    for args in regs:
+        rec = L.Record()
+        rec.pid, rec.comm, rec.matched = 42, b"vmstest", 1
+        r.agent.hit(rec, tuple(args))
+    dec, stats = _decoder("kfunc:__x64_sys_getpid")
+    lines: list[str] = []
+    events: list[Event] = []
+    dec.decode(list(r.reader.drain()), lines.append, events.append)
+    assert [json.loads(x)["fields"]["args"] for x in lines] == [
+        [hex(a) for a in args + [0] * (6 - len(args))] for args in regs
+    ]
+    assert lines == [e.to_json() for e in events] and stats.events == len(regs)
+
+
 def test_trusted_event_equals_a_validated_one() -> None:
     proc = ProcessContext(pid=1, tgid=1, ppid=0, uid=0, euid=0, gid=0, comm="a", task="0x1")
     point = PointInfo(symbol="s", address="0x1", kind="kernel-function", engine="space", cpu=0)

@@ -207,7 +207,7 @@ class RecordDecoder:
         n_filtered = n_errors = 0
         hdr = L.RECORD_HEADER
         vm = self.vm
-        last_regs = b""  # the kfunc registers of the last record, and their text
+        last_regs: bytes | None = None  # the kfunc registers of the last record, and their text
         regs_json = ""
         regs: tuple[int, ...] = ()
         regs_hex: list[str] = []
