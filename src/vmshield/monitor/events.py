@@ -64,6 +64,7 @@ class Event(BaseModel):
 _EVENT_FIELDS = frozenset(Event.model_fields)
 _ALL_SET = set(_EVENT_FIELDS)  # shared: pydantic only ever adds field names to it
 _new_event = Event.__new__
+_TEMPLATE: dict[str, Any] = {**dict.fromkeys(Event.model_fields), "schema_": SCHEMA}
 _set_dict = object.__setattr__
 # The slots pydantic keeps beside __dict__, set through their descriptors directly (a
 # third of the cost of object.__setattr__ by name, measured).
@@ -82,11 +83,18 @@ def trusted_event(
     ``model_construct`` would make, minus its per-call bookkeeping); a unit test holds it
     equal to a validated one."""
     ev = _new_event(Event)
-    _set_dict(ev, "__dict__", {
-        "schema_": SCHEMA, "time": time, "vm": vm, "request": request, "object": obj,
-        "action": action, "process": process, "fields": fields, "point": point,
-        "decode_errors": decode_errors, "detail": detail,
-    })  # fmt: skip
+    d = _TEMPLATE.copy()  # the fields in their order; faster than a literal (measured)
+    d["time"] = time
+    d["vm"] = vm
+    d["request"] = request
+    d["object"] = obj
+    d["action"] = action
+    d["process"] = process
+    d["fields"] = fields
+    d["point"] = point
+    d["decode_errors"] = decode_errors
+    d["detail"] = detail
+    _set_dict(ev, "__dict__", d)
     _set_fields_set(ev, _ALL_SET)
     _set_extra(ev, None)
     _set_private(ev, None)

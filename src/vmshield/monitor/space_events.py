@@ -68,6 +68,7 @@ class SiteRequest:
     detail: dict[str, Any] = field(default_factory=dict)  # kill: the signal the agent sent
     detail_json: str = "{}"
     object: str = ""
+    req_id: str = ""
     points: dict[int, tuple[str, PointInfo]] = field(default_factory=dict)  # cpu -> point
     tails: dict[int, str] = field(default_factory=dict)  # cpu -> the line after "fields"
     count: int = 0  # events in the batch being decoded
@@ -128,6 +129,7 @@ class RecordDecoder:
                           f',"action":{_json(sr.action)},"process":')  # fmt: skip
                 sr.detail = {"signal": "SIGKILL"} if sr.action == "kill" else {}
                 sr.object = r.object
+                sr.req_id = r.id
                 sr.detail_json = orjson.dumps(sr.detail).decode()
 
     def point(self, sr: SiteRequest, cpu: int) -> tuple[str, PointInfo]:
@@ -281,8 +283,8 @@ class RecordDecoder:
                     # Each event its own containers: a reader may change what it got.
                     mine = {"args": regs_hex[:]} if site.raw_args else fields or {}
                     point = (sr.points.get(cpu) or self.point(sr, cpu))[1]
-                    events(trusted_event(t, vm, sr.req.request.id, sr.object, sr.action, proc,
-                                         mine, point, errors[:],
+                    events(trusted_event(t, vm, sr.req_id, sr.object, sr.action, proc, mine,
+                                         point, errors[:] if errors else [],
                                          dict(sr.detail) if sr.detail else {}))  # fmt: skip
         n_events = 0
         by_object = stats.by_object
