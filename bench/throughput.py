@@ -81,7 +81,7 @@ def recorded_ring(size: int = 8 << 20, distinct: bool = False) -> tuple[bytearra
     return buf, n
 
 
-def drain_rate(objects: bool, distinct: bool, repeat: int = 3) -> tuple[int, float, int]:
+def drain_rate(objects: bool, distinct: bool, repeat: int = 5) -> tuple[int, float, int]:
     """(records, best events/s of process CPU time, bytes per record) for one full
     8 MiB ring decoded to JSON lines (``objects``: to Event objects too)."""
     buf, n = recorded_ring(distinct=distinct)

@@ -115,6 +115,38 @@ def test_a_full_ring_drops_and_counts_then_recovers() -> None:
     assert len(list(r.reader.drain())) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 5), st.sampled_from([None, "seq", "size"]),
+       st.integers(0, 1000))  # fmt: skip
+def test_runs_of_alike_records_read_fast_and_checked_alike(
+    n: int, nargs: int, forge: str | None, which: int
+) -> None:
+    """A burst from one point (records all alike) is cut out in one C pass; it is
+    checked as strictly as one record at a time: a forged seq or size anywhere in it
+    stops the run there with an alert, and the records before it are delivered."""
+    r = Ring()
+    start = RING - 8 * (which % 64)  # pads and wraps on the way
+    for name in ("head", "tail"):
+        r.agent.set(name, start)
+    r.reader.state[0].pos = start
+    rec, args, items = make((5, b"alike", list(range(nargs)), []))
+    size = L.RECORD_HEADER + 8 * nargs
+    written = []  # where each record starts
+    for _ in range(n):
+        if r.agent.hit(rec, args, items, max_size=size):
+            written.append(r.agent.get("head") - size)
+    if forge and written:
+        i = which % len(written)
+        at = L.data_offset() + written[i] % RING + (4 if forge == "seq" else 0)
+        r.buf[at : at + 4] = (12345 if forge == "seq" else 7).to_bytes(4, "little")
+        assert len(list(r.reader.drain())) == i  # the ones before it
+        assert any(a.where.endswith(" head") for a in r.reader.take_findings())
+        return
+    got = list(r.reader.drain())
+    assert len(got) == len(written) and r.reader.take_findings() == []
+    assert all(fields_of(x)[0] == 5 for x in got)
+
+
 def test_pad_at_the_wrap_is_skipped_and_the_record_starts_at_zero() -> None:
     r = Ring()
     small = L.Record()
