@@ -187,7 +187,8 @@ def main() -> None:
     console = Console(width=150)
     load = os.getloadavg()[0]
     t2 = Table(title=f"host drain rate on recorded rings, no VM (one core, process CPU "
-                     f"time, best of 5; load average {load:.1f} on {os.cpu_count()} cores)")  # fmt: skip
+                     f"time, best of 5; load average {load:.1f} on "
+                     f"{os.cpu_count()} cores)")  # fmt: skip
     for col in ("decoded to", "records (one 8 MiB ring)", "bytes per record", "events/s"):
         t2.add_column(col, justify="right")
     for objects, distinct in ((False, False), (False, True), (True, False)):
