@@ -65,9 +65,9 @@ _EVENT_FIELDS = frozenset(Event.model_fields)
 _ALL_SET = set(_EVENT_FIELDS)  # shared: pydantic only ever adds field names to it
 _new_event = Event.__new__
 _TEMPLATE: dict[str, Any] = {**dict.fromkeys(Event.model_fields), "schema_": SCHEMA}
-_set_dict = object.__setattr__
-# The slots pydantic keeps beside __dict__, set through their descriptors directly (a
-# third of the cost of object.__setattr__ by name, measured).
+# __dict__ and the slots pydantic keeps beside it, set through their descriptors directly
+# (a third of the cost of object.__setattr__ by name, measured).
+_set_dict = BaseModel.__dict__["__dict__"].__set__
 _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
@@ -94,7 +94,7 @@ def trusted_event(
     d["point"] = point
     d["decode_errors"] = decode_errors
     d["detail"] = detail
-    _set_dict(ev, "__dict__", d)
+    _set_dict(ev, d)
     _set_fields_set(ev, _ALL_SET)
     _set_extra(ev, None)
     _set_private(ev, None)
