@@ -33,7 +33,14 @@ import orjson
 
 from vmshield.errors import VmshieldError
 from vmshield.monitor.catalog import match_filter
-from vmshield.monitor.events import SCHEMA, Event, PointInfo, ProcessContext, trusted_event
+from vmshield.monitor.events import (
+    SCHEMA,
+    Event,
+    PointInfo,
+    ProcessContext,
+    TrustedMaker,
+    trusted_maker,
+)
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
@@ -71,6 +78,7 @@ class SiteRequest:
     req_id: str = ""
     points: dict[int, tuple[str, PointInfo]] = field(default_factory=dict)  # cpu -> point
     tails: dict[int, str] = field(default_factory=dict)  # cpu -> the line after "fields"
+    makers: dict[int, TrustedMaker] = field(default_factory=dict)  # cpu -> Event maker
     count: int = 0  # events in the batch being decoded
 
 
@@ -145,6 +153,14 @@ class RecordDecoder:
                              f"{sr.detail_json}}}")  # fmt: skip
         return got
 
+    def maker(self, sr: SiteRequest, cpu: int) -> TrustedMaker:
+        """The maker of this request's events on this CPU (see :func:`trusted_maker`)."""
+        got = sr.makers.get(cpu)
+        if got is None:
+            got = sr.makers[cpu] = trusted_maker(self.vm, sr.req_id, sr.object, sr.action,
+                                                 self.point(sr, cpu)[1])  # fmt: skip
+        return got
+
     def tail(self, sr: SiteRequest, cpu: int) -> str:
         """The end of a JSON line after ``fields`` (point, no decode errors, detail):
         the same for every event of one request on one CPU."""
@@ -208,7 +224,6 @@ class RecordDecoder:
         head = f'{{"schema":"{SCHEMA}","time":'
         n_filtered = n_errors = 0
         hdr = L.RECORD_HEADER
-        vm = self.vm
         last_regs: bytes | None = None  # the kfunc registers of the last record, and their text
         regs_json = ""
         regs: tuple[int, ...] = ()
@@ -282,10 +297,16 @@ class RecordDecoder:
                 if events is not None:
                     # Each event its own containers: a reader may change what it got.
                     mine = {"args": regs_hex[:]} if site.raw_args else fields or {}
-                    point = (sr.points.get(cpu) or self.point(sr, cpu))[1]
-                    events(trusted_event(t, vm, sr.req_id, sr.object, sr.action, proc, mine,
-                                         point, errors[:] if errors else [],
-                                         dict(sr.detail) if sr.detail else {}))  # fmt: skip
+                    make = sr.makers.get(cpu) or self.maker(sr, cpu)
+                    events(
+                        make(
+                            t,
+                            proc,
+                            mine,
+                            errors[:] if errors else [],
+                            dict(sr.detail) if sr.detail else {},
+                        )
+                    )
         n_events = 0
         by_object = stats.by_object
         for site in sites.values():
