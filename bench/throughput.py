@@ -15,7 +15,8 @@ Three measurements:
 2. **Host drain rate without a VM.** Rings filled with the real layout by the Python
    model of the agent (:class:`vmshield.space.rings.AgentModel`) with kfunc records of
    the same shape (8 MiB: 65,536 records), drained and decoded to JSON lines, and to
-   ``vmshield.Event`` objects, on one core (process CPU time).
+   ``vmshield.Event`` objects, on one core (process CPU time, best of 5: the machine is
+   shared, and the best run is the one least disturbed).
 
 Run: ``.venv/bin/python bench/throughput.py [--kernel 6.1] [--calls 30000] [--bursts 5]``
 (``--no-vm``: only the drain rate).
@@ -81,7 +82,7 @@ def recorded_ring(size: int = 8 << 20, distinct: bool = False) -> tuple[bytearra
     return buf, n
 
 
-def drain_rate(objects: bool, distinct: bool, repeat: int = 3) -> tuple[int, float, int]:
+def drain_rate(objects: bool, distinct: bool, repeat: int = 5) -> tuple[int, float, int]:
     """(records, best events/s of process CPU time, bytes per record) for one full
     8 MiB ring decoded to JSON lines (``objects``: to Event objects too)."""
     buf, n = recorded_ring(distinct=distinct)
@@ -186,7 +187,8 @@ def main() -> None:
     console = Console(width=150)
     load = os.getloadavg()[0]
     t2 = Table(title=f"host drain rate on recorded rings, no VM (one core, process CPU "
-                     f"time; load average {load:.1f} on {os.cpu_count()} cores)")  # fmt: skip
+                     f"time, best of 5; load average {load:.1f} on "
+                     f"{os.cpu_count()} cores)")  # fmt: skip
     for col in ("decoded to", "records (one 8 MiB ring)", "bytes per record", "events/s"):
         t2.add_column(col, justify="right")
     for objects, distinct in ((False, False), (False, True), (True, False)):

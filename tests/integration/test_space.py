@@ -254,10 +254,14 @@ def test_guest_filters_and_a_burst_with_nothing_lost(lab: Lab) -> None:
 
 
 def test_aggregate_counts_in_the_guest(lab: Lab) -> None:
-    """--aggregate: the calls are counted in the guest, one summary event carries them."""
+    """--aggregate: the calls are counted in the guest, one summary event carries them,
+    per object's own key (a connect's address and port)."""
     mon = MonitorRun(lab.name, ["-o", "kfunc:__x64_sys_getpid,comm=vmstest",
+                                "-o", "net.connect,comm=vmstest",
                                 "--aggregate", "0.5"], engine="space")  # fmt: skip
     try:
+        conns = {int(kv(lab.sh(f"vmstest connect {p}", check=False))["pid"]): p
+                 for p in (5701, 5702)}  # fmt: skip
         pid = int(kv(lab.sh("vmstest loop 5000"))["pid"])
 
         def counted() -> int:
@@ -268,7 +272,46 @@ def test_aggregate_counts_in_the_guest(lab: Lab) -> None:
     finally:
         assert mon.stop() == 0, "".join(mon.stderr)
     assert counted() == 5001
-    summary = next(e for e in mon.events if e["object"] == "space.aggregate")
+    summary = next(e for e in mon.events if e["object"] == "space.aggregate"
+                   and any(c["pid"] == pid for c in e["fields"]["counts"]))  # fmt: skip
     (line,) = [c for c in summary["fields"]["counts"] if c["pid"] == pid]
     assert line["comm"] == "vmstest" and line["object"] == "kfunc:__x64_sys_getpid"
     assert not [e for e in mon.events if e["object"] == "kfunc:__x64_sys_getpid"]
+    keys = {(c["pid"], c["key"]) for e in mon.events if e["object"] == "space.aggregate"
+            for c in e["fields"]["counts"] if c["object"] == "net.connect"}  # fmt: skip
+    assert keys == {(p, f"127.0.0.1:{port}") for p, port in conns.items()}
+    assert not [e for e in mon.events if e["object"] == "net.connect"]
+
+
+def test_every_filter_decided_in_the_guest(lab: Lab) -> None:
+    """Issue 12: filters the agent once left to the host, decided in the guest: an
+    address glob with a character class and a port digit glob on net.connect (with deny:
+    the guest's answer is final), escalation on cred.change. Hits no request wants are
+    counted as hits but never reach the host: its own filter count stays 0, and only
+    the matching calls arrive."""
+    mon = MonitorRun(lab.name, ["-o", "net.connect,address=127.0.0.[0-1],port=56[0-9][0-9],"
+                                "action=deny", "-o", "cred.change,escalation=true"],
+                     engine="space")  # fmt: skip
+    try:
+        denied = kv(lab.sh("vmstest connect 5601", check=False))
+        other = kv(lab.sh("vmstest connect 7001", check=False))
+        out = lab.sh("vmstest as 1000 exec /bin/vmstest-suid id")
+        after = kv(out.splitlines()[1])
+        mon.wait_for(lambda e: e["object"] == "net.connect")
+        mon.wait_for(lambda e: e["object"] == "cred.change")
+        time.sleep(0.5)  # anything else would have arrived by now
+    finally:
+        assert mon.stop() == 0, "".join(mon.stderr)
+    assert int(denied["errno"]) == 1 and int(other["errno"]) != 1  # EPERM only for 56xx
+    (conn,) = [e for e in mon.events if e["object"] == "net.connect"]
+    assert conn["action"] == "deny" and conn["process"]["pid"] == int(denied["pid"])
+    assert (conn["fields"]["address"], conn["fields"]["port"]) == ("127.0.0.1", 5601)
+    creds = [e for e in mon.events if e["object"] == "cred.change"]
+    assert creds and all(e["fields"]["escalation"] is True for e in creds)
+    assert any(e["process"]["pid"] == int(after["pid"]) for e in creds)
+    m = re.search(r"(\d+) hits, (\d+) events, (\d+) filtered", "".join(mon.stderr))
+    assert m, "".join(mon.stderr)
+    hits, events, host_filtered = (int(x) for x in m.groups())
+    # the connect to 7001 and the change to uid 1000 (no escalation), at least, were
+    # filtered in the guest; the host filtered nothing
+    assert host_filtered == 0 and hits >= events + 2, m.group(0)

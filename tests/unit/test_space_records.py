@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from vmshield.monitor.events import Event, PointInfo, ProcessContext, trusted_event
 from vmshield.monitor.request import IsolationRequest
-from vmshield.monitor.space_engine import SpaceStats, _rule, drain_interval
+from vmshield.monitor.space_engine import SpaceStats, _agg_key_text, _rule, drain_interval
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
 from vmshield.space import captures
 from vmshield.space import layout as L
@@ -115,6 +115,38 @@ def test_a_full_ring_drops_and_counts_then_recovers() -> None:
     assert len(list(r.reader.drain())) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 5), st.sampled_from([None, "seq", "size"]),
+       st.integers(0, 1000))  # fmt: skip
+def test_runs_of_alike_records_read_fast_and_checked_alike(
+    n: int, nargs: int, forge: str | None, which: int
+) -> None:
+    """A burst from one point (records all alike) is cut out in one C pass; it is
+    checked as strictly as one record at a time: a forged seq or size anywhere in it
+    stops the run there with an alert, and the records before it are delivered."""
+    r = Ring()
+    start = RING - 8 * (which % 64)  # pads and wraps on the way
+    for name in ("head", "tail"):
+        r.agent.set(name, start)
+    r.reader.state[0].pos = start
+    rec, args, items = make((5, b"alike", list(range(nargs)), []))
+    size = L.RECORD_HEADER + 8 * nargs
+    written = []  # where each record starts
+    for _ in range(n):
+        if r.agent.hit(rec, args, items, max_size=size):
+            written.append(r.agent.get("head") - size)
+    if forge and written:
+        i = which % len(written)
+        at = L.data_offset() + written[i] % RING + (4 if forge == "seq" else 0)
+        r.buf[at : at + 4] = (12345 if forge == "seq" else 7).to_bytes(4, "little")
+        assert len(list(r.reader.drain())) == i  # the ones before it
+        assert any(a.where.endswith(" head") for a in r.reader.take_findings())
+        return
+    got = list(r.reader.drain())
+    assert len(got) == len(written) and r.reader.take_findings() == []
+    assert all(fields_of(x)[0] == 5 for x in got)
+
+
 def test_pad_at_the_wrap_is_skipped_and_the_record_starts_at_zero() -> None:
     r = Ring()
     small = L.Record()
@@ -201,11 +233,11 @@ def test_hostile_ring_bytes_never_raise(junk: bytes, where: int, n: int) -> None
 def test_rules_exact_where_the_agent_can_decide() -> None:
     assert not _rule("log", {"pid": "12", "comm": "vm*", "uid": "0"}).has & L.R_HOST
     assert not _rule("log", {"path": "/etc/*", "port": "22"}).has & L.R_HOST
-    for host_side in ({"address": "127.*"}, {"port": "8*"}, {"comm": "[ab]*"},
-                      {"escalation": "true"}, {"path": "/" + "x" * 200}):  # fmt: skip
-        assert _rule("log", host_side).has & L.R_HOST, host_side
-    r = _rule("log", {"changed": "true"})
-    assert r.has & L.R_CHANGED and r.has & L.R_HOST and r.action == L.A_LOG
+    for guest_side in ({"address": "127.*"}, {"port": "8*"}, {"comm": "[ab]*"},
+                       {"escalation": "true"}, {"path": "/" + "x" * 200},
+                       {"changed": "True"}):  # fmt: skip
+        assert not _rule("log", guest_side).has & L.R_HOST, guest_side
+    assert _rule("log", {"path": "/" + "x" * 224}).has & L.R_HOST  # too long for the rule
 
 
 def test_drain_interval_follows_the_fill_level() -> None:
@@ -253,6 +285,26 @@ def test_json_lines_are_the_events_json() -> None:
         assert stats.events == 1
     assert json.loads(line)["detail"] == {"signal": "SIGKILL"}
     assert json.loads(line)["fields"] == {"name": "ext4"}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 39, (1 << 64) - 1]), max_size=6), max_size=6))
+def test_register_text_follows_every_record(regs: list[list[int]]) -> None:
+    """The registers' text is reused while they repeat, and only then (any count of
+    registers, the same ones again, none at all)."""
+    r = Ring()
+    for args in regs:
+        rec = L.Record()
+        rec.pid, rec.comm, rec.matched = 42, b"vmstest", 1
+        r.agent.hit(rec, tuple(args))
+    dec, stats = _decoder("kfunc:__x64_sys_getpid")
+    lines: list[str] = []
+    events: list[Event] = []
+    dec.decode(list(r.reader.drain()), lines.append, events.append)
+    assert [json.loads(x)["fields"]["args"] for x in lines] == [
+        [hex(a) for a in args + [0] * (6 - len(args))] for args in regs
+    ]
+    assert lines == [e.to_json() for e in events] and stats.events == len(regs)
 
 
 def test_trusted_event_equals_a_validated_one() -> None:
@@ -338,7 +390,7 @@ def test_aggregate_summaries_from_the_guest_tables() -> None:
     slot(3, 1500)
     eng._aggregate_once(1.0)
     assert got[-1].fields["counts"] == [{"object": "kfunc:__x64_sys_getpid", "pid": 42,
-                                         "tgid": 42, "uid": 0, "comm": "vmstest", "key": 0,
+                                         "tgid": 42, "uid": 0, "comm": "vmstest", "key": "",
                                          "count": 500}]  # fmt: skip
     n = len(got)
     eng._aggregate_once(1.0)  # nothing new: no event
@@ -347,3 +399,9 @@ def test_aggregate_summaries_from_the_guest_tables() -> None:
     eng._aggregate_once(1.0)
     assert len(got) == n
     assert any("aggregation slot 3" in a.where for a in r.reader.take_findings())
+    # the key's text: all of it, or its start and "..." (the hash keeps such keys apart)
+    s = L.AggSlot()
+    s.ktext[:6], s.klen = b"/tmp/a", 6
+    assert _agg_key_text(s) == "/tmp/a"
+    s.ktext[:], s.klen = b"/x" * 24, 400
+    assert _agg_key_text(s) == "/x" * 24 + "..."

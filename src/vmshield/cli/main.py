@@ -388,7 +388,8 @@ def monitor(
     aggregate: Annotated[
         float | None,
         typer.Option(
-            help="Security space: count hits in the guest per (object, task, comm, port) "
+            help="Security space: count hits in the guest per (object, task, comm, key: "
+            "path, address:port, new euid or module name) "
             "instead of an event each, one space.aggregate event every S seconds (log "
             "requests whose filters the agent evaluates)."
         ),

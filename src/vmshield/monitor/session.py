@@ -82,7 +82,8 @@ class Monitor:
     ``ring_size``: bytes of records per vCPU in the security space (a power of two,
     64 KiB to 256 MiB; default: sized from guest RAM), for a space this monitor builds.
     ``aggregate``: seconds; the security space counts the hits of ``log`` requests whose
-    filters it evaluates itself per (object, task, comm, port) in the guest instead of
+    filters it evaluates itself per (object, task, comm, the object's key: path, address
+    and port, new euid or module name) in the guest instead of
     recording each, and one ``space.aggregate`` event every ``aggregate`` seconds
     carries the counts (for high-frequency points: rates rather than every call).
     """

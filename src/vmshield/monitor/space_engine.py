@@ -5,15 +5,13 @@ the rings every ``DRAIN_INTERVAL`` at most (sooner as they fill: ``drain_interva
 turns records into the same ``vmshield.event/1`` events the exit engine emits, in
 batches (:mod:`vmshield.monitor.space_events`). Every request is a rule in the guest: a
 hit that no request wants is dropped there, before it takes ring space or host time.
-Filters the agent evaluates exactly: ``pid``, ``uid``, ``comm`` and ``path`` (globs with
-``*`` and ``?``, comm under 16 bytes, path under 128), ``port`` (a plain number); it
-also drops a ``cred.change`` whose credentials are byte for byte the same when
-``changed=true`` is asked. Everything else (``address``, ``escalation``, ``changed``
-beyond that, port globs, character classes) is checked on the host for the records the
-agent let through. ``deny`` and ``kill`` are decided in the guest (their filters must
-all be exact); ``pause`` and ``dump`` are carried out by the host when it drains the
-record. The gdbstub is used only to build, re-arm and tear down; between those the VM
-has no debugger attached.
+The agent evaluates every filter of the request language exactly as the exit engine
+does (:mod:`vmshield.monitor.space_filters`: ``pid``, ``uid``, and globs with classes on
+``comm``, ``path``, ``address``, ``port``, ``escalation``, ``changed``); only a pattern
+too long for a rule is checked on the host for the records the agent let through.
+``deny`` and ``kill`` are decided in the guest; ``pause`` and ``dump`` are carried out
+by the host when it drains the record. The gdbstub is used only to build, re-arm and
+tear down; between those the VM has no debugger attached.
 
 Integrity: every drain compares the agent code, config, patched sites and ftrace flags
 with what was written, and every ``check_interval`` also the page-table entries and the
@@ -34,7 +32,7 @@ from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor import space_events
+from vmshield.monitor import space_events, space_filters
 from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
@@ -76,54 +74,44 @@ def unsupported(requests: list[ResolvedRequest]) -> str | None:
     return None
 
 
-NUMERIC_LIMITS = {"pid": 1 << 31, "uid": 1 << 32, "port": 1 << 16}
-
-
 def _rule_problem(filters: dict[str, str]) -> str | None:
     """Why the agent cannot decide these filters exactly as the exit engine would."""
-    for key, val in filters.items():
-        if key not in captures.AGENT_FILTERS:
-            return f"the agent cannot evaluate filter {key!r} (it can: pid, uid, comm, path, port)"
-        if key in NUMERIC_LIMITS:
-            plain = val.isascii() and val.isdigit() and (val == "0" or not val.startswith("0"))
-            if not plain or int(val) >= NUMERIC_LIMITS[key]:
-                return f"filter {key}={val!r} must be a plain decimal number in range"
-        if key in ("comm", "path") and any(ch in val for ch in "[]"):
-            return f"filter {key}={val!r}: character classes are not evaluated in the guest"
-        limit = L.COMM_LEN if key == "comm" else L.RULE_PATH_LEN
-        if key in ("comm", "path") and len(val.encode()) >= limit:
-            return f"filter {key}={val!r} is too long for the agent ({limit - 1} bytes)"
-    return None
+    return space_filters.rule_problem(filters)
 
 
 def _rule(action: str, filters: dict[str, str]) -> L.Rule:
-    """The agent's rule for one request: every filter it can evaluate exactly; the others
-    set ``R_HOST`` (the host checks the records the rule lets through). ``changed=true``
-    also sets ``R_CHANGED``: unchanged credential bytes are surely no change."""
-    r = L.Rule()
-    r.action = AGENT_ACTIONS.get(action, L.A_LOG)
-    for key, val in filters.items():
-        if _rule_problem({key: val}) is not None:
-            r.has |= L.R_HOST
-            if key == "changed" and val.lower() == "true":
-                r.has |= L.R_CHANGED
-                r.changed = 1
-        elif key == "pid":
-            r.has |= L.R_PID
-            r.pid = int(val)
-        elif key == "uid":
-            r.has |= L.R_UID
-            r.uid = int(val)
-        elif key == "port":
-            r.has |= L.R_PORT
-            r.port = int(val)
-        elif key == "comm":
-            r.has |= L.R_COMM
-            r.comm = val.encode()
-        elif key == "path":
-            r.has |= L.R_PATH
-            r.path = val.encode()
-    return r
+    """The agent's rule for one request: every filter, evaluated in the guest
+    (:mod:`vmshield.monitor.space_filters`); a pattern too long for the rule sets
+    ``R_HOST`` (the host checks the records the rule lets through)."""
+    return space_filters.rule_for(AGENT_ACTIONS.get(action, L.A_LOG), filters)
+
+
+AGG_KEYS = {"process.exec": L.K_PATH, "file.open": L.K_PATH, "file.unlink": L.K_PATH,
+            "file.rename": L.K_PATH, "net.connect": L.K_NET, "net.bind": L.K_NET,
+            "net.listen": L.K_NET, "cred.change": L.K_EUID, "module.load": L.K_NAME}  # fmt: skip
+
+
+def _site_filters(s: L.Site, obj: str, plan: captures.Plan, k: Kernel) -> None:
+    """What the agent needs beyond the plan to build the texts filters compare: which
+    items the host's decoder cannot do without (all but exec's argv, whose fault it
+    reports and goes on), where cred.change's fields are, how IPv6 is printed."""
+    s.need_items = ((1 << len(plan.fetches)) - 1) & ~(2 if obj == "process.exec" else 0)
+    s.cred_item = -1
+    if obj == "cred.change":
+        offs = [k.member_offset("cred", f) for f in captures.CRED_FIELDS]
+        s.cred_item = 0
+        for i, o in enumerate(offs):
+            s.cred_off[i] = o - min(offs)
+    s.net_flags = space_filters.v4mapped_dotted()
+
+
+def _agg_key_text(slot: L.AggSlot) -> str:
+    """An aggregation slot's key as text (its start and "..." when the guest kept only
+    the first ``AGG_KEY_LEN`` bytes; slots with keys that share that start are told
+    apart by the hash, so their counts stay separate)."""
+    n = min(int(slot.klen), L.AGG_KEY_LEN)
+    text = bytes(slot.ktext[:n]).decode(errors="backslashreplace")
+    return text + "..." if slot.klen > L.AGG_KEY_LEN else text
 
 
 def drain_interval(fill: float) -> float:
@@ -253,6 +241,7 @@ class SpaceEngine:
                 s.fetch[j] = f
             s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
             s.nargs, s.max_size = plan.nargs, plan.max_size()
+            _site_filters(s, reqs[0].request.object, plan, self.k)
             srs = []
             for pos, r in enumerate(reqs):  # unsupported() allows at most MAX_RULES
                 rule = _rule(r.request.action, r.request.filters)
@@ -268,7 +257,7 @@ class SpaceEngine:
                 if why:
                     self.not_aggregated.append(f"{reqs[0].point.symbol}: {why}")
                 else:
-                    s.aggregate = 1
+                    s.aggregate = 1 + AGG_KEYS.get(reqs[0].request.object, L.K_NONE)
             s.enabled = 1
             fast = all(r.request.action in space_events.FAST_ACTIONS for r in reqs)
             raw_args = reqs[0].request.object.startswith("kfunc:")
@@ -306,7 +295,8 @@ class SpaceEngine:
             for i, slot in slots:
                 site = self.sites.get(int(slot.site))
                 comm = bytes(slot.comm).decode(errors="backslashreplace")
-                ident = (int(slot.site), int(slot.pid), int(slot.tgid), int(slot.key), comm)
+                key = _agg_key_text(slot)
+                ident = (int(slot.site), int(slot.pid), int(slot.tgid), int(slot.key), key, comm)
                 count = int(slot.count)
                 last = self._agg_last.get((cpu, i))
                 base = last[1] if last is not None and last[0] == ident else 0
@@ -319,8 +309,8 @@ class SpaceEngine:
                 if site is None or count == base:
                     continue
                 obj = site.requests[0].req.request.object
-                key = (obj, ident[1], ident[2], int(slot.uid), comm, ident[3])
-                totals[key] = totals.get(key, 0) + count - base
+                line = (obj, ident[1], ident[2], int(slot.uid), comm, key)
+                totals[line] = totals.get(line, 0) + count - base
         if not totals:
             return
         counts = [

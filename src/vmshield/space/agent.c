@@ -121,35 +121,165 @@ static unsigned long slen(const char *s, unsigned long max)
 	return n;
 }
 
-/* fnmatch-style glob with `*` and `?` (the host refuses other syntax for in-guest
- * rules); iterative with one backtrack point. Both strings are NUL-terminated within
- * bounded buffers, and the step count is bounded too. With `partial`, `s` is only the
- * start of the real string (a path cut to fit the record): the answer is whether some
- * continuation of `s` could match, i.e. whether `s` was consumed without a mismatch
- * (whatever is left of the pattern can always match something). */
-static int glob(const char *p, const char *s, int partial)
+/* ---- filters: the same answers the exit engine's fnmatch gives ------------------------
+ *
+ * The host compares text: a path or name decoded from bytes with Python's
+ * errors="backslashreplace" (a valid UTF-8 sequence is one character, any other byte the
+ * four characters \xNN), numbers in decimal, an address as Python prints it. The agent
+ * walks the same characters (next_char) and matches them against a glob program the host
+ * compiled from the pattern (tokens G_*: printable ASCII bytes stand for themselves,
+ * G_LIT a code point, G_CLASS a list of code-point ranges, G_ALT starts another program
+ * that is tried too). */
+
+static const char hexdigits[] = "0123456789abcdef";
+
+/* The character at *pos of s[0..n), or -1 at the end; *pos moves past it. *pos counts
+ * bytes times 4, plus the character reached inside a \xNN escape. */
+static s32 next_char(const u8 *s, u32 n, u32 *pos)
 {
-	const char *star = NULL, *mark = NULL;
-	for (unsigned long steps = 0; *s; steps++) {
-		if (steps > 65536)
-			return 0;
-		if (*p == '?' || (*p && *p != '*' && *p == *s)) {
-			p++, s++;
-		} else if (*p == '*') {
-			star = p++;
-			mark = s;
+	u32 i = *pos >> 2, sub = *pos & 3;
+	if (i >= n)
+		return -1;
+	u8 b = s[i];
+	if (sub) { /* inside an escape: x, then two hex digits */
+		*pos = sub == 3 ? (i + 1) << 2 : *pos + 1;
+		return sub == 1 ? 'x' : hexdigits[sub == 2 ? b >> 4 : b & 15];
+	}
+	if (b < 0x80) {
+		*pos = (i + 1) << 2;
+		return b;
+	}
+	u32 len = 0, cp = 0, lo = 0x80, hi = 0xBF;
+	if (b >= 0xC2 && b <= 0xDF) {
+		len = 2, cp = b & 0x1F;
+	} else if (b >= 0xE0 && b <= 0xEF) {
+		len = 3, cp = b & 0x0F;
+		lo = b == 0xE0 ? 0xA0 : 0x80; /* no overlong forms */
+		hi = b == 0xED ? 0x9F : 0xBF; /* no surrogates */
+	} else if (b >= 0xF0 && b <= 0xF4) {
+		len = 4, cp = b & 0x07;
+		lo = b == 0xF0 ? 0x90 : 0x80;
+		hi = b == 0xF4 ? 0x8F : 0xBF; /* nothing above U+10FFFF */
+	}
+	if (len && i + len <= n) {
+		u32 k = 1;
+		for (; k < len; k++) {
+			u8 c = s[i + k];
+			if (c < (k == 1 ? lo : 0x80) || c > (k == 1 ? hi : 0xBF))
+				break;
+			cp = cp << 6 | (c & 0x3F);
+		}
+		if (k == len) {
+			*pos = (i + len) << 2;
+			return (s32)cp;
+		}
+	}
+	*pos = (i << 2) | 1; /* not UTF-8: this byte is \xNN */
+	return '\\';
+}
+
+static u32 cp24(const u8 *p)
+{
+	return p[0] | (u32)p[1] << 8 | (u32)p[2] << 16;
+}
+
+/* Whether token p matches character c; *next is the token after it. */
+static int token_matches(const u8 *p, s32 c, const u8 **next)
+{
+	if (*p == VMS_G_ANY) {
+		*next = p + 1;
+		return 1;
+	}
+	if (*p == VMS_G_LIT) {
+		*next = p + 4;
+		return (u32)c == cp24(p + 1);
+	}
+	if (*p == VMS_G_CLASS) {
+		u32 nr = p[1];
+		int in = 0;
+		for (u32 k = 0; k < nr; k++)
+			if ((u32)c >= cp24(p + 2 + 6 * k) && (u32)c <= cp24(p + 5 + 6 * k))
+				in = 1;
+		*next = p + 2 + 6 * nr;
+		return in;
+	}
+	*next = p + 1;
+	return *p >= 0x20 && (s32)*p == c;
+}
+
+/* One glob program against s[0..n) (the text ends at n or at a NUL byte, as the host's
+ * does): iterative, one backtrack point (every token but the star matches exactly one
+ * character, so that is enough). With `partial`, s is only the root-most part of the
+ * real text (a path cut to fit the record): the answer is whether some start of the
+ * pattern matches s whole, i.e. whether s was consumed without a mismatch. Bounded by
+ * construction: each turn consumes a character or moves the star's mark forward, so at
+ * most (characters + 1) x (tokens + 1) turns, and both are bounded (a record, RULE_PROG).
+ * ASCII against a literal is the usual case and is done inline. */
+static int glob_one(const u8 *p, const u8 *s, u32 n, int partial)
+{
+	const u8 *star = NULL, *next;
+	u32 pos = 0, mark = 0;
+	for (;;) {
+		u32 i = pos >> 2, after;
+		s32 c;
+		if (i >= n || (!(pos & 3) && !s[i]))
+			break;
+		if (!(pos & 3) && s[i] < 0x80) {
+			c = s[i];
+			after = pos + 4;
+		} else {
+			after = pos;
+			c = next_char(s, n, &after);
+		}
+		u8 t = *p;
+		if (t >= 0x20 && t == c) { /* a printable ASCII literal (tags are below 0x20) */
+			p++;
+			pos = after;
+		} else if (t == VMS_G_STAR) {
+			star = ++p;
+			mark = pos;
+		} else if (t < 0x20 && t != VMS_G_END && t != VMS_G_ALT && token_matches(p, c, &next)) {
+			p = next;
+			pos = after;
 		} else if (star) {
-			p = star + 1;
-			s = ++mark;
+			p = star;
+			next_char(s, n, &mark); /* the star takes one more character */
+			pos = mark;
 		} else {
 			return 0;
 		}
 	}
 	if (partial)
 		return 1;
-	while (*p == '*')
+	while (*p == VMS_G_STAR)
 		p++;
-	return !*p;
+	return *p == VMS_G_END || *p == VMS_G_ALT;
+}
+
+/* A program and its alternatives (G_ALT): any of them matching is a match. The
+ * alternatives exist only for cut paths: fnmatch tries every start of the pattern's
+ * text, and a start that cuts a [class] reads its '[' as a plain character. */
+static int glob(const u8 *p, const u8 *s, u32 n, int partial)
+{
+	if (!partial)
+		return glob_one(p, s, n, 0); /* alternatives are for cut paths only */
+	for (int alt = 0; alt < VMS_RULE_PROG; alt++) {
+		if (glob_one(p, s, n, 1))
+			return 1;
+		const u8 *end = p;
+		/* skip to the next G_ALT or G_END, token by token */
+		while (*end != VMS_G_END && *end != VMS_G_ALT) {
+			const u8 *nx;
+			token_matches(end, 0, &nx);
+			if (*end == VMS_G_STAR)
+				nx = end + 1;
+			end = nx;
+		}
+		if (*end != VMS_G_ALT)
+			return 0;
+		p = end + 1;
+	}
+	return 0;
 }
 
 /* Read user memory of another address space (the new program during exec) by walking
@@ -393,33 +523,221 @@ static void sample_cpu(struct vms_ringheader *ring, u64 now)
 	s->count++;
 }
 
+/* The texts a rule's filters compare, built once per record (T_* index them). */
+struct subjects {
+	const u8 *s[VMS_T_COUNT];
+	u32 n[VMS_T_COUNT];
+	int path_mode; /* 0 whole, 2 the root-most part of a cut path, 3 only its end */
+	char addr[48], port[8];
+};
+
+static u32 put_dec(char *dst, u64 v)
+{
+	char tmp[24];
+	u32 n = 0, k = 0;
+	do
+		tmp[n++] = (char)('0' + v % 10);
+	while ((v /= 10) && n < sizeof(tmp));
+	while (n)
+		dst[k++] = tmp[--n];
+	return k;
+}
+
+static u32 put_dotted(char *dst, const u8 *a)
+{
+	u32 k = 0;
+	for (int i = 0; i < 4; i++) {
+		if (i)
+			dst[k++] = '.';
+		k += put_dec(dst + k, a[i]);
+	}
+	return k;
+}
+
+static u32 put_hex16(char *dst, u32 v)
+{
+	u32 k = 0;
+	for (int sh = 12; sh >= 0; sh -= 4)
+		if ((v >> sh) & 15 || k || !sh)
+			dst[k++] = hexdigits[(v >> sh) & 15];
+	return k;
+}
+
+/* An IPv6 address as Python's ipaddress prints it (RFC 5952: the first longest run of
+ * two or more zero groups is "::"; optionally ::ffff:a.b.c.d for a mapped IPv4). */
+static u32 put_ipv6(char *dst, const u8 *a, int v4mapped_dotted)
+{
+	u32 h[8], k = 0;
+	int best = -1, best_len = 0, run = 0;
+	for (int i = 0; i < 8; i++) {
+		h[i] = (u32)a[2 * i] << 8 | a[2 * i + 1];
+		run = h[i] ? 0 : run + 1;
+		if (run > best_len)
+			best_len = run, best = i - run + 1;
+	}
+	if (v4mapped_dotted && !h[0] && !h[1] && !h[2] && !h[3] && !h[4] && h[5] == 0xFFFF) {
+		copy(dst, "::ffff:", 7);
+		return 7 + put_dotted(dst + 7, a + 12);
+	}
+	if (best_len < 2)
+		best = -1;
+	for (int i = 0; i < 8; i++) {
+		if (i == best) {
+			dst[k++] = ':';
+			if (i == 0)
+				dst[k++] = ':';
+			i += best_len - 1;
+			continue;
+		}
+		k += put_hex16(dst + k, h[i]);
+		if (i < 7)
+			dst[k++] = ':';
+	}
+	return k;
+}
+
+static const u8 *item_at(const u8 *data, long used, u32 idx, long *len, u8 *status)
+{
+	long at = 0;
+	for (u32 i = 0; at + 4 <= used; i++) {
+		long n = *(const u16 *)(data + at);
+		if (i == idx) {
+			*len = at + 4 + n <= used ? n : 0;
+			*status = data[at + 3];
+			return data + at + 4;
+		}
+		at += (4 + n + 7) & ~7L;
+	}
+	*len = 0;
+	*status = VMS_S_FAULT;
+	return NULL;
+}
+
+static void set_text(struct subjects *x, int t, const char *s)
+{
+	x->s[t] = (const u8 *)s;
+	x->n[t] = (u32)slen(s, 64);
+}
+
+/* Everything the filters of this site's rules may compare, from the captured items, as
+ * the host's decoder of the same record would give it (an item it needs that faulted:
+ * no fields at all, so a field compares as "None" and the path as ""). */
+static void subjects(const struct vms_site *site, const struct vms_record *rec, const u8 *data,
+		     long used, const u64 *frame, struct subjects *x)
+{
+	long n = 0, n2 = 0;
+	u8 st = 0, st2 = 0;
+	int fail = 0;
+	x->path_mode = 0;
+	x->s[VMS_T_COMM] = (const u8 *)rec->comm;
+	x->n[VMS_T_COMM] = (u32)slen(rec->comm, VMS_COMM_LEN);
+	for (u32 i = 0; i < VMS_MAX_FETCH; i++) {
+		if (site->need_items >> i & 1) {
+			item_at(data, used, i, &n, &st);
+			if (st == VMS_S_FAULT || i >= rec->nitems)
+				fail = 1;
+		}
+	}
+	x->s[VMS_T_PATH] = (const u8 *)"";
+	x->n[VMS_T_PATH] = 0;
+	for (int t = VMS_T_ADDR; t < VMS_T_COUNT; t++)
+		set_text(x, t, "None");
+	if (fail)
+		return;
+	if (site->path_item >= 0) {
+		const u8 *p = item_at(data, used, (u32)site->path_item, &n, &st);
+		if (p && n > 0) {
+			x->s[VMS_T_PATH] = p;
+			x->n[VMS_T_PATH] = (u32)slen((const char *)p, (unsigned long)n);
+			x->path_mode = st == VMS_S_OK ? 0 : p[0] == '/' ? 2 : 3;
+		}
+	}
+	if (site->port_item >= 0 && site->port_mode == 0) { /* struct sockaddr */
+		const u8 *a = item_at(data, used, (u32)site->port_item, &n, &st);
+		long len = (long)(frame[FR_RDX] & 0xFFFF);
+		len = len < 2 ? 2 : len > 28 ? 28 : len;
+		len = len < n ? len : n;
+		u32 family = len >= 2 ? a[0] | (u32)a[1] << 8 : len == 1 ? a[0] : 0;
+		if ((family == 2 && len >= 8) || (family == 10 && len >= 24)) {
+			x->port[put_dec(x->port, (u32)a[2] << 8 | a[3])] = 0;
+			set_text(x, VMS_T_PORT, x->port);
+			if (family == 2)
+				x->addr[put_dotted(x->addr, a + 4)] = 0;
+			else
+				x->addr[put_ipv6(x->addr, a + 8, site->net_flags & VMS_N_V4MAPPED_DOTTED)] = 0;
+			set_text(x, VMS_T_ADDR, x->addr);
+		} else if (family == 1) { /* a unix socket's path: the bytes up to NUL */
+			x->s[VMS_T_ADDR] = a + 2;
+			x->n[VMS_T_ADDR] = (u32)slen((const char *)a + 2, (unsigned long)(len - 2));
+		}
+	} else if (site->port_item >= 0) { /* listen: skc_num, skc_family, skc_rcv_saddr */
+		const u8 *port = item_at(data, used, (u32)site->port_item, &n, &st);
+		const u8 *addr = item_at(data, used, (u32)site->port_item + 2, &n2, &st2);
+		if (n >= 2 && n2 >= 4) {
+			x->port[put_dec(x->port, port[0] | (u32)port[1] << 8)] = 0;
+			set_text(x, VMS_T_PORT, x->port);
+			x->addr[put_dotted(x->addr, addr)] = 0;
+			set_text(x, VMS_T_ADDR, x->addr);
+		}
+	}
+	if (site->cred_item >= 0) { /* new cred, then old cred: the same span of each */
+		const u8 *nw = item_at(data, used, (u32)site->cred_item, &n, &st);
+		const u8 *od = item_at(data, used, (u32)site->cred_item + 1, &n2, &st2);
+		int changed = 0, ok = 1;
+		u32 euid_new = 0, euid_old = 0;
+		for (int f = 0; f < 6; f++) {
+			long off = site->cred_off[f], w = f == 5 ? 8 : 4;
+			if (off + w > n || off + w > n2) {
+				ok = 0;
+				break;
+			}
+			for (long k = 0; k < w; k++)
+				changed |= nw[off + k] != od[off + k];
+			if (f == 1) {
+				euid_new = *(const u32 *)(nw + off);
+				euid_old = *(const u32 *)(od + off);
+			}
+		}
+		if (ok) {
+			set_text(x, VMS_T_ESC, !euid_new && euid_old ? "True" : "False");
+			set_text(x, VMS_T_CHG, changed ? "True" : "False");
+			x->port[put_dec(x->port, euid_new)] = 0; /* the aggregation key */
+		}
+	}
+}
+
 /* The filters of one rule that need only who is running (pid, uid, comm): checked
  * before anything is captured, so a hit no request wants costs only this. */
 static int rule_wants_process(const struct vms_rule *r, const struct vms_record *rec)
 {
+	if (r->has & VMS_R_NEVER)
+		return 0;
 	if ((r->has & VMS_R_PID) && rec->pid != r->pid)
 		return 0;
 	if ((r->has & VMS_R_UID) && rec->uid != r->uid)
 		return 0;
-	if ((r->has & VMS_R_COMM) && !glob(r->comm, rec->comm, 0))
+	if ((r->has & VMS_R_COMM) &&
+	    !glob_one(r->prog + r->at[VMS_T_COMM], (const u8 *)rec->comm, VMS_COMM_LEN, 0))
 		return 0;
 	return 1;
 }
 
-/* path_mode: 0 no path, 1 whole path, 2 root-most prefix (cut to fit), 3 unknown prefix
- * (".../NAME"). A path rule on a cut path matches if the path could match (fail closed):
- * a long or deep path must not walk around a deny rule on a directory. ``same``: items
- * 0 and 1 hold the same bytes (cred.change: nothing changed), -1 when not known. */
-static int rule_wants_data(const struct vms_rule *r, const char *path, int path_mode, u16 port,
-			   int have_port, int same)
+/* The rule's filters on what was captured. A path cut to fit the record matches if it
+ * could match (fail closed: a long or deep path must not walk around a deny rule), as
+ * the host's path_could_match() says; an unknown root-most part always could. */
+static int rule_wants_data(const struct vms_rule *r, const struct subjects *x)
 {
-	if ((r->has & VMS_R_PATH) && path_mode != 3 &&
-	    (!path || !glob(r->path, path, path_mode == 2)))
-		return 0;
-	if ((r->has & VMS_R_PORT) && (!have_port || port != r->port))
-		return 0;
-	if ((r->has & VMS_R_CHANGED) && same == 1)
-		return 0;
+	if (!(r->has & ~(VMS_R_PID | VMS_R_UID | VMS_R_COMM)))
+		return 1;
+	for (int t = VMS_T_PATH; t < VMS_T_COUNT; t++) {
+		if (!(r->has & (4 << t)))
+			continue;
+		int partial = t == VMS_T_PATH && x->path_mode;
+		if (partial && x->path_mode == 3)
+			continue;
+		if (!glob(r->prog + r->at[t], x->s[t], x->n[t], partial))
+			return 0;
+	}
 	return 1;
 }
 
@@ -439,34 +757,22 @@ static void kill_current(u64 current)
 			     : "r"(1ULL << (c->tif_sigpending & 63)));
 }
 
-/* Whether captured items 0 and 1 hold the same bytes: 1 yes, 0 no, -1 not captured. */
-static int items_same(const u8 *data, long used)
-{
-	if (used < 8)
-		return -1;
-	long n0 = *(const u16 *)data, a = (4 + n0 + 7) & ~7L;
-	if (a + 4 > used)
-		return -1;
-	long n1 = *(const u16 *)(data + a);
-	if (n0 != n1 || a + 4 + n1 > used || data[3] != VMS_S_OK || data[a + 3] != VMS_S_OK)
-		return -1;
-	for (long i = 0; i < n0; i++)
-		if (data[4 + i] != data[a + 4 + i])
-			return 0;
-	return 1;
-}
-
 /* --aggregate: count this hit in the CPU's table instead of recording it. A slot is
- * (site, task, key); a free one (count 0) is claimed by filling it, then setting count.
- * Returns 0 when the probed slots are all taken by others (the hit is recorded). */
+ * (site, task, key): the key is the object's own text (path, address and port, new euid,
+ * module name), kept as a 64-bit FNV-1a hash and its first AGG_KEY_LEN bytes. A free slot
+ * (count 0) is claimed by filling it, then setting count. Returns 0 when the probed slots
+ * are all taken by others (the hit is recorded). */
 static int aggregate(struct vms_ringheader *ring, u32 idx, const struct vms_record *rec,
-		     u64 key)
+		     const u8 *ktext, u32 klen)
 {
 	const struct vms_config *c = &vms_config;
 	struct vms_aggslot *t = (struct vms_aggslot *)((u8 *)ring + sizeof(*ring) + c->ring_size +
 						       VMS_RECORD_MAX + VMS_PATH_SCRATCH);
 	const u64 *comm = (const u64 *)rec->comm;
-	u32 h = ((u32)rec->pid * 0x9E3779B1u) ^ (idx * 0x85EBCA6Bu) ^ (u32)key;
+	u64 key = 0xcbf29ce484222325ULL;
+	for (u32 i = 0; i < klen; i++)
+		key = (key ^ ktext[i]) * 0x100000001b3ULL;
+	u32 h = ((u32)rec->pid * 0x9E3779B1u) ^ (idx * 0x85EBCA6Bu) ^ (u32)key ^ (u32)(key >> 32);
 	for (u32 i = 0; i < VMS_AGG_PROBE; i++) {
 		struct vms_aggslot *s = &t[(h + i) & (VMS_AGG_SLOTS - 1)];
 		if (!s->count) {
@@ -475,6 +781,8 @@ static int aggregate(struct vms_ringheader *ring, u32 idx, const struct vms_reco
 			s->tgid = rec->tgid;
 			s->uid = rec->uid;
 			s->key = key;
+			s->klen = (u16)klen;
+			copy(s->ktext, ktext, klen < VMS_AGG_KEY_LEN ? klen : VMS_AGG_KEY_LEN);
 			copy(s->comm, rec->comm, VMS_COMM_LEN);
 			barrier();
 			s->count = 1;
@@ -487,6 +795,54 @@ static int aggregate(struct vms_ringheader *ring, u32 idx, const struct vms_reco
 			return 1;
 		}
 	}
+	return 0;
+}
+
+/* The key text of a hit for --aggregate (Site.aggregate - 1 is its kind). */
+static u32 agg_key(u32 kind, struct subjects *x, const u8 *data, long used, const u8 **out)
+{
+	long n = 0, k;
+	u8 st;
+	switch (kind) {
+	case VMS_K_PATH:
+		*out = x->s[VMS_T_PATH];
+		return x->n[VMS_T_PATH];
+	case VMS_K_NET: /* address:port ([address]:port for IPv6) in the addr buffer */
+		if (x->s[VMS_T_ADDR] != (const u8 *)x->addr) {
+			*out = x->s[VMS_T_ADDR];
+			return x->n[VMS_T_ADDR];
+		}
+		k = (long)slen(x->addr, sizeof(x->addr));
+		if (x->s[VMS_T_PORT] == (const u8 *)x->port) {
+			int v6 = 0;
+			for (long i = 0; i < k; i++)
+				v6 |= x->addr[i] == ':';
+			if (v6 && k + 10 < (long)sizeof(x->addr)) {
+				for (long i = k; i > 0; i--)
+					x->addr[i] = x->addr[i - 1];
+				x->addr[0] = '[';
+				x->addr[k + 1] = ']';
+				k += 2;
+			}
+			u32 np = (u32)slen(x->port, sizeof(x->port));
+			if (k + 1 + (long)np < (long)sizeof(x->addr)) {
+				x->addr[k++] = ':';
+				copy(x->addr + k, x->port, np);
+				k += np;
+			}
+		}
+		*out = (const u8 *)x->addr;
+		return (u32)k;
+	case VMS_K_EUID:
+		*out = (const u8 *)x->port;
+		return (u32)slen(x->port, sizeof(x->port));
+	case VMS_K_NAME:
+		*out = item_at(data, used, 0, &n, &st);
+		if (!*out || st == VMS_S_FAULT)
+			return 0;
+		return (u32)slen((const char *)*out, (unsigned long)n);
+	}
+	*out = (const u8 *)"";
 	return 0;
 }
 
@@ -575,11 +931,7 @@ __attribute__((used)) long vms_agent(u64 *frame)
 	/* captured items, each as long as its content */
 	u8 *data = slot + sizeof(*rec) + nargs * 8;
 	long used = 0, room = (long)need - (long)sizeof(*rec) - (long)nargs * 8;
-	const char *path = NULL;
-	int path_mode = 0;
 	char *scratch = (char *)base + size + VMS_RECORD_MAX;
-	u16 port = 0;
-	int have_port = 0;
 	for (u32 i = 0; i < site->nfetch && i < VMS_MAX_FETCH; i++) {
 		u8 status;
 		u8 *item = data + used;
@@ -590,25 +942,20 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		*(u16 *)item = (u16)n;
 		item[2] = site->fetch[i].kind;
 		item[3] = status;
-		if ((s32)i == site->path_item && n > 0 && status != VMS_S_FAULT) {
-			path = (const char *)item + 4;
-			path_mode = status == VMS_S_OK ? 1 : path[0] == '/' ? 2 : 3;
-		}
-		if ((s32)i == site->port_item && n >= 2 && status == VMS_S_OK) {
-			u16 family = (u16)(item[4] | (item[5] << 8));
-			if (site->port_mode == 0 && n >= 4 && (family == 2 || family == 10))
-				port = (u16)((item[6] << 8) | item[7]), have_port = 1; /* big-endian */
-			else if (site->port_mode == 1) /* sock_common.skc_num: host order */
-				port = (u16)(item[4] | (item[5] << 8)), have_port = 1;
-		}
 		used += (4 + n + 7) & ~7L;
 		rec->nitems++;
 	}
-	int same = items_same(data, used);
+	/* The texts to compare, only when some rule (or --aggregate) compares any. */
+	struct subjects x;
+	u32 data_rules = site->aggregate;
+	for (u32 i = 0; i < site->nrules && i < VMS_MAX_RULES; i++)
+		data_rules |= site->rules[i].has & ~(VMS_R_PID | VMS_R_UID | VMS_R_COMM);
+	if (data_rules)
+		subjects(site, rec, data, used, frame, &x);
 
 	for (u32 i = 0; i < site->nrules && i < VMS_MAX_RULES; i++) {
 		const struct vms_rule *r = &site->rules[i];
-		if (!(maybe >> i & 1) || !rule_wants_data(r, path, path_mode, port, have_port, same))
+		if (!(maybe >> i & 1) || !rule_wants_data(r, &x))
 			continue;
 		rec->matched |= 1U << i;
 		if (r->action == VMS_A_DENY)
@@ -626,7 +973,9 @@ __attribute__((used)) long vms_agent(u64 *frame)
 		rec->verdict |= 1;
 	ring->denied += (u64)deny;
 	ring->killed += (rec->verdict >> 1) & 1;
-	if (site->aggregate && aggregate(ring, idx, rec, have_port ? port : 0)) {
+	const u8 *ktext = NULL;
+	u32 klen = site->aggregate ? agg_key(site->aggregate - 1, &x, data, used, &ktext) : 0;
+	if (site->aggregate && aggregate(ring, idx, rec, ktext, klen)) {
 		ring->aggregated++; /* counted, not recorded: no ring space */
 		goto out;
 	}

@@ -37,7 +37,8 @@ MAX_SITES = 48
 MAX_FETCH = 6
 MAX_RULES = 8
 COMM_LEN = 16
-RULE_PATH_LEN = 128
+RULE_PROG = 224  # bytes of glob programs per rule (every text filter of the request)
+AGG_KEY_LEN = 48  # the leading bytes of an aggregation key's text kept in its slot
 RECORD_MAX = 1024  # header + arguments + items of the largest record a site may write
 RING_SIZE = 4 << 20  # bytes of records per CPU (the default; sized from guest RAM)
 RING_MIN = 64 << 10
@@ -54,9 +55,19 @@ B_CURRENT = 6
 B_NONE = 0xFF
 # rule actions evaluated in the guest
 A_LOG, A_DENY, A_KILL = 0, 1, 2
-# rule filter bits; R_HOST: the request has filters the agent cannot evaluate (the host
-# checks every filter of a record this rule let through)
-R_PID, R_UID, R_COMM, R_PATH, R_PORT, R_CHANGED, R_HOST = 1, 2, 4, 8, 16, 32, 0x8000
+# rule filter bits: numbers, then one per text filter (a glob program on the text the
+# exit engine would compare: T_* index Rule.at and the agent's subjects, bit 4 << T_*);
+# R_NEVER: a filter no value can match (a pid that is not a number); R_HOST: a pattern
+# too long for the rule (the host checks every filter of a record the rule let through)
+R_PID, R_UID = 1, 2
+T_COMM, T_PATH, T_ADDR, T_PORT, T_ESC, T_CHG, T_COUNT = 0, 1, 2, 3, 4, 5, 6
+R_COMM, R_PATH, R_ADDR, R_PORT, R_ESC, R_CHANGED = 4, 8, 16, 32, 64, 128
+R_NEVER, R_HOST = 0x4000, 0x8000
+# glob program tokens (see monitor/space_filters.py): printable ASCII bytes are themselves
+G_END, G_STAR, G_ANY, G_LIT, G_CLASS, G_ALT = 0, 1, 2, 3, 4, 5
+# Site.net_flags: IPv6 text writes an IPv4-mapped address in dotted form (the host's
+# Python does so from 3.13 on)
+N_V4MAPPED_DOTTED = 1
 # item status
 S_OK, S_FAULT, S_TRUNC = 0, 1, 2
 # MSRs the agent may sample (config.msr_mask bits)
@@ -79,14 +90,17 @@ class Fetch(C.Structure):
 class Rule(C.Structure):
     """An in-guest decision: when every filter in ``has`` matches, apply ``action``
     (``A_LOG``: only record). One rule per request at a site; a hit no rule matches
-    takes no ring space. ``changed`` (R_CHANGED): 1 when items 0 and 1 must differ
-    (cred.change's ``changed=true``), 0 when they must be equal."""
+    takes no ring space. ``pid``/``uid`` compare numbers; every other filter is a glob
+    program in ``prog`` starting at ``at[T_*]`` (the pattern compiled by the host,
+    character classes resolved to code-point ranges), matched against the text the exit
+    engine would compare (the path, the address as Python prints it, the port in
+    decimal, ``True``/``False``/``None``)."""
 
     _fields_ = [
         ("action", C.c_uint8), ("pad", C.c_uint8), ("has", C.c_uint16),
-        ("pid", C.c_int32), ("uid", C.c_uint32), ("port", C.c_uint16), ("changed", C.c_uint8),
-        ("pad2", C.c_uint8),
-        ("comm", C.c_char * COMM_LEN), ("path", C.c_char * RULE_PATH_LEN),
+        ("pid", C.c_int32), ("uid", C.c_uint32), ("pad2", C.c_uint32),
+        ("at", C.c_uint16 * T_COUNT), ("pad3", C.c_uint32),
+        ("prog", C.c_uint8 * RULE_PROG),
     ]  # fmt: skip
 
 
@@ -94,13 +108,21 @@ class Site(C.Structure):
     """A patched monitoring point. ``ret`` is the gate's return address (site + 5),
     by which the agent recognises which site called it. ``nargs``: argument registers
     kept in the record; ``max_size``: the largest record the fetches can make (the room
-    the agent reserves before it captures)."""
+    the agent reserves before it captures). What the filters compare is found in the
+    items: the path at ``path_item``; the address and port at ``port_item``
+    (``port_mode`` 0 a ``struct sockaddr``, 1 the three ``sock_common`` items of
+    listen); ``cred_off`` (cred.change, ``cred_item`` >= 0): uid, euid, gid, egid, fsuid,
+    cap_effective within items ``cred_item`` (new) and the next (old).
+    ``need_items``: items whose fault makes the host's decoder give no fields at all
+    (then every field filter compares ``None``, as the exit engine's would).
+    ``aggregate``: 0 off, else 1 + the key kind (``K_*``)."""
 
     _fields_ = [
         ("ret", C.c_uint64), ("nfetch", C.c_uint32), ("nrules", C.c_uint32),
         ("path_item", C.c_int32), ("port_item", C.c_int32), ("enabled", C.c_uint32),
         ("port_mode", C.c_uint32), ("nargs", C.c_uint32), ("max_size", C.c_uint32),
-        ("aggregate", C.c_uint32), ("pad", C.c_uint32),
+        ("aggregate", C.c_uint32), ("need_items", C.c_uint32),
+        ("cred_off", C.c_uint16 * 6), ("cred_item", C.c_int16), ("net_flags", C.c_uint16),
         ("fetch", Fetch * MAX_FETCH), ("rules", Rule * MAX_RULES),
     ]  # fmt: skip
 
@@ -162,16 +184,23 @@ class RingHeader(C.Structure):
     ]  # fmt: skip
 
 
+# aggregation key kinds (Site.aggregate - 1): which text of a hit its slot is keyed by
+K_NONE, K_PATH, K_NET, K_EUID, K_NAME = 0, 1, 2, 3, 4
+
+
 class AggSlot(C.Structure):
-    """One line of a CPU's aggregation table: hits of ``site`` by one task (and one
-    ``key``: the port for network objects, else 0) counted instead of recorded. The
-    agent claims a free slot (``count`` 0) by filling it and then setting ``count``;
-    slots are never freed, so the host reads counts that only grow."""
+    """One line of a CPU's aggregation table: hits of ``site`` by one task with one key
+    counted instead of recorded. The key is the object's own (``K_*``: the path or
+    program, the address and port, the new euid, the module name; none for ``kfunc:``):
+    ``key`` is a 64-bit hash of its whole text, ``ktext`` its first ``AGG_KEY_LEN``
+    bytes (``klen``: the whole length, so the host says when it shows only a start).
+    The agent claims a free slot (``count`` 0) by filling it and then setting
+    ``count``; slots are never freed, so the host reads counts that only grow."""
 
     _fields_ = [
         ("count", C.c_uint64), ("key", C.c_uint64), ("pid", C.c_int32), ("tgid", C.c_int32),
-        ("uid", C.c_uint32), ("site", C.c_uint16), ("pad", C.c_uint16),
-        ("comm", C.c_char * COMM_LEN),
+        ("uid", C.c_uint32), ("site", C.c_uint16), ("klen", C.c_uint16),
+        ("comm", C.c_char * COMM_LEN), ("ktext", C.c_uint8 * AGG_KEY_LEN),
     ]  # fmt: skip
 
 
@@ -195,8 +224,8 @@ RECORD_HEADER = C.sizeof(Record)
 PROCESS_BYTES = (Record.pid.offset, RECORD_HEADER)  # the record's "who", to the end
 
 _STRUCT_CODE: dict[Any, str] = {
-    C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_uint64: "Q", C.c_int32: "i",
-    C.c_int64: "q",
+    C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_uint64: "Q", C.c_int16: "h",
+    C.c_int32: "i", C.c_int64: "q",
 }  # fmt: skip
 
 
@@ -265,7 +294,7 @@ def check_ring_size(size: int) -> int:
 
 _CTYPE = {
     C.c_uint8: "u8", C.c_uint16: "u16", C.c_uint32: "u32", C.c_uint64: "u64",
-    C.c_int32: "s32", C.c_int64: "s64", C.c_char: "char",
+    C.c_int16: "s16", C.c_int32: "s32", C.c_int64: "s64", C.c_char: "char",
 }  # fmt: skip
 
 
@@ -285,7 +314,8 @@ def c_header() -> str:
         "/* Generated from vmshield/space/layout.py: do not edit. */",
         "#pragma once",
         "typedef unsigned char u8; typedef unsigned short u16; typedef unsigned int u32;",
-        "typedef unsigned long long u64; typedef int s32; typedef long long s64;",
+        "typedef unsigned long long u64; typedef short s16; typedef int s32;",
+        "typedef long long s64;",
     ]
     consts = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, int)}
     out += [f"#define VMS_{k} {v:#x}ULL" if v > 0x7FFFFFFF else f"#define VMS_{k} {v}"

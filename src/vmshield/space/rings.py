@@ -49,6 +49,30 @@ _SIZE_SEQ = struct.Struct("<II")  # the first 8 bytes of every record, pad inclu
 DRAIN_LIMIT = 64 << 20  # bytes read per CPU and drain: bounds one drain's work
 
 
+def _uniform_run(blob: bytes, seq: int) -> list[bytes] | None:
+    """The records of ``blob`` if they all have the size of the first and the seqs of
+    their positions (a burst from one point: every record alike), checked in C: the
+    size and seq words seen as two strided views of the blob, compared as lists with
+    the expected ones. None: read them one by one (any other run, a pad, a forged
+    record, a seq that wraps)."""
+    if len(blob) < 8:
+        return None
+    rsize = _SIZE_SEQ.unpack_from(blob, 0)[0]
+    if rsize & (7 | L.PAD_FLAG) or not L.RECORD_HEADER <= rsize <= L.RECORD_MAX:
+        return None
+    k, rest = divmod(len(blob), rsize)
+    step = rsize >> 3
+    if rest or seq + k * step > 0xFFFFFFFF:
+        return None
+    words = memoryview(blob).cast("I")  # little-endian host (x86-64, like the guest)
+    stride = rsize >> 2
+    if words[0::stride].tolist() != [rsize] * k:
+        return None
+    if words[1::stride].tolist() != list(range(seq, seq + k * step, step)):
+        return None
+    return [blob[i : i + rsize] for i in range(0, len(blob), rsize)]
+
+
 def _since(now: int, then: int) -> int:
     """How far a 64-bit counter moved, as the agent's wrapping arithmetic has it."""
     d = (now - then) % U64
@@ -183,19 +207,30 @@ class RingReader:
         end = min(end, st.pos + limit)
         pos = st.pos
         base = ring + L.data_offset()
+        unpack = _SIZE_SEQ.unpack_from
+        lo, hi = L.RECORD_HEADER, L.RECORD_MAX
         while pos < end:
-            # One read per contiguous run of bytes (up to the ring's end).
+            # One read per contiguous run of bytes (up to the ring's end); the records of
+            # a run are cut out in one tight loop (the hot path of a burst: every name
+            # it uses is local, the expected seq advances with the position).
             first = pos & (size - 1)
             count = min(end - pos, size - first)
             blob = self.read(base + first, count)
+            expect = (pos >> 3) + 1
+            uniform = _uniform_run(blob, expect)
+            if uniform is not None:
+                yield from uniform
+                pos += count
+                continue
+            out: list[bytes] = []
             at = 0
             bad = ""
             while at < count:
                 if count - at < 8:
                     bad = f"{count - at} bytes left before head: no record fits"
                     break
-                rsize, seq = _SIZE_SEQ.unpack_from(blob, at)
-                if seq != ((pos + at) >> 3) + 1 & 0xFFFFFFFF:
+                rsize, seq = unpack(blob, at)
+                if seq != expect & 0xFFFFFFFF:
                     bad = (f"record #{seq - 1} at byte {pos + at} (replayed, overwritten "
                            "or forged)")  # fmt: skip
                     break
@@ -205,15 +240,13 @@ class RingReader:
                         break
                     at = count
                     break
-                if (
-                    rsize & 7
-                    or not L.RECORD_HEADER <= rsize <= L.RECORD_MAX
-                    or (at + rsize > count)
-                ):
+                if rsize & 7 or rsize < lo or rsize > hi or at + rsize > count:
                     bad = f"a record of {rsize} bytes at byte {pos + at} (forged)"
                     break
-                yield blob[at : at + rsize]
+                out.append(blob[at : at + rsize])
                 at += rsize
+                expect += rsize >> 3
+            yield from out
             if bad:
                 # Nothing from here to head is trusted: skipped, and said.
                 self._find(cpu, "seq", "head", f"a record at byte {pos + at}",
