@@ -89,10 +89,9 @@ def diagnose(vm: str, t: Any, k: Kernel, cr4: int) -> dict[str, Any]:
     """Everything the doctor reports, as data (``--json`` prints it as is)."""
     from vmshield.guest.kconsts import tif_sigpending_bit
     from vmshield.guest.tasks import current_task_offset
-    from vmshield.monitor.catalog import CATALOG
     from vmshield.monitor.request import IsolationRequest, resolve
     from vmshield.monitor.space_engine import unsupported
-    from vmshield.space.captures import plan_for
+    from vmshield.objects.catalog import CATALOG, plan_for
 
     rows: list[dict[str, str]] = []
     _row(rows, "kernel", k.release)

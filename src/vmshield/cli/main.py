@@ -499,7 +499,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @app.command()
 def catalog(as_json: JsonOpt = False) -> None:
     """The isolation objects: points, fields, filters and allowed actions."""
-    from vmshield.monitor.catalog import CATALOG, INTEGRITY
+    from vmshield.objects.catalog import CATALOG, INTEGRITY
 
     rows = [
         {
@@ -626,7 +626,8 @@ def space_destroy(target: VmArg, symbols_file: SymbolsOpt = None) -> None:
 
 def _destroy_space(target: str, required: bool, symbols_file: Path | None = None) -> bool:
     from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
-    from vmshield.space.space import SecuritySpace, StaleSpace
+    from vmshield.space.errors import StaleSpace
+    from vmshield.space.space import SecuritySpace
 
     with attached(target, symbols_file) as (t, k):
         if t is None:

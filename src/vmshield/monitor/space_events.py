@@ -31,9 +31,9 @@ from typing import Any
 import orjson
 
 from vmshield.errors import VmshieldError
-from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.events import SCHEMA, Event, PointInfo, ProcessContext, trusted_event
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.objects.filters import match_filter
 from vmshield.space import captures
 from vmshield.space import layout as L
 
