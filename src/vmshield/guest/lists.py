@@ -33,23 +33,21 @@ def _walk(
     """The bounded, cycle-checked walk; an unreadable link raises unless ``partial``."""
     seen = {head}
     out: list[int] = []
-    try:
-        cur = k.u64(head)
-    except (TranslationError, MemoryAccessError) as e:
-        if not partial:
-            raise
-        return out, f"{what} list head {head:#x} is unreadable: {e}"
-    while cur != head:
+    at = head
+    while True:
+        try:
+            cur = k.u64(at)
+        except (TranslationError, MemoryAccessError) as e:
+            if not partial:
+                raise
+            where = f"head {head:#x}" if at == head else f"link at {at:#x}"
+            return out, f"{what} list {where} is unreadable: {e}"
+        if cur == head:
+            return out, None
         if cur in seen:
             raise GuestFormatError(f"{what} list loops back to {cur:#x}")
         if len(out) >= limit:
             raise GuestFormatError(f"{what} list is longer than {limit}")
         seen.add(cur)
         out.append(cur - member_offset)
-        try:
-            cur = k.u64(cur)
-        except (TranslationError, MemoryAccessError) as e:
-            if not partial:
-                raise
-            return out, f"{what} list link at {cur:#x} is unreadable: {e}"
-    return out, None
+        at = cur
