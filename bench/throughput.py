@@ -41,7 +41,7 @@ from vmshield.lab import vm as labvm
 from vmshield.lab.vmstest import timed
 from vmshield.monitor.space_engine import SpaceStats
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
-from vmshield.space import captures
+from vmshield.objects.catalog import plan_for
 from vmshield.space import layout as L
 from vmshield.space.rings import AgentModel, RingReader
 
@@ -97,7 +97,7 @@ def drain_rate(objects: bool, distinct: bool, repeat: int = 5) -> tuple[int, flo
         request=req, point=SimpleNamespace(symbol="__x64_sys_getpid", address=0xFFFFFFFF810C6F20)
     )
     no_kernel: Any = None  # a kfunc: plan reads no struct offsets
-    plan = captures.plan_for("kfunc:__x64_sys_getpid", no_kernel)
+    plan = plan_for("kfunc:__x64_sys_getpid", no_kernel)
     best = 0.0
     for _ in range(repeat):
         site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, True, "log")], True, True)

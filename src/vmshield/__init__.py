@@ -29,7 +29,7 @@ _EXPORTS = {
     "IsolationRequest": "vmshield.monitor.request",
     "RequestError": "vmshield.monitor.request",
     "Event": "vmshield.monitor.events",
-    "CATALOG": "vmshield.monitor.catalog",
+    "CATALOG": "vmshield.objects.catalog",
     "Action": "vmshield.monitor.kinds",
     "EngineKind": "vmshield.monitor.kinds",
     "TamperPolicy": "vmshield.monitor.kinds",
@@ -46,11 +46,11 @@ __all__ = [
 if TYPE_CHECKING:
     from vmshield.errors import VmshieldError
     from vmshield.guest.vm import VM, Symbol, open_vm
-    from vmshield.monitor.catalog import CATALOG
     from vmshield.monitor.events import Event
     from vmshield.monitor.kinds import Action, ChoiceError, Engine, EngineKind, TamperPolicy
     from vmshield.monitor.request import IsolationRequest, RequestError
     from vmshield.monitor.session import Monitor, Summary
+    from vmshield.objects.catalog import CATALOG
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from vmshield.errors import VmshieldError
+from vmshield.errors import GuestFormatError, VmshieldError
 
 
 class RunDirError(VmshieldError):
@@ -100,6 +100,20 @@ def read_private(path: Path, limit: int = 1 << 20) -> bytes:
         return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def read_input(path: Path, limit: int, label: str, too_large: str, unreadable: str = "") -> bytes:
+    """A file the user handed in (a symbol file, a bzImage), read whole but at most
+    ``limit`` bytes: a file that cannot be read, or is larger, is a
+    :class:`GuestFormatError` saying ``label: [unreadable]reason`` or ``label: too_large``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise GuestFormatError(f"{label}: {unreadable}{e.strerror or e}") from None
+    if len(raw) > limit:
+        raise GuestFormatError(f"{label}: {too_large}")
+    return raw
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmshield.guest.ftrace import place_point
+from vmshield.guest.ftrace import ftrace_record, place_point
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.symcache import SymbolCache
 from vmshield.hv.target import Target
@@ -26,7 +26,7 @@ from vmshield.monitor.request import IsolationRequest, resolve
 from vmshield.monitor.space_engine import SpaceEngine
 from vmshield.paths import cache_dir
 from vmshield.space.borrow import Borrow
-from vmshield.space.space import SecuritySpace, SpaceBusy
+from vmshield.space.errors import SpaceBusy
 
 from .conftest import Lab
 from .monitorlib import MonitorRun, kv
@@ -45,10 +45,9 @@ def touched_pages_digest(lab: Lab) -> tuple[str, list[int]]:
         k = attach(t)
         start, end = k.symbols.address("_stext"), k.symbols.address("_etext")
         h = hashlib.sha256(k.read(start, end - start))
-        sp = SecuritySpace(t, k)
         pages = []
         for sym in SITES:
-            rec = sp._ftrace_record(place_point(k, sym).address)
+            rec = ftrace_record(k, place_point(k, sym).address)
             assert rec is not None, f"no ftrace record for {sym}"
             pages.append(rec & ~0xFFF)
         for p in sorted(set(pages)):

@@ -23,7 +23,7 @@ from vmshield.lab.tampermod import build_tamper_module
 from vmshield.monitor.request import IsolationRequest, resolve
 from vmshield.monitor.space_engine import SpaceEngine
 from vmshield.space import layout as L
-from vmshield.space.space import PAGE
+from vmshield.space.base import PAGE
 
 from .conftest import Lab
 from .monitorlib import MonitorRun, kv

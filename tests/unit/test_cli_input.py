@@ -9,8 +9,6 @@ target, and counts how often it was entered. Input that can be judged without a 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +21,30 @@ from tests.unit.synth_kernel import DATA_VA, TASK, SynthGuest, add_module, add_t
 from tests.unit.synth_kernel import make_guest as synth_guest
 from vmshield.cli import main
 from vmshield.errors import HypervisorError
+from vmshield.guest.vm import VM
 
 runner = CliRunner()
 
 
 class FakeAttach:
-    """Stands for ``main.attached``: fails like an unknown VM, or yields a kernel."""
+    """Stands for ``main.open_vm``: fails like an unknown VM, or gives a dump-like VM
+    (no QEMU) on a synthetic kernel."""
 
     def __init__(self, kernel: Any = None) -> None:
         self.entered: list[str] = []
         self.kernel = kernel
 
-    @contextmanager
-    def __call__(self, target: str, symbols_file: Path | None = None) -> Iterator[tuple[Any, Any]]:
+    def __call__(self, target: str, *, symbols: Any = None, notes: Any = None) -> VM:
         self.entered.append(target)
         if self.kernel is None:
-            with main._errors():
-                raise HypervisorError(f"no QMP socket at {target}")
-        yield None, self.kernel
+            raise HypervisorError(f"no QMP socket at {target}")
+        return VM(target, None, self.kernel, lambda: None)
 
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeAttach:
     f = FakeAttach()
-    monkeypatch.setattr(main, "attached", f)
+    monkeypatch.setattr(main, "open_vm", f)
     monkeypatch.setenv("VMSHIELD_RUN", str(tmp_path / "run"))
     return f
 
@@ -212,7 +210,7 @@ def evil_guest(g: SynthGuest) -> None:
 @pytest.fixture
 def evil(monkeypatch: pytest.MonkeyPatch) -> FakeAttach:
     f = FakeAttach(kernel=synth_guest(fill=evil_guest).attach())
-    monkeypatch.setattr(main, "attached", f)
+    monkeypatch.setattr(main, "open_vm", f)
     return f
 
 

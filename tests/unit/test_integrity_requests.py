@@ -9,7 +9,6 @@ import pytest
 from typer.testing import CliRunner
 
 from vmshield.cli.main import app
-from vmshield.monitor.catalog import CATALOG, INTEGRITY
 from vmshield.monitor.kinds import Action
 from vmshield.monitor.request import (
     IsolationRequest,
@@ -18,6 +17,7 @@ from vmshield.monitor.request import (
     parse_object_spec,
     validate,
 )
+from vmshield.objects.catalog import CATALOG, INTEGRITY
 
 ISSUE_13 = ("kernel.text", "kernel.rodata", "kernel.syscall_table", "kernel.idt",
             "cpu.control", "cpu.msr", "kernel.modules", "space.self")  # fmt: skip

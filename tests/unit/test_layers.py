@@ -1,4 +1,4 @@
-"""The layers only import downwards: hv -> guest -> space -> monitor -> front ends.
+"""The layers only import downwards: hv -> guest -> space -> objects -> monitor -> front ends.
 
 Why a test: a cycle between layers (``space`` importing ``monitor`` while ``monitor``
 imports ``space``) once crept in unseen; the arrows are what lets each layer be read,
@@ -20,9 +20,10 @@ RANK = {
     "hv": 1,
     "guest": 2,
     "space": 3,
-    "monitor": 4,
-    "lab": 5,  # lab VMs and test kits: tools on top of the engine
-    "cli": 6, "daemon": 6, "store": 6, "web": 6, "__init__": 6, "__main__": 6,
+    "objects": 4,  # isolation objects: both engines' decoders and the space's capture plans
+    "monitor": 5,
+    "lab": 6,  # lab VMs and test kits: tools on top of the engine
+    "cli": 7, "daemon": 7, "store": 7, "web": 7, "__init__": 7, "__main__": 7,
 }  # fmt: skip
 
 

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmshield.errors import VmshieldError
-from vmshield.monitor.catalog import CATALOG, match_filter
 from vmshield.monitor.request import (
     IsolationRequest,
     RequestError,
@@ -18,6 +17,8 @@ from vmshield.monitor.request import (
     parse_ufunc,
     validate,
 )
+from vmshield.objects.catalog import CATALOG
+from vmshield.objects.filters import match_filter
 
 
 def test_object_spec_with_filters_and_action() -> None:

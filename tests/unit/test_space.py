@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from vmshield.errors import VmshieldError
 from vmshield.guest.btf import Btf
-from vmshield.monitor.catalog import CATALOG
 from vmshield.monitor.request import PROCESS_OBJECTS
 from vmshield.monitor.space_engine import _rule, _rule_problem
+from vmshield.objects.catalog import CATALOG, plan_for
 from vmshield.paths import kernels_dir
 from vmshield.space import agent as agentlib
 from vmshield.space import captures
@@ -121,7 +121,7 @@ def test_link_refuses_out_of_reach_addresses() -> None:
 def test_plans_fit_a_record_on_real_kernels(kernel: str) -> None:
     k: Any = BtfKernel(btf_of(kernel))
     for name in (*PROCESS_OBJECTS, "kfunc:vfs_read"):
-        plan = captures.plan_for(name, k)
+        plan = plan_for(name, k)
         assert len(plan.fetches) <= L.MAX_FETCH
         used = sum((4 + f.len + 7) & ~7 for f in plan.fetches)
         assert used <= L.RECORD_DATA, f"{name} needs {used} bytes"
@@ -197,7 +197,7 @@ def test_decoders_never_crash_on_garbage(
     name: str, items: list[tuple[int, int, bytes]], args: list[int]
 ) -> None:
     k: Any = BtfKernel(btf_of("6.1"))
-    plan = captures.plan_for(name, k)
+    plan = plan_for(name, k)
     cap = captures.Captured(args, captures.parse_items(_items_blob(items), len(items)))
     try:
         fields = plan.decode(cap)

@@ -5,7 +5,7 @@ The agent's own source (``space/agent.c``, unchanged) is compiled for the host w
 stub of the kernel helpers it names, and its record-side functions (``subjects``,
 ``rule_wants_process``, ``rule_wants_data``, ``agg_key``) are called through ctypes on
 records built as the agent builds them. The same record goes through the host's
-decoder and :func:`vmshield.monitor.catalog.match_filter` (what the exit engine
+decoder and :func:`vmshield.objects.filters.match_filter` (what the exit engine
 applies to the fields it decodes): a table of corner cases and a hypothesis property
 over random patterns (classes, negation, ranges, stars, non-ASCII) and random subjects
 (invalid UTF-8, cut paths, every socket family, faulted items) must agree everywhere.
@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmshield.errors import VmshieldError
-from vmshield.monitor.catalog import match_filter
+from vmshield.objects.filters import match_filter
 from vmshield.monitor.space_engine import AGG_KEYS, _rule, _site_filters
 from vmshield.monitor.space_filters import glob_program, rule_problem
 from vmshield.space import agent, captures

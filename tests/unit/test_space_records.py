@@ -23,7 +23,7 @@ from vmshield.monitor.events import Event, PointInfo, ProcessContext, trusted_ev
 from vmshield.monitor.request import IsolationRequest
 from vmshield.monitor.space_engine import SpaceStats, _agg_key_text, _rule, drain_interval
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
-from vmshield.space import captures
+from vmshield.objects.catalog import plan_for
 from vmshield.space import layout as L
 from vmshield.space.rings import AgentModel, RingReader, encode_items
 
@@ -252,7 +252,7 @@ def test_drain_interval_follows_the_fill_level() -> None:
 def _decoder(obj: str, action: str = "log", exact: bool = True) -> tuple[RecordDecoder, Any]:
     req = IsolationRequest(vm="lab", object=obj, filters={"comm": "vm*"}, action=action)
     rr: Any = SimpleNamespace(request=req, point=SimpleNamespace(symbol="f", address=1 << 63))
-    plan = captures.plan_for(obj, SimpleNamespace(member_offset=lambda s, f: 8))
+    plan = plan_for(obj, SimpleNamespace(member_offset=lambda s, f: 8))
     site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, exact, action)], True,
                        obj.startswith("kfunc:"))  # fmt: skip
     stats = SpaceStats()
@@ -338,7 +338,7 @@ def test_decoder_never_raises_on_forged_records(raws: list[bytes]) -> None:
 def test_ring_sizes() -> None:
     from vmshield.cli.checks import ring_size
     from vmshield.errors import VmshieldError
-    from vmshield.space.space import ring_size_for
+    from vmshield.space.region import ring_size_for
 
     assert ring_size_for(512 << 20, 1) == 16 << 20
     assert ring_size_for(512 << 20, 4) == 4 << 20

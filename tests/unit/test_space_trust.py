@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 
 from vmshield.errors import MemoryAccessError
 from vmshield.guest.paging import PageWalker
-from vmshield.monitor.catalog import match_filter
+from vmshield.objects.filters import match_filter
 from vmshield.space import layout as L
 from vmshield.space.alert import Alert
+from vmshield.space.base import PAGE, Region, SiteState
 from vmshield.space.rings import AgentModel, RingReader
-from vmshield.space.space import PAGE, Region, SecuritySpace, SiteState
+from vmshield.space.space import SecuritySpace
 
 RING = L.RING_MIN  # bytes of records per CPU
 REC = 128  # every record here: header, 6 arguments (the size of a kfunc record)

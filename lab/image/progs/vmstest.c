@@ -191,19 +191,26 @@ __attribute__((noinline)) long vms_ufunc_target(long a, long b)
 	return a * 1000 + b;
 }
 
+/* Nanoseconds from a to now (CLOCK_MONOTONIC): the timed part of a benchmark. */
+static long ns_since(const struct timespec *a)
+{
+	struct timespec b;
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	return (long)(b.tv_sec - a->tv_sec) * 1000000000L + (b.tv_nsec - a->tv_nsec);
+}
+
 /* A syscall-heavy loop for benchmarks: N getpid calls, made as raw syscalls so that
  * no libc caching hides them. */
 static int do_loop(long n)
 {
-	long i;
-	struct timespec a, b;
+	long i, ns;
+	struct timespec a;
 	clock_gettime(CLOCK_MONOTONIC, &a);
 	for (i = 0; i < n; i++)
 		syscall(SYS_getpid);
-	clock_gettime(CLOCK_MONOTONIC, &b);
+	ns = ns_since(&a);
 	ident("loop");
-	printf(" n=%ld ns=%ld\n", n,
-	       (long)(b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec));
+	printf(" n=%ld ns=%ld\n", n, ns);
 	return 0;
 }
 
@@ -211,9 +218,9 @@ static int do_loop(long n)
  * open/read/close, two loopback connects (refused) and fifty getpid calls. */
 static int do_mix(long rounds)
 {
-	long i, j;
+	long i, j, ns;
 	char buf[256];
-	struct timespec a, b;
+	struct timespec a;
 	clock_gettime(CLOCK_MONOTONIC, &a);
 	for (i = 0; i < rounds; i++) {
 		pid_t child = fork();
@@ -241,10 +248,9 @@ static int do_mix(long rounds)
 		for (j = 0; j < 50; j++)
 			syscall(SYS_getpid);
 	}
-	clock_gettime(CLOCK_MONOTONIC, &b);
+	ns = ns_since(&a);
 	ident("mix");
-	printf(" rounds=%ld ns=%ld\n", rounds,
-	       (long)(b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec));
+	printf(" rounds=%ld ns=%ld\n", rounds, ns);
 	return 0;
 }
 

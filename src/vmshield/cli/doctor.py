@@ -89,10 +89,9 @@ def diagnose(vm: str, t: Any, k: Kernel, cr4: int) -> dict[str, Any]:
     """Everything the doctor reports, as data (``--json`` prints it as is)."""
     from vmshield.guest.kconsts import tif_sigpending_bit
     from vmshield.guest.tasks import current_task_offset
-    from vmshield.monitor.catalog import CATALOG
     from vmshield.monitor.request import IsolationRequest, resolve
     from vmshield.monitor.space_engine import unsupported
-    from vmshield.space.captures import plan_for
+    from vmshield.objects.catalog import CATALOG, plan_for
 
     rows: list[dict[str, str]] = []
     _row(rows, "kernel", k.release)
@@ -169,6 +168,7 @@ def doctor(
 ) -> None:
     """What vmshield finds in this guest kernel, which objects and engines it can use
     here, and why not when it cannot."""
+    from vmshield import open_vm
     from vmshield.cli import main as cli
 
     t0 = time.perf_counter()
@@ -181,9 +181,9 @@ def doctor(
                 k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, None)  # fresh: the layout
                 info = diagnose(target, t, k, cpu.cr4)
         else:
-            with cli.attached(target, symbols_file) as (t, k):
-                cr4 = t.cpus()[0].cr4 if t is not None else 0
-                info = diagnose(target, t, k, cr4)
+            with open_vm(target, symbols=symbols_file, notes=cli._note) as vm:
+                cr4 = vm.target.cpus()[0].cr4 if vm.target is not None else 0
+                info = diagnose(target, vm.target, vm.kernel, cr4)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
         cli._print_json(info)

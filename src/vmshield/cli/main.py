@@ -23,15 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vmshield import open_vm
 from vmshield.cli import service
 from vmshield.cli.oneline import OneLineErrors, seconds
-from vmshield.errors import GuestFormatError, VmshieldError
-from vmshield.guest.kernel import Kernel
-from vmshield.guest.symcache import SymbolCache
-from vmshield.guest.vm import VM
+from vmshield.errors import VmshieldError
 from vmshield.hv.target import Target
 from vmshield.lab import vm as labvm
-from vmshield.paths import cache_dir, run_dir
 from vmshield.text import cell, term
 
 # Help texts are docstrings: markdown mode reflows their paragraphs (no line broken
@@ -86,63 +83,8 @@ def _errors() -> Iterator[None]:
         _fail(e)
 
 
-@contextmanager
-def attached(
-    target: str, symbols_file: Path | None = None
-) -> Iterator[tuple[Target | None, Kernel]]:
-    """Open a target (a live VM, or a QEMU memory dump file) and build its kernel model
-    (cached per build, or from ``--symbols``); close on exit."""
-    cache = SymbolCache(cache_dir() / "symtab")
-
-    def attach(read: Any, cr3: int, cr4: int) -> Kernel:
-        from vmshield.guest import transfer
-
-        spec = str(symbols_file) if symbols_file is not None else ""
-        if spec == "guest-agent" or spec.startswith("guest-agent:"):
-            sock = transfer.agent_socket(target, run_dir(), spec)
-            return transfer.attach_via_agent(read, cr3, cr4, sock)
-        if symbols_file is not None:
-            return Kernel.attach_external(read, cr3, cr4, symbols_file)
-        try:
-            return Kernel.attach(read, cr3, cr4, cache)
-        except GuestFormatError as e:
-            # The fallback of the method: the guest's own table, through its agent.
-            sock = transfer.agent_socket(target, run_dir(), "guest-agent")
-            if Path(target).is_file() or not sock.exists():
-                raise
-            err.print(
-                f"note: {e}; asking the guest agent at {sock} for /proc/kallsyms",
-                highlight=False,
-                soft_wrap=True,
-                markup=False,
-            )
-            try:
-                return transfer.attach_via_agent(read, cr3, cr4, sock)
-            except VmshieldError as e2:
-                raise GuestFormatError(f"{e}; and the guest agent: {e2}") from None
-
-    if Path(target).is_file():
-        from vmshield.hv.dumpfile import GuestDump
-
-        with _errors():
-            dump = GuestDump(Path(target))
-            try:
-                if not dump.cpus:
-                    raise VmshieldError(f"{target}: no vCPU state in the dump (QEMU note)")
-                dcpu = dump.cpus[0]
-                k = attach(dump.read, dcpu.cr3, dcpu.cr4)
-                yield None, k
-            finally:
-                dump.close()
-        return
-    with _errors(), Target(target) as t:
-        cpu = t.cpus()[0]
-        k = attach(t.mem.read, cpu.cr3, cpu.cr4)
-        try:
-            yield t, k
-        finally:
-            if k.build.dirty and symbols_file is None:
-                cache.store(k.build)
+def _note(text: str) -> None:
+    err.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_json(obj: Any) -> None:
@@ -223,10 +165,10 @@ def vm_run(
 def kernel(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """The guest kernel: version, KASLR slide, symbol and BTF type counts."""
     t0 = time.perf_counter()
-    with attached(target, symbols_file) as (t, k):
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        k = vm.kernel
         attach_s = time.perf_counter() - t0
-        with _errors():
-            btf_types = k.btf.type_count
+        btf_types = k.btf.type_count
         info = {
             "vm": target,
             "version": k.banner,
@@ -235,7 +177,7 @@ def kernel(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = N
             "text": f"{k.text:#x}",
             "symbols": len(k.symbols),
             "btf_types": btf_types,
-            "memory_access": t.memory_kind if t else "dump",
+            "memory_access": vm.target.memory_kind if vm.target else "dump",
             "cached": k.stats.cached,
             "attach_seconds": round(attach_s, 4),
             "total_seconds": round(time.perf_counter() - t0, 4),
@@ -258,17 +200,12 @@ def symbols(
 ) -> None:
     """Kernel symbols in /proc/kallsyms format: ADDRESS TYPE NAME."""
     try:
-        pat = re.compile(regex) if regex else None
+        re.compile(regex or "")  # checked before attaching
     except re.error as e:
         _fail(VmshieldError(f"bad regex {regex!r}: {e}"))
         return
-    with attached(target, symbols_file) as (_t, k):
-        syms = k.symbols
-        rows = [
-            (a, ty, n)
-            for n, a, ty in zip(syms.names, syms.addrs, syms.types, strict=True)
-            if pat is None or pat.search(n)
-        ]
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        rows = [(s.address, s.type, s.name) for s in vm.symbols(regex)]
     if as_json:
         _print_json([{"address": f"{a:016x}", "type": ty, "name": n} for a, ty, n in rows])
         return
@@ -278,18 +215,8 @@ def symbols(
 @app.command()
 def ps(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Processes of the guest (pid, ppid, uid, comm), walked from init_task."""
-    from vmshield.guest.tasks import tasks
-
-    with attached(target, symbols_file) as (t, k):
-        was_running = t is not None and t.qmp.running()
-        if t and was_running:
-            t.qmp.stop()  # a consistent list: the guest does not run while we walk it
-        try:
-            with _errors():
-                ts = tasks(k)
-        finally:
-            if t and was_running:
-                t.qmp.cont()
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        ts = vm.ps()  # with the VM paused: a consistent list
     if as_json:
         _print_json(
             [
@@ -315,10 +242,8 @@ def ps(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None)
 @app.command()
 def modules(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOpt = None) -> None:
     """Loaded kernel modules (name, state, base, size)."""
-    from vmshield.guest.modules import modules as walk
-
-    with attached(target, symbols_file) as (_t, k), _errors():
-        ms = walk(k)
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        ms = vm.modules()
     if as_json:
         _print_json(
             [
@@ -441,14 +366,14 @@ def monitor(
         # of hundreds of thousands of events must not cost a write(2) each.
         sys.stdout.write(line + "\n")
 
-    with attached(target, symbols_file) as (t, k), _errors():
-        if t is None:
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        if not vm.live:
             raise VmshieldError("monitor needs a running VM, not a dump file")
         faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
         _signal.signal(_signal.SIGTERM, _on_signal)
         _signal.signal(_signal.SIGINT, _on_signal)
         mon = Monitor(
-            VM(target, t, k, lambda: None), wanted, engine=engine, on_tamper=on_tamper,
+            vm, wanted, engine=engine, on_tamper=on_tamper,
             dump_dir=dump_dir, dump_interval=dump_interval, check_interval=check_interval,
             notes=note, ring_size=ring_bytes, aggregate=aggregate,
         )  # fmt: skip
@@ -500,7 +425,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @app.command()
 def catalog(as_json: JsonOpt = False) -> None:
     """The isolation objects: points, fields, filters and allowed actions."""
-    from vmshield.monitor.catalog import CATALOG, INTEGRITY
+    from vmshield.objects.catalog import CATALOG, INTEGRITY
 
     rows = [
         {
@@ -566,9 +491,10 @@ def space_build(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOp
     from vmshield.space.borrow import borrowed
     from vmshield.space.space import SecuritySpace
 
-    with attached(target, symbols_file) as (t, k), _errors():
-        if t is None:
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        if vm.target is None:
             raise VmshieldError("space build needs a running VM, not a dump file")
+        t, k = vm.target, vm.kernel
         if SecuritySpace.load_state(t, k) is not None:
             raise VmshieldError(f"{target} already has a security space (vmshield space status)")
         sp = SecuritySpace(t, k)
@@ -584,9 +510,10 @@ def space_status(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsO
     """Where the security space is, its patched sites, ring counters, integrity."""
     from vmshield.space.space import SecuritySpace
 
-    with attached(target, symbols_file) as (t, k), _errors():
-        if t is None:
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        if vm.target is None:
             raise VmshieldError("space status needs a running VM")
+        t, k = vm.target, vm.kernel
         sp = SecuritySpace.load_state(t, k)
         if sp is None:
             raise VmshieldError(f"{target} has no security space (vmshield space build)")
@@ -627,11 +554,13 @@ def space_destroy(target: VmArg, symbols_file: SymbolsOpt = None) -> None:
 
 def _destroy_space(target: str, required: bool, symbols_file: Path | None = None) -> bool:
     from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
-    from vmshield.space.space import SecuritySpace, StaleSpace
+    from vmshield.space.errors import StaleSpace
+    from vmshield.space.space import SecuritySpace
 
-    with attached(target, symbols_file) as (t, k):
-        if t is None:
+    with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
+        if vm.target is None:
             raise VmshieldError("needs a running VM")
+        t, k = vm.target, vm.kernel
         if journal_path(t).exists():  # a monitor died while the guest ran its call
             done = recover_orphaned_call(t, k)
             if done is not None:

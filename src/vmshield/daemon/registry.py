@@ -333,7 +333,8 @@ class Registry:
         does, so the stored requests can be armed on clean functions. Records the guest
         wrote into a dead monitor's rings are not recovered."""
         from vmshield.space.borrow import borrowed, journal_path, recover_orphaned_call
-        from vmshield.space.space import SecuritySpace, StaleSpace
+        from vmshield.space.errors import StaleSpace
+        from vmshield.space.space import SecuritySpace
 
         assert slot.vm is not None
         t, k = slot.vm.require_live("recover"), slot.vm.kernel

@@ -29,6 +29,7 @@ from pathlib import Path
 from vmshield.errors import GuestFormatError
 from vmshield.guest.symbols import Symbol, addresses_hidden
 from vmshield.guest.symfiles import load_isf, parse_proc_kallsyms, parse_volatility_isf
+from vmshield.paths import read_input
 
 KERNEL_MAP_START = 0xFFFF_FFFF_8000_0000
 KERNEL_MAP_END = 0xFFFF_FFFF_C000_0000
@@ -68,13 +69,7 @@ def load_symbol_file(path: Path) -> SymbolFile:
     """Read and parse ``path`` (format detected from its content); module symbols of a
     /proc/kallsyms copy are dropped (modules are found in guest memory)."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE + 1)
-    except OSError as e:
-        raise GuestFormatError(f"--symbols {source}: {e.strerror or e}") from None
-    if len(raw) > MAX_FILE:
-        raise GuestFormatError(f"--symbols {source}: larger than {MAX_FILE >> 20} MiB")
+    raw = read_input(path, MAX_FILE, f"--symbols {source}", f"larger than {MAX_FILE >> 20} MiB")
     digest = hashlib.sha256(raw).hexdigest()
     if raw.lstrip()[:1] == b"{" or raw[:2] == b"\x1f\x8b" or raw[:3] in (b"BZh", b"\xfd7z"):
         syms = parse_volatility_isf(load_isf(raw, source=source), source=source)

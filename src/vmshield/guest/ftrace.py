@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import capstone
 
-from vmshield.errors import SymbolError
+from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.kernel import Kernel
 
 ENDBR64 = bytes.fromhex("f30f1efa")  # IBT landing pad (6.12)
@@ -58,3 +58,65 @@ def place_point(kernel: Kernel, symbol: str) -> MonitoringPoint:
     raise SymbolError(
         f"{symbol} has no ftrace NOP at its entry (found {at.hex()}); is another tracer using it?"
     )
+
+
+# dyn_ftrace.flags bits (their values differ between releases: read from BTF).
+FTRACE_FLAGS = (
+    "FTRACE_FL_ENABLED", "FTRACE_FL_REGS", "FTRACE_FL_REGS_EN", "FTRACE_FL_TRAMP",
+    "FTRACE_FL_TRAMP_EN", "FTRACE_FL_IPMODIFY", "FTRACE_FL_DISABLED", "FTRACE_FL_DIRECT",
+    "FTRACE_FL_DIRECT_EN", "FTRACE_FL_CALL_OPS", "FTRACE_FL_CALL_OPS_EN", "FTRACE_FL_TOUCHED",
+    "FTRACE_FL_MODIFIED",
+)  # fmt: skip
+MAX_FTRACE_PAGES = 20000
+MAX_FTRACE_RECORDS = 200000
+
+
+def ftrace_count_mask(k: Kernel) -> int:
+    """The use-count bits of ``dyn_ftrace.flags``: below the lowest FTRACE_FL_* flag
+    (23 bits on 5.10/6.1, 19 on 6.12, which added TOUCHED and MODIFIED)."""
+    low = 1 << 31
+    for name in FTRACE_FLAGS:
+        try:
+            v = k.btf.enum_value(None, name) & 0xFFFFFFFF
+        except VmshieldError:
+            continue
+        if v:
+            low = min(low, v)
+    return low - 1
+
+
+def ftrace_record(k: Kernel, ip: int) -> int | None:
+    """``struct dyn_ftrace *`` for ``ip`` (bounded walk of ``ftrace_pages_start``, a
+    binary search in each page's sorted records)."""
+    if "ftrace_pages_start" not in k.symbols:
+        return None
+    off = k.member_offset
+    o_next, o_recs = off("ftrace_page", "next"), off("ftrace_page", "records")
+    o_index = off("ftrace_page", "index")
+    size = k.sizeof("dyn_ftrace")
+    pg = k.u64(k.symbols.address("ftrace_pages_start"))
+    seen = set()
+    for _ in range(MAX_FTRACE_PAGES):
+        if not pg or pg in seen:
+            return None
+        seen.add(pg)
+        recs, n = k.u64(pg + o_recs), k.s32(pg + o_index)
+        if 0 < n <= MAX_FTRACE_RECORDS and recs:
+            first, last = k.u64(recs), k.u64(recs + (n - 1) * size)
+            if first <= ip <= last:
+                lo, hi = 0, n - 1
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    v = k.u64(recs + mid * size)
+                    if v == ip:
+                        return recs + mid * size
+                    lo, hi = (mid + 1, hi) if v < ip else (lo, mid - 1)
+        pg = k.u64(pg + o_next)
+    return None
+
+
+def ftrace_users(k: Kernel) -> bool:
+    """Whether any ftrace_ops is registered in the guest (tracer, kprobe, BPF...)."""
+    if "ftrace_ops_list" not in k.symbols or "ftrace_list_end" not in k.symbols:
+        return True  # cannot tell: the safe answer
+    return k.u64(k.symbols.address("ftrace_ops_list")) != k.symbols.address("ftrace_list_end")

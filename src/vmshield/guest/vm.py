@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from vmshield.errors import VmshieldError
+from vmshield.errors import GuestFormatError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.modules import ModuleInfo
 from vmshield.guest.modules import modules as walk_modules
+from vmshield.guest.paging import ReadPhys
 from vmshield.guest.symcache import SymbolCache
 from vmshield.guest.tasks import TaskInfo, tasks
 from vmshield.hv.target import Target
-from vmshield.paths import cache_dir
+from vmshield.paths import cache_dir, run_dir
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,49 @@ class VM:
         return self.require_live("state").gdb_path().with_suffix(f".{kind}.json")
 
 
-def open_vm(target: str, *, cache: SymbolCache | None = None) -> VM:
+def open_vm(
+    target: str,
+    *,
+    symbols: str | Path | None = None,
+    cache: SymbolCache | None = None,
+    notes: Callable[[str], None] | None = None,
+) -> VM:
     """Attach to ``target``: a lab VM name, a QEMU QMP socket path, or a QEMU ELF dump.
 
     Nothing in the guest changes: memory is read through QEMU's shared RAM (or its
     process memory) and the kernel is found from its page tables and kallsyms.
+    ``symbols``: a System.map, a /proc/kallsyms copy or a Volatility ISF to take the
+    symbols from instead (checked against memory), or ``guest-agent[:SOCKET]`` for the
+    guest's own /proc/kallsyms through its QEMU guest agent. Without it, a kernel whose
+    kallsyms cannot be decoded falls back to the guest agent of a live VM when it has
+    one, and says so through ``notes``.
     """
     cache = cache or SymbolCache(cache_dir() / "symtab")
+    note = notes or (lambda _text: None)
+
+    def attach(read: ReadPhys, cr3: int, cr4: int) -> Kernel:
+        from vmshield.guest import transfer  # the guest agent client: only when asked
+
+        spec = str(symbols) if symbols is not None else ""
+        if spec == "guest-agent" or spec.startswith("guest-agent:"):
+            return transfer.attach_via_agent(
+                read, cr3, cr4, transfer.agent_socket(target, run_dir(), spec)
+            )
+        if symbols is not None:
+            return Kernel.attach_external(read, cr3, cr4, Path(symbols))
+        try:
+            return Kernel.attach(read, cr3, cr4, cache)
+        except GuestFormatError as e:
+            # The fallback of the method: the guest's own table, through its agent.
+            sock = transfer.agent_socket(target, run_dir(), "guest-agent")
+            if Path(target).is_file() or not sock.exists():
+                raise
+            note(f"note: {e}; asking the guest agent at {sock} for /proc/kallsyms")
+            try:
+                return transfer.attach_via_agent(read, cr3, cr4, sock)
+            except VmshieldError as e2:
+                raise GuestFormatError(f"{e}; and the guest agent: {e2}") from None
+
     if Path(target).is_file():
         from vmshield.hv.dumpfile import GuestDump
 
@@ -136,7 +173,7 @@ def open_vm(target: str, *, cache: SymbolCache | None = None) -> VM:
             if not dump.cpus:
                 raise VmshieldError(f"{target}: no vCPU state in the dump (QEMU note)")
             dcpu = dump.cpus[0]
-            k = Kernel.attach(dump.read, dcpu.cr3, dcpu.cr4, cache)
+            k = attach(dump.read, dcpu.cr3, dcpu.cr4)
         except BaseException:
             dump.close()
             raise
@@ -144,14 +181,14 @@ def open_vm(target: str, *, cache: SymbolCache | None = None) -> VM:
     t = Target(target).open()
     try:
         cpu = t.cpus()[0]
-        k = Kernel.attach(t.mem.read, cpu.cr3, cpu.cr4, cache)
+        k = attach(t.mem.read, cpu.cr3, cpu.cr4)
     except BaseException:
         t.close()
         raise
 
     def close() -> None:
         try:
-            if k.build.dirty:
+            if k.build.dirty and symbols is None:
                 cache.store(k.build)
         finally:
             t.close()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmshield.errors import GuestFormatError, VmshieldError
+from vmshield.paths import read_input
 
 __all__ = [
     "MAX_BZIMAGE_SIZE",
@@ -361,13 +362,8 @@ def extract_vmlinux(
     unreadable file is reported as a :class:`GuestFormatError` naming it.
     """
     source = str(path)
-    try:
-        with open(path, "rb") as handle:
-            image = handle.read(MAX_BZIMAGE_SIZE + 1)
-    except OSError as exc:
-        raise GuestFormatError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    if len(image) > MAX_BZIMAGE_SIZE:
-        raise GuestFormatError(f"{source}: larger than {MAX_BZIMAGE_SIZE} bytes, not a bzImage")
+    too_large = f"larger than {MAX_BZIMAGE_SIZE} bytes, not a bzImage"
+    image = read_input(path, MAX_BZIMAGE_SIZE, source, too_large, unreadable="cannot read: ")
     return extract_vmlinux_bytes(image, source=source, max_size=max_size, timeout=timeout)
 
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 from vmshield.errors import VmshieldError
 from vmshield.monitor.actions import ActionRefused
-from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.objects.filters import match_filter
 
 RANK = {"log": 0, "dump": 1, "pause": 2, "kill": 3, "deny": 4}  # strongest verdict wins
 PROCESS_KEYS = ("pid", "comm", "uid")

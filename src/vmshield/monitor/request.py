@@ -20,16 +20,11 @@ from pydantic import BaseModel, Field, field_validator
 from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest.ftrace import MonitoringPoint, place_point
 from vmshield.guest.kernel import Kernel
-from vmshield.monitor import ufunc
-from vmshield.monitor.catalog import (
-    ALL_ACTIONS,
-    CATALOG,
-    INTEGRITY,
-    KFUNC,
-    CatalogObject,
-    kfunc_object,
-    ufunc_object,
-)
+from vmshield.objects import ufunc
+from vmshield.objects.catalog import CATALOG, INTEGRITY
+from vmshield.objects.kfunc import KFUNC, kfunc_object
+from vmshield.objects.model import ALL_ACTIONS, CatalogObject
+from vmshield.objects.ufunc import UFUNC, ufunc_object
 
 
 class RequestError(VmshieldError):
@@ -52,9 +47,6 @@ class IsolationRequest(BaseModel):
     def _known_object(cls, v: str) -> str:
         catalog_object(v)
         return v
-
-
-UFUNC = "ufunc:"
 
 
 def parse_ufunc(name: str) -> tuple[str, int | None, str | None]:
@@ -185,11 +177,8 @@ def parse_filters(items: list[str]) -> dict[str, str]:
 
 
 PROCESS = "process:"
-PROCESS_OBJECTS = (
-    "process.exec", "process.exit", "process.fork", "file.open", "file.unlink",
-    "file.rename", "net.connect", "net.bind", "net.listen", "cred.change",
-    "ptrace.attach", "bpf.load", "module.load",
-)  # fmt: skip
+# Every catalog object; module.load last: a kernel without it is skipped, not refused.
+PROCESS_OBJECTS = (*(n for n in CATALOG if n != "module.load"), "module.load")
 
 
 def is_integrity(name: str) -> bool:
@@ -244,8 +233,4 @@ def _resolve_ufunc(req: IsolationRequest, obj: CatalogObject, kernel: Kernel) ->
         raise RequestError(f"{req.object}: {e}") from e
     label = f"{path}:{symbol}" if symbol else f"{path}+{up.offset:#x}"
     point = MonitoringPoint(label, up.address, up.address, up.address, False)
-    bound = CatalogObject(
-        obj.name, obj.summary, obj.candidates, obj.fields, obj.filters, obj.actions,
-        lambda c: ufunc.decode(c, up),
-    )  # fmt: skip
-    return ResolvedRequest(req, bound, point)
+    return ResolvedRequest(req, ufunc.bound_object(obj.name, up), point)

@@ -151,6 +151,7 @@ class Monitor:
             self.resolved.extend(subs)
         self.engine: ExitEngine | SpaceEngine | None = None
         self.fell_back = False  # the space was tampered with and removed mid-run
+        self._summary_space: Summary | None = None  # the space's counts, after a fallback
         self._callbacks: list[Callback] = []
         self._line_callbacks: list[tuple[Callable[[str], None], Callable[[], None] | None]] = []
         self._queues: list[queue.Queue[Any]] = []
@@ -450,8 +451,6 @@ class Monitor:
     def stats(self) -> Any:
         """The engine's live counters (see :class:`Summary` for a stable view)."""
         return self.engine.stats if self.engine is not None else None
-
-    _summary_space: Summary | None = None
 
     def _summarise(self, eng: ExitEngine | SpaceEngine) -> Summary:
         s = eng.stats

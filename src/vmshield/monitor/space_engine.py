@@ -39,11 +39,13 @@ from vmshield.monitor.engine import Stats
 from vmshield.monitor.events import Event, PointInfo
 from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.objects.catalog import plan_for
 from vmshield.space import captures
 from vmshield.space import layout as L
 from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow, borrowed
-from vmshield.space.space import SecuritySpace, SpaceBusy, SpaceError
+from vmshield.space.errors import SpaceBusy, SpaceError
+from vmshield.space.space import SecuritySpace
 
 DRAIN_INTERVAL = 0.02  # at most; see drain_interval()
 DRAIN_MIN = 0.001
@@ -234,7 +236,7 @@ class SpaceEngine:
             by_addr.setdefault(r.point.address, []).append(r)
         for addr, reqs in by_addr.items():
             idx = sp.add_site(reqs[0].point.symbol, addr)
-            plan = captures.plan_for(reqs[0].request.object, self.k)
+            plan = plan_for(reqs[0].request.object, self.k)
             s = sp.config.sites[idx]
             s.nfetch = len(plan.fetches)
             for j, f in enumerate(plan.fetches):

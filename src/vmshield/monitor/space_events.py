@@ -32,7 +32,6 @@ from typing import Any
 import orjson
 
 from vmshield.errors import VmshieldError
-from vmshield.monitor.catalog import match_filter
 from vmshield.monitor.events import (
     SCHEMA,
     Event,
@@ -42,6 +41,7 @@ from vmshield.monitor.events import (
     trusted_maker,
 )
 from vmshield.monitor.request import ResolvedRequest
+from vmshield.objects.filters import match_filter
 from vmshield.space import captures
 from vmshield.space import layout as L
 

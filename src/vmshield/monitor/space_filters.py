@@ -1,7 +1,7 @@
 """Request filters as the in-guest agent evaluates them (issue 12): every filter the
 request language has, decided in the guest exactly as the exit engine decides it.
 
-The exit engine compares text (:func:`vmshield.monitor.catalog.match_filter`): ``pid``
+The exit engine compares text (:func:`vmshield.objects.filters.match_filter`): ``pid``
 and ``uid`` as decimal text for equality, everything else with ``fnmatch.fnmatchcase``
 against the field as ``str()`` prints it (a path, an address as :mod:`ipaddress`
 prints it, a port in decimal, ``True``/``False``, ``None`` for a field the event lacks).
@@ -16,7 +16,7 @@ C of their own.
 A program is a byte string: printable ASCII bytes stand for themselves; ``G_STAR``,
 ``G_ANY``; ``G_LIT`` + a 24-bit code point; ``G_CLASS`` + a count + that many (low,
 high) 24-bit code-point pairs; ``G_END``. A path program is followed by alternatives
-(``G_ALT`` + program): :func:`~vmshield.monitor.catalog.path_could_match` tries every
+(``G_ALT`` + program): :func:`~vmshield.objects.filters.path_could_match` tries every
 start of the pattern's *text* against a path cut to fit the record, and a start that
 ends inside a class reads its ``[`` as a plain character: each class adds the program of
 that reading.

@@ -11,7 +11,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +172,16 @@ class Store:
         with self.engine.connect() as c:
             return [self._vm_row(r._mapping) for r in c.execute(q)]
 
-    def vm(self, vm_id: str) -> dict[str, Any] | None:
+    def _first(
+        self, q: sa.Select[Any], row: Callable[[Any], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """The first row of ``q`` as ``row`` makes it, or None."""
         with self.engine.connect() as c:
-            r = c.execute(sa.select(vms).where(vms.c.id == vm_id)).first()
-        return self._vm_row(r._mapping) if r else None
+            r = c.execute(q).first()
+        return row(r._mapping) if r else None
+
+    def vm(self, vm_id: str) -> dict[str, Any] | None:
+        return self._first(sa.select(vms).where(vms.c.id == vm_id), self._vm_row)
 
     @staticmethod
     def _vm_row(m: Any) -> dict[str, Any]:
@@ -184,9 +190,8 @@ class Store:
         return d
 
     def vm_by_target(self, host: str, target: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
-            r = c.execute(sa.select(vms).where(vms.c.host == host, vms.c.target == target)).first()
-        return self._vm_row(r._mapping) if r else None
+        q = sa.select(vms).where(vms.c.host == host, vms.c.target == target)
+        return self._first(q, self._vm_row)
 
     def set_vm_status(self, vm_id: str, kernel: str | None, status: dict[str, Any]) -> None:
         with self.engine.begin() as c:
@@ -242,9 +247,7 @@ class Store:
             )
 
     def isolation(self, req_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
-            r = c.execute(sa.select(isolations).where(isolations.c.id == req_id)).first()
-        return self._iso_row(r._mapping) if r else None
+        return self._first(sa.select(isolations).where(isolations.c.id == req_id), self._iso_row)
 
     @staticmethod
     def _iso_row(m: Any) -> dict[str, Any]:

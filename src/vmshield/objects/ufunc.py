@@ -18,7 +18,7 @@ stripped program has no symbols anywhere: give the file offset.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vmshield.errors import GuestFormatError, VmshieldError
@@ -27,8 +27,10 @@ from vmshield.guest.kernel import Kernel
 from vmshield.guest.mm import mm_walker
 from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import TaskReader
-from vmshield.monitor.context import HitContext
+from vmshield.objects.context import PointContext
+from vmshield.objects.model import COMMON_FILTERS, NON_DENY, CatalogObject
 
+UFUNC = "ufunc:"
 AT_PHDR, AT_PHNUM = 3, 5
 PT_LOAD, PT_DYNAMIC, PT_PHDR = 1, 2, 6
 DT_NULL, DT_STRTAB, DT_SYMTAB = 0, 5, 6
@@ -127,7 +129,7 @@ def locate(k: Kernel, path: str, offset: int | None, symbol: str | None = None) 
     raise VmshieldError(f"no process runs {path} now (start it, then arm the ufunc point)")
 
 
-def decode(c: HitContext, point: UserPoint) -> dict[str, Any] | None:
+def decode(c: PointContext, point: UserPoint) -> dict[str, Any] | None:
     """The event fields, or None when the process at this address is another program."""
     if exe_path(c.kernel, c.current) != point.path:
         return None
@@ -138,3 +140,22 @@ def decode(c: HitContext, point: UserPoint) -> dict[str, Any] | None:
         "address": f"{point.address:#x}",
         "args": [f"{c.arg(i):#x}" for i in range(6)],
     }
+
+
+def ufunc_object(name: str) -> CatalogObject:
+    """``ufunc:PATH:SYMBOL|OFFSET`` before it is bound to a process (validation only;
+    :func:`bound_object` gives the one a monitor arms). The security space patches
+    kernel sites only, so there is no capture plan."""
+
+    def unbound(c: PointContext) -> dict[str, Any] | None:
+        raise VmshieldError(f"{name} was not resolved against a process")
+
+    return CatalogObject(
+        name, "user-space function", (), ("path", "offset", "symbol", "address", "args"),
+        COMMON_FILTERS, NON_DENY, unbound,
+    )  # fmt: skip
+
+
+def bound_object(name: str, point: UserPoint) -> CatalogObject:
+    """The object of ``name`` decoding hits at ``point``, located in a running process."""
+    return replace(ufunc_object(name), decoder=lambda c: decode(c, point))
