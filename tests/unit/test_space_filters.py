@@ -27,9 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmshield.errors import VmshieldError
-from vmshield.objects.filters import match_filter
 from vmshield.monitor.space_engine import AGG_KEYS, _rule, _site_filters
 from vmshield.monitor.space_filters import glob_program, rule_problem
+from vmshield.objects.filters import match_filter
 from vmshield.space import agent, captures
 from vmshield.space import layout as L
 from vmshield.space.rings import encode_items
