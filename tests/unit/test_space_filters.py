@@ -27,12 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmshield.errors import VmshieldError
-from vmshield.monitor.space_engine import AGG_KEYS, _rule, _site_filters
-from vmshield.monitor.space_filters import glob_program, rule_problem
+from vmshield.monitor.space_engine import _rule
+from vmshield.objects.catalog import plan_for
 from vmshield.objects.filters import match_filter
 from vmshield.space import agent, captures
 from vmshield.space import layout as L
 from vmshield.space.rings import encode_items
+from vmshield.space.rules import glob_program, rule_problem
 
 STUB = r"""
 #include "layout.h"
@@ -92,15 +93,12 @@ KERNEL: Any = SimpleNamespace(member_offset=lambda s, f: CRED_AT[f] if s == "cre
 
 
 def _site(obj: str, filters: dict[str, str]) -> tuple[L.Site, captures.Plan]:
-    plan = captures.plan_for(obj, KERNEL)
+    plan = plan_for(obj, KERNEL)
     s = L.Site()
-    s.nfetch = len(plan.fetches)
-    s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
-    s.nargs = plan.nargs
-    _site_filters(s, obj, plan, KERNEL)
+    captures.fill_site(s, plan)
     s.rules[0] = _rule("log", filters)
     s.nrules = 1
-    s.aggregate = 1 + AGG_KEYS.get(obj, L.K_NONE)
+    s.aggregate = 1 + plan.agg_key
     return s, plan
 
 

@@ -6,7 +6,7 @@ turns records into the same ``vmshield.event/1`` events the exit engine emits, i
 batches (:mod:`vmshield.monitor.space_events`). Every request is a rule in the guest: a
 hit that no request wants is dropped there, before it takes ring space or host time.
 The agent evaluates every filter of the request language exactly as the exit engine
-does (:mod:`vmshield.monitor.space_filters`: ``pid``, ``uid``, and globs with classes on
+does (:mod:`vmshield.space.rules`: ``pid``, ``uid``, and globs with classes on
 ``comm``, ``path``, ``address``, ``port``, ``escalation``, ``changed``); only a pattern
 too long for a rule is checked on the host for the records the agent let through.
 ``deny`` and ``kill`` are decided in the guest; ``pause`` and ``dump`` are carried out
@@ -32,7 +32,7 @@ from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import Target
-from vmshield.monitor import space_events, space_filters
+from vmshield.monitor import space_events
 from vmshield.monitor.actions import DumpPolicy, pause_vm, vm_status
 from vmshield.monitor.dispatch import Hit, dispatch
 from vmshield.monitor.engine import Stats
@@ -40,7 +40,7 @@ from vmshield.monitor.events import Event, PointInfo
 from vmshield.monitor.kinds import EngineKind
 from vmshield.monitor.request import ResolvedRequest
 from vmshield.objects.catalog import plan_for
-from vmshield.space import captures
+from vmshield.space import captures, rules
 from vmshield.space import layout as L
 from vmshield.space.alert import Alert
 from vmshield.space.borrow import Borrow, borrowed
@@ -78,33 +78,14 @@ def unsupported(requests: list[ResolvedRequest]) -> str | None:
 
 def _rule_problem(filters: dict[str, str]) -> str | None:
     """Why the agent cannot decide these filters exactly as the exit engine would."""
-    return space_filters.rule_problem(filters)
+    return rules.rule_problem(filters)
 
 
 def _rule(action: str, filters: dict[str, str]) -> L.Rule:
     """The agent's rule for one request: every filter, evaluated in the guest
-    (:mod:`vmshield.monitor.space_filters`); a pattern too long for the rule sets
+    (:mod:`vmshield.space.rules`); a pattern too long for the rule sets
     ``R_HOST`` (the host checks the records the rule lets through)."""
-    return space_filters.rule_for(AGENT_ACTIONS.get(action, L.A_LOG), filters)
-
-
-AGG_KEYS = {"process.exec": L.K_PATH, "file.open": L.K_PATH, "file.unlink": L.K_PATH,
-            "file.rename": L.K_PATH, "net.connect": L.K_NET, "net.bind": L.K_NET,
-            "net.listen": L.K_NET, "cred.change": L.K_EUID, "module.load": L.K_NAME}  # fmt: skip
-
-
-def _site_filters(s: L.Site, obj: str, plan: captures.Plan, k: Kernel) -> None:
-    """What the agent needs beyond the plan to build the texts filters compare: which
-    items the host's decoder cannot do without (all but exec's argv, whose fault it
-    reports and goes on), where cred.change's fields are, how IPv6 is printed."""
-    s.need_items = ((1 << len(plan.fetches)) - 1) & ~(2 if obj == "process.exec" else 0)
-    s.cred_item = -1
-    if obj == "cred.change":
-        offs = [k.member_offset("cred", f) for f in captures.CRED_FIELDS]
-        s.cred_item = 0
-        for i, o in enumerate(offs):
-            s.cred_off[i] = o - min(offs)
-    s.net_flags = space_filters.v4mapped_dotted()
+    return rules.rule_for(AGENT_ACTIONS.get(action, L.A_LOG), filters)
 
 
 def _agg_key_text(slot: L.AggSlot) -> str:
@@ -238,12 +219,7 @@ class SpaceEngine:
             idx = sp.add_site(reqs[0].point.symbol, addr)
             plan = plan_for(reqs[0].request.object, self.k)
             s = sp.config.sites[idx]
-            s.nfetch = len(plan.fetches)
-            for j, f in enumerate(plan.fetches):
-                s.fetch[j] = f
-            s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
-            s.nargs, s.max_size = plan.nargs, plan.max_size()
-            _site_filters(s, reqs[0].request.object, plan, self.k)
+            captures.fill_site(s, plan)
             srs = []
             for pos, r in enumerate(reqs):  # unsupported() allows at most MAX_RULES
                 rule = _rule(r.request.action, r.request.filters)
@@ -259,7 +235,7 @@ class SpaceEngine:
                 if why:
                     self.not_aggregated.append(f"{reqs[0].point.symbol}: {why}")
                 else:
-                    s.aggregate = 1 + AGG_KEYS.get(reqs[0].request.object, L.K_NONE)
+                    s.aggregate = 1 + plan.agg_key
             s.enabled = 1
             fast = all(r.request.action in space_events.FAST_ACTIONS for r in reqs)
             raw_args = reqs[0].request.object.startswith("kfunc:")

@@ -45,7 +45,8 @@ def _creds_plan(k: Kernel) -> Plan:
     return Plan(
         (fetch(L.F_KMEM, 0, (lo,), hi - lo),
          fetch(L.F_KMEM, L.B_CURRENT, (k.member_offset("task_struct", "cred"), lo), hi - lo)),
-        _creds_captured(k, lo),
+        _creds_captured(k, lo), agg_key=L.K_EUID,
+        cred_offsets=tuple(k.member_offset("cred", f) - lo for f in CRED_FIELDS),
     )  # fmt: skip
 
 

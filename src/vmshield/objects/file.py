@@ -41,7 +41,7 @@ def _open_plan(k: Kernel) -> Plan:
         (fetch(L.F_DPATH, 0, (off("file", "f_path"),), PATH_MAX_CAPTURE),
          fetch(L.F_KMEM, 0, (off("file", "f_flags"),), 4),
          fetch(L.F_KMEM, 0, (off("file", "f_mode"),), 4)),
-        _open_captured, path_item=0,
+        _open_captured, path_item=0, agg_key=L.K_PATH,
     )  # fmt: skip
 
 
@@ -63,7 +63,8 @@ def _unlink(c: PointContext) -> dict[str, Any]:
 
 
 def _unlink_plan(k: Kernel) -> Plan:
-    return Plan((_dentry_path(k, 0, 1),), lambda c: captured_path(c, 0, "path"), 0)
+    return Plan((_dentry_path(k, 0, 1),), lambda c: captured_path(c, 0, "path"), 0,
+                agg_key=L.K_PATH)  # fmt: skip
 
 
 # -- file.rename ----------------------------------------------------------------------
@@ -77,7 +78,8 @@ def _rename(c: PointContext) -> dict[str, Any]:
 
 
 def _rename_plan(k: Kernel) -> Plan:
-    return Plan((_dentry_path(k, 0, 1), _dentry_path(k, 2, 3)), _rename_captured, path_item=0)
+    return Plan((_dentry_path(k, 0, 1), _dentry_path(k, 2, 3)), _rename_captured, path_item=0,
+                agg_key=L.K_PATH)  # fmt: skip
 
 
 def _rename_captured(c: Captured) -> dict[str, Any]:

@@ -21,7 +21,8 @@ def _module(c: PointContext) -> dict[str, Any]:
 
 def _module_plan(k: Kernel) -> Plan:
     # 64 > MODULE_NAME_LEN: a name that fills its array is not "truncated".
-    return Plan((fetch(L.F_KSTR, 0, (k.member_offset("module", "name"),), 64),), _captured)
+    return Plan((fetch(L.F_KSTR, 0, (k.member_offset("module", "name"),), 64),), _captured,
+                agg_key=L.K_NAME)  # fmt: skip
 
 
 def _captured(c: Captured) -> dict[str, Any]:

@@ -24,7 +24,8 @@ def _sock_addr(c: PointContext) -> dict[str, Any]:
 
 
 def _sock_addr_plan(k: Kernel) -> Plan:
-    return Plan((fetch(L.F_KMEM, 1, (0,), 28),), _sock_addr_captured, port_item=0, nargs=3)
+    return Plan((fetch(L.F_KMEM, 1, (0,), 28),), _sock_addr_captured, port_item=0, nargs=3,
+                agg_key=L.K_NET)  # fmt: skip
 
 
 def _sock_addr_captured(c: Captured) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def _listen_plan(k: Kernel) -> Plan:
         (fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_num")), 2),
          fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_family")), 2),
          fetch(L.F_KMEM, 0, (sk, off("sock", "__sk_common.skc_rcv_saddr")), 4)),
-        _listen_captured, port_item=0, port_mode=PORT_HOST_U16, nargs=2,
+        _listen_captured, port_item=0, port_mode=PORT_HOST_U16, nargs=2, agg_key=L.K_NET,
     )  # fmt: skip
 
 

@@ -62,7 +62,8 @@ def _exec_plan(k: Kernel) -> Plan:
     argv.nderef = 0
     return Plan(
         (fetch(L.F_KSTR, 0, (off("linux_binprm", "filename"), 0), 256), argv),
-        _exec_captured, path_item=0,
+        _exec_captured, path_item=0, agg_key=L.K_PATH,
+        optional_items=1 << 1,  # argv: its fault is reported and the event goes on
     )  # fmt: skip
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from vmshield.errors import VmshieldError
 from vmshield.space import layout as L
+from vmshield.space.rules import v4mapped_dotted
 
 PATH_MAX_CAPTURE = 400  # bytes per path in a record (two fit, for rename)
 ARGV_MAX_CAPTURE = 560
-AGENT_FILTERS = frozenset({"pid", "uid", "comm", "path", "port"})  # exactly, in the guest
 PORT_SOCKADDR, PORT_HOST_U16 = 0, 1
 
 
@@ -80,11 +80,36 @@ class Plan:
     port_item: int = -1
     port_mode: int = PORT_SOCKADDR
     nargs: int = 0  # argument registers the decoder reads (records keep only these)
+    # What the guest aggregates hits by when asked to (``L.K_*``; K_NONE: the subject).
+    agg_key: int = L.K_NONE
+    # Items the decoder can do without (bit n: item n; exec goes on without argv and
+    # reports its fault); a fault in any other item leaves the event without fields.
+    optional_items: int = 0
+    # Offsets of uid, euid, gid, egid, fsuid, cap_effective within items 0 (new) and 1
+    # (old) when those items are ``struct cred`` spans (cred.change); empty: none.
+    cred_offsets: tuple[int, ...] = ()
 
     def max_size(self) -> int:
         """The largest record this plan can make (the room the agent reserves)."""
         items = sum((4 + int(f.len) + 7) & ~7 for f in self.fetches)
         return min(L.RECORD_MAX, L.RECORD_HEADER + 8 * self.nargs + items)
+
+
+def fill_site(s: L.Site, plan: Plan) -> None:
+    """Write a plan into the agent's site: its fetches and what the agent needs beyond
+    them to build the texts filters compare (the items the decoder cannot do without,
+    where a cred's fields are, how IPv6 addresses are printed). Generic on purpose:
+    everything particular to an object is a field of its plan."""
+    s.nfetch = len(plan.fetches)
+    for j, f in enumerate(plan.fetches):
+        s.fetch[j] = f
+    s.path_item, s.port_item, s.port_mode = plan.path_item, plan.port_item, plan.port_mode
+    s.nargs, s.max_size = plan.nargs, plan.max_size()
+    s.need_items = ((1 << len(plan.fetches)) - 1) & ~plan.optional_items
+    s.cred_item = 0 if plan.cred_offsets else -1
+    for i, o in enumerate(plan.cred_offsets):
+        s.cred_off[i] = o
+    s.net_flags = v4mapped_dotted()
 
 
 def fetch(kind: int, base: int, offs: tuple[int, ...] = (0,), length: int = 8,

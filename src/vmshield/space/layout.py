@@ -63,7 +63,7 @@ R_PID, R_UID = 1, 2
 T_COMM, T_PATH, T_ADDR, T_PORT, T_ESC, T_CHG, T_COUNT = 0, 1, 2, 3, 4, 5, 6
 R_COMM, R_PATH, R_ADDR, R_PORT, R_ESC, R_CHANGED = 4, 8, 16, 32, 64, 128
 R_NEVER, R_HOST = 0x4000, 0x8000
-# glob program tokens (see monitor/space_filters.py): printable ASCII bytes are themselves
+# glob program tokens (see space/rules.py): printable ASCII bytes are themselves
 G_END, G_STAR, G_ANY, G_LIT, G_CLASS, G_ALT = 0, 1, 2, 3, 4, 5
 # Site.net_flags: IPv6 text writes an IPv4-mapped address in dotted form (the host's
 # Python does so from 3.13 on)
