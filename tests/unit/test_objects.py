@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from vmshield.errors import VmshieldError
 from vmshield.monitor.request import PROCESS_OBJECTS
 from vmshield.objects.catalog import CATALOG, INTEGRITY, plan_for
 from vmshield.objects.kfunc import kfunc_object
+from vmshield.space import layout as L
 
 
 def _families() -> dict[str, tuple[object, ...]]:
@@ -56,4 +59,25 @@ def test_kfunc_plan_reads_arguments_only() -> None:
     o = kfunc_object("security_file_open")
     assert "deny" in o.actions
     plan = plan_for(o.name, None)  # type: ignore[arg-type]  # no struct offsets read
-    assert plan.nargs == 6 and not plan.fetches
+    assert plan.nargs == 6 and not plan.fetches and plan.raw_args
+
+
+# Every struct member 8 bytes on; cred's fields spread so their span starts at 4.
+_CRED = {"uid": 4, "euid": 12, "gid": 8, "egid": 16, "fsuid": 28, "cap_effective": 40}
+_KERNEL: Any = SimpleNamespace(member_offset=lambda s, f: _CRED[f] if s == "cred" else 8)
+
+
+def test_plans_carry_what_the_agent_needs_per_object() -> None:
+    """What the space engine used to keep in tables of object names (issue 10 item 2:
+    an object is defined in one file) is now read from each object's plan."""
+    keys = {n: plan_for(n, _KERNEL).agg_key for n in CATALOG}
+    assert {n for n, k in keys.items() if k == L.K_PATH} == {
+        "process.exec", "file.open", "file.unlink", "file.rename"}  # fmt: skip
+    assert {n for n, k in keys.items() if k == L.K_NET} == {"net.connect", "net.bind", "net.listen"}
+    assert keys["cred.change"] == L.K_EUID and keys["module.load"] == L.K_NAME
+    optional = {n: plan_for(n, _KERNEL).optional_items for n in CATALOG}
+    assert {n for n, m in optional.items() if m} == {"process.exec"}
+    assert optional["process.exec"] == 2  # argv: reported as faulted, the event goes on
+    cred = plan_for("cred.change", _KERNEL)
+    assert cred.cred_offsets == (0, 8, 4, 12, 24, 36)
+    assert all(not plan_for(n, _KERNEL).cred_offsets for n in CATALOG if n != "cred.change")

@@ -19,7 +19,7 @@ def _raw_captured(c: Captured) -> dict[str, Any]:
     return {"args": [f"{a:#x}" for a in c.args]}
 
 
-PLAN = Plan((), _raw_captured, nargs=6)  # arguments only: no struct offsets to read
+PLAN = Plan((), _raw_captured, nargs=6, raw_args=True)  # arguments only: no struct offsets to read
 
 
 def kfunc_object(symbol: str) -> CatalogObject:

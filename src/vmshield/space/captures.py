@@ -88,6 +88,8 @@ class Plan:
     # Offsets of uid, euid, gid, egid, fsuid, cap_effective within items 0 (new) and 1
     # (old) when those items are ``struct cred`` spans (cred.change); empty: none.
     cred_offsets: tuple[int, ...] = ()
+    # The event's fields are the argument registers as they are (``kfunc:`` points).
+    raw_args: bool = False
 
     def max_size(self) -> int:
         """The largest record this plan can make (the room the agent reserves)."""
