@@ -774,8 +774,10 @@ def test_forged_names_region_does_not_hang() -> None:
     blob = unit * (region // 8) + struct.pack(f"<{m}I", *(k * step for k in range(m)))
     blob += bytes(-len(blob) % 8) + table + bytes(-len(table) % 8)
     blob += struct.pack("<256H", *index)
-    result = run_bounded(_find_tables_in_child, (blob, KERNEL_BASE), 5.0)
-    assert result is not None, "find_tables ran for more than 5 s on a 264 kB blob"
+    result = run_bounded(_find_tables_in_child, (blob, KERNEL_BASE), 30.0)
+    assert result is not None, (
+        "find_tables ran for more than 30 s (unbounded: about 100 s) on a 264 kB blob"
+    )
     assert result in ("ok", "GuestFormatError")
 
 
