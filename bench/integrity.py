@@ -147,22 +147,15 @@ def soak(name: str, kernel: str, seconds: float, interval: float) -> tuple[int, 
     return rounds, found
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--kernel", default="6.1")
-    ap.add_argument("--interval", type=float, default=1.0)
-    ap.add_argument("--soak", type=float, default=600.0)
-    args = ap.parse_args()
-    os.environ.setdefault("VMSHIELD_RUN", tempfile.mkdtemp(prefix="vmshield-bench-"))
-    console = Console()
-    name = f"bench-integ-{args.kernel}"
-    labvm.start(name, args.kernel, cpus=2)
+def latency_table(console: Console, kernel: str, interval: float) -> None:
+    name = f"bench-integ-{kernel}"
+    labvm.start(name, kernel, cpus=2)
     try:
-        rows = {e: run_engine(name, args.kernel, e, args.interval) for e in ("exit", "space")}
+        rows = {e: run_engine(name, kernel, e, interval) for e in ("exit", "space")}
     finally:
         labvm.stop(name)
-    table = Table(title=f"detection latency, s after the write (kernel {args.kernel}, "
-                        f"check every {args.interval} s)")  # fmt: skip
+    table = Table(title=f"detection latency, s after the write (kernel {kernel}, "
+                        f"check every {interval} s)")  # fmt: skip
     table.add_column("engine")
     for t in TECHNIQUES:
         table.add_column(t, justify="right")
@@ -175,17 +168,34 @@ def main() -> None:
                       f"{per_s:.4f}", f"{per_s / gib:.4f}")  # fmt: skip
     console.print(table)
     console.print(f"watched {rows['exit']['MiB watched']:.1f} MiB of guest memory")
+
+
+def soak_main(console: Console, kernel: str, seconds: float, interval: float) -> None:
+    name = f"bench-soak-{kernel}"
+    labvm.start(name, kernel, cpus=1)  # 2 TCG vCPUs stall on this workload
+    try:
+        rounds, found = soak(name, kernel, seconds, interval)
+    finally:
+        labvm.stop(name)
+    console.print(f"soak {seconds:.0f} s: {rounds} rounds of module load/unload, "
+                  f"kprobe, function tracer, static key; {len(found)} finding(s)")  # fmt: skip
+    for ev in found:
+        console.print(ev.to_json(), highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--kernel", default="6.1")
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--soak", type=float, default=600.0)
+    ap.add_argument("--soak-only", action="store_true", help="skip the latency table")
+    args = ap.parse_args()
+    os.environ.setdefault("VMSHIELD_RUN", tempfile.mkdtemp(prefix="vmshield-bench-"))
+    console = Console()
+    if not args.soak_only:
+        latency_table(console, args.kernel, args.interval)
     if args.soak > 0:
-        name = f"bench-soak-{args.kernel}"
-        labvm.start(name, args.kernel, cpus=1)  # 2 TCG vCPUs stall on this workload
-        try:
-            rounds, found = soak(name, args.kernel, args.soak, args.interval)
-        finally:
-            labvm.stop(name)
-        console.print(f"soak {args.soak:.0f} s: {rounds} rounds of module load/unload, "
-                      f"kprobe, function tracer, static key; {len(found)} finding(s)")  # fmt: skip
-        for ev in found:
-            console.print(ev.to_json(), highlight=False, soft_wrap=True)
+        soak_main(console, args.kernel, args.soak, args.interval)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 One host-side implementation serves both engines. Guest memory is read through shared
 RAM (no VM exit); control registers come from QMP ``info registers -a``; the MSRs
-(LSTAR, STAR, SYSENTER_EIP), which QEMU's interfaces do not show, come from the security
-space's in-guest samples where the space runs. Each engine calls :meth:`Checker.tick`
-from its own loop and lends a *quiesced* gdbstub (every vCPU stopped) for the writes
-that must go through QEMU: code (TCG only drops stale translations for writes QEMU
-makes) and registers. Data is put back through shared RAM.
+(LSTAR, CSTAR, STAR, SYSENTER_*), which QEMU's interfaces do not show, are read and
+written back by a one-instruction probe stepped on each vCPU
+(:mod:`vmshield.monitor.msrprobe`). Each engine calls :meth:`Checker.tick` from its own
+loop and lends a *quiesced* gdbstub (every vCPU stopped) for the probe and for the
+writes that must go through QEMU: code (TCG only drops stale translations for writes
+QEMU makes) and registers. Data is put back through shared RAM. The exit engine also
+calls :meth:`Checker.at_stop` when a vCPU stops at one of its points: the small tables,
+that vCPU's control registers (already read for the hit) and MSRs, at most every
+:data:`STOP_CHECK_GAP` seconds.
 
 Why a reference taken after boot, and the kernel's own patch tables: alternatives,
 retpolines and boot-time patching are done by then; what the kernel still rewrites at
@@ -21,6 +25,7 @@ alert (``what`` = ``unreadable``), never an exception that ends the monitor.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -37,6 +42,7 @@ from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import CpuState, Target
 from vmshield.monitor.actions import DumpPolicy, pause_vm
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.msrprobe import MSRS, MsrProbe, ProbeSkipped
 
 OBJECTS = (
     "kernel.text",
@@ -49,7 +55,7 @@ OBJECTS = (
     "space.self",
 )
 RESTORABLE = frozenset({"kernel.text", "kernel.rodata", "kernel.syscall_table", "kernel.idt",
-                        "cpu.control"})  # fmt: skip
+                        "cpu.control", "cpu.msr"})  # fmt: skip
 
 CR0_WP = 1 << 16
 CR4_UMIP, CR4_SMEP, CR4_SMAP = 1 << 11, 1 << 20, 1 << 21
@@ -59,7 +65,13 @@ CONTROL_BITS: dict[str, tuple[tuple[str, int], ...]] = {
     "cr4": (("SMEP", CR4_SMEP), ("SMAP", CR4_SMAP), ("UMIP", CR4_UMIP)),
     "efer": (("NXE", EFER_NXE),),
 }
-MSR_FIELDS = ("lstar", "star", "sysenter_eip")
+MSR_EXPECTED = {"lstar": "entry_SYSCALL_64"}
+"""The kernel's own value of an MSR, from its symbols: a redirect made before the
+monitor armed is still seen (the other MSRs are referenced at their first reading)."""
+STOP_CHECK_GAP = 0.25
+"""Seconds between two checks at the exit engine's stops: a point hit thousands of times
+a second must not pay for a check each time (at most 4 a second, a few KiB read and
+one vCPU probed each)."""
 CHUNK = 1 << 16  # bytes compared at once; a differing chunk is diffed byte by byte
 MAX_TEXT = 64 << 20
 MAX_SYSCALLS = 1024
@@ -112,6 +124,7 @@ class IntegrityStats:
     restored: int = 0
     check_seconds: float = 0.0
     bytes_watched: int = 0
+    stop_checks: int = 0
 
 
 class Checker:
@@ -126,17 +139,17 @@ class Checker:
         engine: str,
         interval: float = 1.0,
         dump_policy: DumpPolicy | None = None,
-        msr_source: Callable[[], dict[int, dict[str, int]]] | None = None,
     ) -> None:
         self.t, self.k, self.emit, self.engine = target, kernel, emit, engine
         self.requests = {r.object: r for r in requests}
         self.interval = interval
         self.dumps = dump_policy
-        self.msr_source = msr_source
         self.stats = IntegrityStats()
         self.regions: list[Region] = []
         self.cpu_ref: dict[int, dict[str, int]] = {}
         self.msr_ref: dict[int, dict[str, int]] = {}
+        self.probe: MsrProbe | None = None
+        self._last_stop = 0.0
         self.module_view: set[int] = set()
         self.hidden_seen: set[int] = set()
         self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
@@ -184,8 +197,8 @@ class Checker:
                                        entry=16))  # fmt: skip
         if "cpu.control" in want or "kernel.idt" in want:
             self.cpu_ref = {c.index: _cpu_values(c) for c in self.t.cpus()}
-        if "cpu.msr" in want and self.msr_source is not None:
-            self.msr_ref = self.msr_source()
+        if "cpu.msr" in want:
+            self.probe = MsrProbe(k)
         if "kernel.modules" in want:
             self.module_view = {m.address for m in modules(self.k) if m.address}
         self.stats.bytes_watched = sum(len(r.ref) for r in self.regions)
@@ -313,6 +326,8 @@ class Checker:
             self._next = time.monotonic() + self.interval
         t0 = time.thread_time()
         findings = self.check(light=not full)
+        if full and self.probe is not None:
+            findings += self._probe_all(quiesce)
         if full:
             self.stats.checks += 1
         self.stats.check_seconds += time.thread_time() - t0
@@ -333,8 +348,6 @@ class Checker:
         if self.cpu_ref:
             obj = "cpu.control" if "cpu.control" in self.requests else "kernel.idt"
             parts.append((obj, self._check_cpus))
-        if self.msr_source is not None and "cpu.msr" in self.requests:
-            parts.append(("cpu.msr", self._check_msrs))
         if "kernel.modules" in self.requests:
             parts.append(("kernel.modules", self._check_modules))
         return self._run(parts)
@@ -452,16 +465,7 @@ class Checker:
                 continue
             now = _cpu_values(c)
             if "cpu.control" in self.requests:
-                for reg, bits in CONTROL_BITS.items():
-                    for name, bit in bits:
-                        if ref[reg] & bit and not now[reg] & bit:
-                            out.append(Finding(
-                                "cpu.control", "register", f"cpu {c.index} {reg.upper()}.{name}",
-                                0, f"{ref[reg]:#x}", f"{now[reg]:#x}", cpu=c.index,
-                                task=self._current(c.index),
-                                restore=self._reg_restore(c.index, reg, now[reg] | bit),
-                                extra={"register": reg, "bit": name},
-                            ))  # fmt: skip
+                out += self._control(c.index, ref, now)
             if "kernel.idt" in self.requests and now["idt_base"] != ref["idt_base"]:
                 out.append(Finding(
                     "kernel.idt", "register", f"cpu {c.index} IDTR", 0,
@@ -470,18 +474,104 @@ class Checker:
                 ))  # fmt: skip
         return out
 
-    def _check_msrs(self) -> list[Finding]:
-        assert self.msr_source is not None
+    def _probe_all(self, quiesce: Quiesce) -> list[Finding]:
+        """Every vCPU's MSRs, with every vCPU stopped (the engine's quiesce)."""
+        out: list[Finding] = []
+
+        def probe(stub: GdbStub) -> None:
+            for tid in stub.threads():
+                out.extend(self._probe_msrs(stub, tid - 1))
+
+        try:
+            quiesce(probe)
+        except VmshieldError as e:
+            out.append(Finding("cpu.msr", "unreadable", "MSR probe", 0, "readable", str(e)))
+        return out
+
+    def _probe_msrs(self, stub: GdbStub, cpu: int) -> list[Finding]:
+        """One vCPU's MSRs against the reference; with ``restore`` a change is written
+        back at once, in the same stop (the vCPU may be halted at the next one)."""
+        assert self.probe is not None
+        try:
+            now = self.probe.read(stub, cpu)
+        except ProbeSkipped:
+            return []
+        ref = self.msr_ref.get(cpu)
+        if ref is None:
+            ref = dict(now)
+            for name, sym in MSR_EXPECTED.items():
+                if sym in self.k.symbols:
+                    ref[name] = self.k.symbols.address(sym)
+            self.msr_ref[cpu] = ref
+        req = self.requests.get("cpu.msr")
         out = []
-        for cpu, now in self.msr_source().items():
-            ref = self.msr_ref.setdefault(cpu, now)
-            for f in MSR_FIELDS:
-                if f in now and now[f] != ref.get(f):
+        for name, value in now.items():
+            if value == ref[name]:
+                continue
+            restore: Callable[[Quiesce], None] | None = None
+            if req is not None and req.action == "restore":
+                try:
+                    self.probe.write(stub, cpu, name, ref[name])
+                    restore = _done
+                except VmshieldError as e:
+                    restore = _failed(e)
+            out.append(Finding(
+                "cpu.msr", "register", f"cpu {cpu} {name.upper()}", 0, f"{ref[name]:#x}",
+                f"{value:#x}", cpu=cpu, task=self._current(cpu), restore=restore,
+                extra={"register": name, "msr": f"{MSRS[name]:#x}",
+                       "old_symbol": self._sym(ref[name]), "new_symbol": self._sym(value)},
+            ))  # fmt: skip
+        return out
+
+    def at_stop(self, stub: GdbStub, regs: Any, cpu: int) -> None:
+        """A cheap check while a vCPU is stopped at one of the exit engine's points (every
+        vCPU stopped): the system call tables and the IDT, that vCPU's control registers
+        (from the registers the hit already read) and its MSRs. At most once every
+        :data:`STOP_CHECK_GAP` seconds; never raises. The stub is left with vCPU ``cpu``
+        selected, as the engine had it."""
+        now = time.monotonic()
+        if now - self._last_stop < STOP_CHECK_GAP:
+            return
+        self._last_stop = now
+        t0 = time.thread_time()
+        findings = self.check(light=True)
+        ref = self.cpu_ref.get(cpu)
+        if ref is not None and "cpu.control" in self.requests:
+            values = {"cr0": regs.cr0, "cr4": regs.cr4, "efer": regs.efer,
+                      "idt_base": ref["idt_base"]}  # fmt: skip
+            findings += self._control(cpu, ref, values)
+        if self.probe is not None:
+            try:
+                findings += self._probe_msrs(stub, cpu)
+            except VmshieldError as e:
+                findings.append(Finding("cpu.msr", "unreadable", "MSR probe", 0, "readable",
+                                        str(e)))  # fmt: skip
+        self.stats.stop_checks += 1
+        self.stats.check_seconds += time.thread_time() - t0
+
+        def here(fn: Callable[[GdbStub], None]) -> None:
+            fn(stub)
+
+        try:
+            for f in findings:
+                self._act(f, here)
+        finally:
+            if findings or self.probe is not None:
+                with contextlib.suppress(VmshieldError):
+                    stub.select_thread(cpu + 1)
+
+    def _control(self, cpu: int, ref: dict[str, int], now: dict[str, int]) -> list[Finding]:
+        """Protection bits set in the reference and clear now."""
+        out = []
+        for reg, bits in CONTROL_BITS.items():
+            for name, bit in bits:
+                if ref[reg] & bit and not now[reg] & bit:
                     out.append(Finding(
-                        "cpu.msr", "register", f"cpu {cpu} {f.upper()}", 0,
-                        f"{ref.get(f, 0):#x}", f"{now[f]:#x}", cpu=cpu,
-                        extra={"register": f, "old_symbol": self._sym(ref.get(f, 0)),
-                               "new_symbol": self._sym(now[f])},
+                        "cpu.control", "register", f"cpu {cpu} {reg.upper()}.{name}",
+                        0, f"{ref[reg]:#x}", f"{now[reg]:#x}", cpu=cpu,
+                        task=self._current(cpu),
+                        restore=self._reg_restore(cpu, reg, now[reg] | bit),
+                        extra={"register": reg, "bit": name},
                     ))  # fmt: skip
         return out
 
@@ -556,6 +646,8 @@ class Checker:
                 self.restores[place] = self.restores.get(place, 0) + 1
                 self.stats.restored += 1
                 response = "restored"
+            except ProbeSkipped:
+                return  # the vCPU cannot take it now: seen and tried again next check
             except VmshieldError as e:
                 response = f"restore failed: {e}"
         elif self.reported.get(place) == f.new:
@@ -622,3 +714,14 @@ def _gate_target(gate: bytes) -> int:
     mid = int.from_bytes(gate[6:8], "little")
     hi = int.from_bytes(gate[8:12], "little")
     return lo | mid << 16 | hi << 32
+
+
+def _done(_q: Quiesce) -> None:
+    """A restore already made where the change was found (the MSR probe's stop)."""
+
+
+def _failed(e: VmshieldError) -> Callable[[Quiesce], None]:
+    def fail(_q: Quiesce) -> None:
+        raise e
+
+    return fail
