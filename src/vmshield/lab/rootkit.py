@@ -91,3 +91,14 @@ def lstar_trampoline(k: Kernel) -> bytes:
 def redirect_lstar(trampoline: int) -> Write:
     """LSTAR (on the vCPU that runs ``insmod``) pointed at ``trampoline``."""
     return Write(trampoline, b"", msr=MSR_LSTAR)
+
+
+def patch_rodata(k: Kernel) -> Write:
+    """One byte of read-only data changed: the first letter of ``linux_banner`` (what a
+    rootkit does to a constant table; this one only shows in a log line)."""
+    at = k.symbols.address("linux_banner")
+    lo, hi = k.symbols.address("__start_rodata"), k.symbols.address("__end_rodata")
+    if not lo <= at < hi:
+        raise ValueError(f"linux_banner {at:#x} is not in rodata {lo:#x}..{hi:#x}")
+    first = k.read(at, 1)
+    return Write(at, first.swapcase() if first.isalpha() else b"?")

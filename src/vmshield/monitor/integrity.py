@@ -677,6 +677,21 @@ class Checker:
             detail=detail,
         ))  # fmt: skip
 
+    def space_alert(self, ev: Event) -> None:
+        """A ``space.integrity`` alert of the security space, as an event of the
+        ``space.self`` request (its id and action; the space's ``--on-tamper`` policy
+        decides what is done, so ``response`` says that)."""
+        req = self.requests.get("space.self")
+        if req is None:
+            return
+        self.stats.findings += 1
+        self.emit(Event(
+            time=ev.time, vm=ev.vm, request=req.id, object="space.self", action=req.action,
+            process=None, fields={**ev.fields, "response": "as --on-tamper"},
+            point=PointInfo(symbol=ev.point.symbol, address=ev.point.address,
+                            kind="integrity-check", engine=self.engine, cpu=ev.point.cpu),
+        ))  # fmt: skip
+
     def _process(self, task: int | None) -> ProcessContext | None:
         if not task:
             return None

@@ -342,6 +342,15 @@ class Monitor:
             for addr in eng.by_addr:  # our breakpoints are int3 in guest memory on KVM
                 ck.allow_breakpoint(addr)
             eng.at_stop = ck.at_stop
+        elif "space.self" in ck.requests:  # the space's own alerts, as the request's events
+            emit = eng.emit
+
+            def relay(ev: Event) -> None:
+                emit(ev)
+                if ev.object == "space.integrity":
+                    ck.space_alert(ev)
+
+            eng.emit = relay
         eng.periodic = ck.tick
 
     def start(self, duration: float | None = None) -> Monitor:
