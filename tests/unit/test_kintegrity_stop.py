@@ -264,3 +264,52 @@ def test_odd_bytes_before_rip_never_make_the_probe_step_blindly(before: bytes, c
     except ProbeSkipped:
         assert cs & 3 or before.endswith((b"\xf4", b"\x0f\x01\xc9"))
     assert k.read(PAD_FN - 2, 2) == b"\xcc\xcc" and stub.cpus[0].rip == TEXT + 0x30
+
+
+def _tree(mem: dict[int, int], node: int, left: int, right: int) -> None:
+    mem[node + 16], mem[node + 8] = left, right
+
+
+def test_an_rbtree_walk_finds_every_node_and_ends_on_a_cycle() -> None:
+    from vmshield.guest import kintegrity as ki
+
+    mem: dict[int, int] = {}
+    a, b, c, d = 0x1000, 0x2000, 0x3000, 0x4000
+    _tree(mem, a, b, c)
+    _tree(mem, b, 0, d)
+    _tree(mem, c, 0, 0)
+    _tree(mem, d, 0, 0)
+
+    def read(va: int) -> int:
+        if va not in mem:
+            raise VmshieldError(f"unreadable {va:#x}")
+        return mem[va]
+
+    nodes, broken = ki.walk_rbtree(read, a)
+    assert sorted(nodes) == [a, b, c, d] and broken is None
+    _tree(mem, d, a, 0)  # forged: back to the top
+    nodes, broken = ki.walk_rbtree(read, a)
+    assert broken is not None and "twice" in broken
+    _tree(mem, d, 0x9000, 0)  # a link to nowhere
+    assert "unreadable" in (ki.walk_rbtree(read, a)[1] or "")
+    assert ki.walk_rbtree(read, 0) == ([], None)
+
+
+@given(
+    st.dictionaries(
+        st.integers(0, 64).map(lambda i: i * 8),
+        st.integers(0, 64).map(lambda i: i * 8),
+        max_size=64,
+    ),
+    st.integers(0, 64).map(lambda i: i * 8),
+)
+def test_an_rbtree_walk_over_any_memory_ends(mem: dict[int, int], top: int) -> None:
+    from vmshield.guest import kintegrity as ki
+
+    def read(va: int) -> int:
+        if va not in mem:
+            raise VmshieldError("unreadable")
+        return mem[va]
+
+    nodes, _broken = ki.walk_rbtree(read, top, max_nodes=100)
+    assert len(nodes) <= 100 and len(set(nodes)) == len(nodes)

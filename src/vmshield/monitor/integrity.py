@@ -152,6 +152,7 @@ class Checker:
         self._last_stop = 0.0
         self.module_view: set[int] = set()
         self.hidden_seen: set[int] = set()
+        self.suspects: set[int] = set()
         self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
         self.restores: dict[tuple[str, int], int] = {}
         self._next = 0.0
@@ -576,32 +577,63 @@ class Checker:
         return out
 
     def _check_modules(self) -> list[Finding]:
-        """Cross-view: modules with a sysfs kobject (``module_kset``) that the module
-        list does not hold are hidden."""
+        """Cross-view: a module that other evidence in memory holds and the ``modules``
+        list does not is hidden. The evidence: its sysfs kobject (``module_kset``) and
+        the module tree (``mod_tree``: the latched rbtree the kernel looks addresses up
+        in; a rootkit that unlinks from the list rarely rebalances that tree too).
+
+        A module being loaded or unloaded is on the list and in the tree for a moment
+        apart (and a failed load is taken off both in turn), so a module counts as
+        hidden only when two checks in a row find it so: never a false alarm from a
+        race, one interval later for a real one."""
         k = self.k
         listed = {m.address for m in modules(k) if m.address}
-        out = []
+        out: list[Finding] = []
+        evidence: dict[int, list[str]] = {}
+        for mod in self._kset_modules(out):
+            evidence.setdefault(mod, []).append("sysfs (module_kset)")
+        for mod in self._tree_modules(out):
+            evidence.setdefault(mod, []).append("the module tree (mod_tree)")
+        suspects = {m for m in evidence if m not in listed and m not in self.hidden_seen}
+        confirmed, self.suspects = suspects & self.suspects, suspects
+        for mod in sorted(confirmed):
+            self.hidden_seen.add(mod)
+            name = k.cstring(mod + k.member_offset("module", "name"), 56)
+            out.append(Finding(
+                "kernel.modules", "hidden-module", f"module {name}", mod,
+                "on the module list", "only in " + " and ".join(evidence[mod]),
+                extra={"module": name, "evidence": evidence[mod]},
+            ))  # fmt: skip
+        self.module_view = listed
+        return out
+
+    def _kset_modules(self, out: list[Finding]) -> set[int]:
+        k = self.k
         kset = k.u64(k.symbols.address("module_kset"))
         off_entry = k.member_offset("kobject", "entry")
         off_list = k.member_offset("kset", "list")
         off_kobj = k.member_offset("module_kobject", "kobj")
         off_mod = k.member_offset("module_kobject", "mod")
-        off_name = k.member_offset("kobject", "name")
         kobjs, broken = walk_entries(k, kset + off_list, off_entry, MAX_KOBJECTS, "module kset")
         if broken:
             out.append(Finding("kernel.modules", "unreadable", "module_kset", kset, "", broken))
-        for kobj in kobjs:
-            mod = k.u64(kobj - off_kobj + off_mod)
-            if not mod or mod in listed or mod in self.hidden_seen:
-                continue
-            self.hidden_seen.add(mod)
-            name = k.cstring(k.u64(kobj + off_name), 64)
-            out.append(Finding(
-                "kernel.modules", "hidden-module", f"module {name}", mod,
-                "on the module list", "only in sysfs (module_kset)", extra={"module": name},
-            ))  # fmt: skip
-        self.module_view = listed
-        return out
+        return {m for kobj in kobjs if (m := k.u64(kobj - off_kobj + off_mod))}
+
+    def _tree_modules(self, out: list[Finding]) -> set[int]:
+        """Modules in ``mod_tree`` (its first latch copy, ``tree[0]``; each node is a
+        ``mod_tree_node`` of one of a module's memory areas, holding the module)."""
+        k = self.k
+        if "mod_tree" not in k.symbols:
+            return set()
+        root = (k.symbols.address("mod_tree") + k.member_offset("mod_tree_root", "root")
+                + k.member_offset("latch_tree_root", "tree"))  # fmt: skip
+        off_node = k.member_offset("mod_tree_node", "node")  # latch_tree_node.node[0]
+        off_mod = k.member_offset("mod_tree_node", "mod")
+        nodes, broken = ki.walk_rbtree(k.u64, k.u64(root))
+        if broken:
+            out.append(Finding("kernel.modules", "unreadable", "mod_tree", root, "", broken))
+            return set()  # a partial tree proves nothing about what is missing
+        return {m for n in nodes if (m := k.u64(n - off_node + off_mod))}
 
     # -- restoring and reporting --------------------------------------------------------
 
