@@ -313,3 +313,33 @@ def test_an_rbtree_walk_over_any_memory_ends(mem: dict[int, int], top: int) -> N
 
     nodes, _broken = ki.walk_rbtree(read, top, max_nodes=100)
     assert len(nodes) <= 100 and len(set(nodes)) == len(nodes)
+
+
+def test_executable_pages_no_owner_claims_come_in_runs() -> None:
+    from vmshield.guest import kintegrity as ki
+
+    base = 0xFFFF_FFFF_C000_0000
+    pages = [base + i * ki.PAGE for i in (0, 1, 2, 5, 6, 9)]
+    owners = [(base + 0x10, base + 0x20), (base + ki.PAGE * 5 + 7, base + ki.PAGE * 5 + 9),
+              (base + ki.PAGE * 5, base + ki.PAGE * 7)]  # fmt: skip
+    assert ki.unowned_runs(pages, owners) == [(base + ki.PAGE, 2), (base + 9 * ki.PAGE, 1)]
+    assert ki.unowned_runs(pages, []) == [
+        (base, 3),
+        (base + 5 * ki.PAGE, 2),
+        (base + 9 * ki.PAGE, 1),
+    ]
+    assert ki.is_filler(b"\xcc" * ki.PAGE) and ki.is_filler(bytes(ki.PAGE))
+    assert not ki.is_filler(b"\xcc" * 100 + b"\xc3" + b"\xcc" * 100) and not ki.is_filler(b"")
+
+
+@given(st.lists(st.integers(0, 64), max_size=40), st.lists(st.tuples(st.integers(0, 1 << 18),
+       st.integers(0, 1 << 18)), max_size=10))  # fmt: skip
+def test_unowned_pages_are_exactly_those_no_range_touches(
+    idx: list[int], owners: list[tuple[int, int]]
+) -> None:
+    from vmshield.guest import kintegrity as ki
+
+    pages = [i * ki.PAGE for i in idx]
+    got = {va + j * ki.PAGE for va, n in ki.unowned_runs(pages, owners) for j in range(n)}
+    want = {p for p in pages if not any(s < e and s < p + ki.PAGE and p < e for s, e in owners)}
+    assert got == want

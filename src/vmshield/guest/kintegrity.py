@@ -364,3 +364,37 @@ def walk_rbtree(
         except VmshieldError as e:
             return nodes, f"node {node:#x} is unreadable: {e}"
     return nodes, None
+
+
+PAGE = 4096
+FILLER = (0xCC, 0x00)  # int3 (what the kernel fills unused executable memory with), zero
+
+
+def is_filler(page: bytes) -> bool:
+    """A page of one filler byte throughout holds no code (the unused part of a BPF
+    program pack or of an executable-memory cache: the kernel fills those with int3)."""
+    return bool(page) and page[0] in FILLER and page.count(page[0]) == len(page)
+
+
+def unowned_runs(pages: Iterable[int], owners: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs ``(start, page count)`` of executable pages that overlap no owner's range
+    ``[start, end)`` (a module's text, a BPF image, a kprobe slot page, an ftrace
+    trampoline). Owners are widened to whole pages: an allocation owns its page."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted((s & ~(PAGE - 1), (e + PAGE - 1) & ~(PAGE - 1)) for s, e in owners
+                         if e > s):  # fmt: skip
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    starts = [lo for lo, _ in merged]
+    runs: list[tuple[int, int]] = []
+    for va in sorted(set(pages)):
+        i = bisect.bisect_right(starts, va) - 1
+        if i >= 0 and va < merged[i][1]:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] * PAGE == va:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((va, 1))
+    return runs

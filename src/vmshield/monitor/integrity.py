@@ -81,6 +81,10 @@ FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
 MAX_KOBJECTS = 8192
+MODULES_END = 0xFFFF_FFFF_FF00_0000  # x86-64: the module area ends here (fixmap above)
+HUGE = 2 << 20
+MAX_EXEC_PAGES = 1 << 18  # 1 GiB of 4 KiB pages: the whole module area
+MOD_MEM_TYPES = 7  # enum mod_mem_type (6.4+): text, data, rodata, ro_after_init, init *3
 
 
 Quiesce = Callable[[Callable[[GdbStub], None]], None]
@@ -153,6 +157,8 @@ class Checker:
         self.module_view: set[int] = set()
         self.hidden_seen: set[int] = set()
         self.suspects: set[int] = set()
+        self.exec_seen: set[int] = set()
+        self.exec_suspects: set[int] = set()
         self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
         self.restores: dict[tuple[str, int], int] = {}
         self._next = 0.0
@@ -596,6 +602,7 @@ class Checker:
             evidence.setdefault(mod, []).append("the module tree (mod_tree)")
         suspects = {m for m in evidence if m not in listed and m not in self.hidden_seen}
         confirmed, self.suspects = suspects & self.suspects, suspects
+        out += self._exec_pages(listed | set(evidence))
         for mod in sorted(confirmed):
             self.hidden_seen.add(mod)
             name = k.cstring(mod + k.member_offset("module", "name"), 56)
@@ -605,6 +612,108 @@ class Checker:
                 extra={"module": name, "evidence": evidence[mod]},
             ))  # fmt: skip
         self.module_view = listed
+        return out
+
+    def _exec_pages(self, mods: set[int]) -> list[Finding]:
+        """Executable memory in the module area that nothing the kernel keeps books on
+        owns: a module hidden from every view (list, tree, sysfs), or code a rootkit
+        allocated for itself. The owners: every module's memory, BPF images
+        (``bpf_kallsyms``: programs, trampolines, dispatchers), kprobe instruction slot
+        pages and ftrace trampolines. A page of int3 (or zero) throughout holds no code
+        (the unused part of a BPF program pack or an executable-memory cache). Seen in
+        two checks in a row, as hidden modules are (an allocation is made before its
+        owner records it)."""
+        k = self.k
+        start = (k.symbols.address("_end") + HUGE - 1) & ~(HUGE - 1)
+        pages: list[int] = []
+        for m in k.walker.mappings(start, MODULES_END, limit=MAX_EXEC_PAGES):
+            if not m.nx:
+                pages.extend(range(m.va, m.va + m.size, ki.PAGE))
+            if len(pages) > MAX_EXEC_PAGES:
+                return [Finding("kernel.modules", "unreadable", "module area", start, "",
+                                f"more than {MAX_EXEC_PAGES} executable pages")]  # fmt: skip
+        owners = self._exec_owners(mods)
+        code: list[int] = []
+        for va, n in ki.unowned_runs(pages, owners):
+            for page in range(va, va + n * ki.PAGE, ki.PAGE):
+                try:
+                    if not ki.is_filler(k.read(page, ki.PAGE)):
+                        code.append(page)
+                except VmshieldError:
+                    code.append(page)
+        runs = {va: n for va, n in ki.unowned_runs(code, [])}
+        suspects = {va for va in runs if va not in self.exec_seen}
+        confirmed, self.exec_suspects = suspects & self.exec_suspects, suspects
+        out = []
+        for va in sorted(confirmed):
+            self.exec_seen.add(va)
+            try:
+                head = k.read(va, 16).hex()
+            except VmshieldError:
+                head = ""
+            out.append(Finding(
+                "kernel.modules", "executable-allocation", f"{va:#x}", va,
+                "no executable memory", f"{runs[va]} executable page(s) no module, BPF "
+                "image, kprobe slot or ftrace trampoline owns",
+                extra={"pages": runs[va], "first_bytes": head},
+            ))  # fmt: skip
+        return out
+
+    def _exec_owners(self, mods: set[int]) -> list[tuple[int, int]]:
+        """``[start, end)`` of every allocation the kernel knows as executable (or as a
+        module's, whatever its permissions): see :meth:`_exec_pages`."""
+        k = self.k
+        owners: list[tuple[int, int]] = []
+        for mod in mods:
+            owners += self._module_memory(mod)
+        if "bpf_kallsyms" in k.symbols:
+            off_l = k.member_offset("bpf_ksym", "lnode")
+            off_s, off_e = k.member_offset("bpf_ksym", "start"), k.member_offset("bpf_ksym", "end")
+            head = k.symbols.address("bpf_kallsyms")
+            for ks in walk_entries(k, head, off_l, MAX_KOBJECTS, "bpf_kallsyms")[0]:
+                owners.append((k.u64(ks + off_s), k.u64(ks + off_e)))
+        for cache in ("kprobe_insn_slots", "kprobe_optinsn_slots"):
+            if cache in k.symbols:
+                head = k.symbols.address(cache) + k.member_offset("kprobe_insn_cache", "pages")
+                off_l = k.member_offset("kprobe_insn_page", "list")
+                off_i = k.member_offset("kprobe_insn_page", "insns")
+                for pg in walk_entries(k, head, off_l, MAX_KOBJECTS, cache)[0]:
+                    insns = k.u64(pg + off_i)
+                    owners.append((insns, insns + ki.PAGE))
+        if "ftrace_ops_list" in k.symbols:
+            end = k.symbols.address("ftrace_list_end") if "ftrace_list_end" in k.symbols else 0
+            off_n = k.member_offset("ftrace_ops", "next")
+            off_t = k.member_offset("ftrace_ops", "trampoline")
+            off_z = k.member_offset("ftrace_ops", "trampoline_size")
+            ops = k.u64(k.symbols.address("ftrace_ops_list"))
+            seen: set[int] = set()
+            while ops and ops != end and ops not in seen and len(seen) < MAX_KOBJECTS:
+                seen.add(ops)
+                tramp = k.u64(ops + off_t)
+                if tramp:
+                    owners.append((tramp, tramp + k.u32(ops + off_z)))
+                ops = k.u64(ops + off_n)
+        return owners
+
+    def _module_memory(self, mod: int) -> list[tuple[int, int]]:
+        """A module's memory: its layouts (up to 6.3) or its memory areas (6.4+)."""
+        k = self.k
+        out = []
+        try:
+            mem, size = k.member_offset("module", "mem"), k.sizeof("module_memory")
+            off_b = k.member_offset("module_memory", "base")
+            off_z = k.member_offset("module_memory", "size")
+            for i in range(MOD_MEM_TYPES):
+                base = k.u64(mod + mem + i * size + off_b)
+                if base:
+                    out.append((base, base + k.u32(mod + mem + i * size + off_z)))
+        except SymbolError:
+            for layout in ("core_layout", "init_layout"):
+                base = k.u64(mod + k.member_offset("module", f"{layout}.base"))
+                if base:
+                    out.append(
+                        (base, base + k.u32(mod + k.member_offset("module", f"{layout}.size")))
+                    )
         return out
 
     def _kset_modules(self, out: list[Finding]) -> set[int]:

@@ -40,6 +40,7 @@ PAD_CANDIDATES = ("kernel_halt", "machine_halt", "emergency_restart", "__x64_sys
 """Functions whose preceding padding may hold the probe (not the borrowed call's
 return pad, :func:`vmshield.space.borrow.return_pad`, so the two never meet)."""
 PADDING = (0xCC, 0x90)
+MAX_SCAN = 1 << 18  # symbols looked at for padding
 STEP_TIMEOUT = 1.0
 HALT_TAILS = (b"\xf4", b"\x0f\x01\xc9")  # hlt, mwait: rip right after one = halted
 
@@ -49,12 +50,24 @@ class ProbeSkipped(VmshieldError):
 
 
 def find_pad(k: Kernel) -> int:
-    """Two padding bytes right before a function nothing in a healthy guest calls often."""
+    """Two padding bytes right before a function: first before one of
+    :data:`PAD_CANDIDATES`, else the first ``int3 int3`` found before any function of
+    the core text (assembly functions are padded with ``int3``, which nothing runs)."""
     for name in PAD_CANDIDATES:
         if name in k.symbols:
             at = k.symbols.address(name) - 2
             if all(b in PADDING for b in k.read(at, 2)):
                 return at
+    lo, hi = k.symbols.address("_stext"), k.symbols.address("_etext")
+    for n, sym in enumerate(k.symbols):
+        if n > MAX_SCAN:
+            break
+        if lo + 2 <= sym.address < hi:
+            try:
+                if k.read(sym.address - 2, 2) == b"\xcc\xcc":
+                    return sym.address - 2
+            except VmshieldError:
+                continue
     raise VmshieldError("no two padding bytes found for the MSR probe")
 
 
