@@ -635,6 +635,8 @@ class Checker:
         owners = self._exec_owners(mods)
         code: list[int] = []
         for va, n in ki.unowned_runs(pages, owners):
+            if self._bpf_image(va, n):
+                continue
             for page in range(va, va + n * ki.PAGE, ki.PAGE):
                 try:
                     if not ki.is_filler(k.read(page, ki.PAGE)):
@@ -672,6 +674,12 @@ class Checker:
             head = k.symbols.address("bpf_kallsyms")
             for ks in walk_entries(k, head, off_l, MAX_KOBJECTS, "bpf_kallsyms")[0]:
                 owners.append((k.u64(ks + off_s), k.u64(ks + off_e)))
+        # BPF program packs (5.18+): 2 MiB each, filled with int3, shared by many JIT
+        # images, the classic filters' included (which bpf_kallsyms does not list).
+        for sym in k.symbols.all_named("pack_list"):
+            for pack in walk_entries(k, sym.address, 0, MAX_KOBJECTS, "pack_list")[0]:
+                ptr = k.u64(pack + 16)  # struct bpf_prog_pack: list (16 bytes), ptr, bitmap
+                owners.append((ptr, ptr + HUGE))
         for cache in ("kprobe_insn_slots", "kprobe_optinsn_slots"):
             if cache in k.symbols:
                 head = k.symbols.address(cache) + k.member_offset("kprobe_insn_cache", "pages")
@@ -694,6 +702,16 @@ class Checker:
                     owners.append((tramp, tramp + k.u32(ops + off_z)))
                 ops = k.u64(ops + off_n)
         return owners
+
+    def _bpf_image(self, va: int, n: int) -> bool:
+        """A JIT image of a classic BPF filter before 5.18 (a DHCP client's socket
+        filter): the kernel keeps no list of those, so it is recognised by its header
+        (``struct bpf_binary_header``: its page count first, the allocation filled with
+        int3 around the code). A limit: a foreign allocation shaped like one passes."""
+        try:
+            return self.k.u32(va) == n and self.k.read(va + 4, 16) == b"\xcc" * 16
+        except VmshieldError:
+            return False
 
     def _module_memory(self, mod: int) -> list[tuple[int, int]]:
         """A module's memory: its layouts (up to 6.3) or its memory areas (6.4+)."""
