@@ -28,9 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 import vmshield
+from vmshield.guest.modules import modules
 from vmshield.lab import rootkit
 from vmshield.lab import vm as labvm
-from vmshield.lab.tampermod import build_tamper_module
+from vmshield.lab.tampermod import build_resident_module, build_tamper_module
 from vmshield.monitor.events import Event
 from vmshield.paths import kernels_dir
 
@@ -39,8 +40,11 @@ TECHNIQUES = {
     "patch": "kernel.text",
     "idt": "kernel.idt",
     "wp": "cpu.control",
+    "rodata": "kernel.rodata",
+    "lstar": "cpu.msr",
     "hide": "kernel.modules",
 }
+BUSY = 40  # seconds of kernel-heavy load on both vCPUs while an MSR change is awaited
 
 
 def sh(name: str, cmd: str, timeout: float = 120) -> str:
@@ -58,7 +62,8 @@ def push(name: str, data: bytes, path: str) -> None:
 
 def write(name: str, kernel: str, w: rootkit.Write, mod: str) -> None:
     ko = build_tamper_module(kernel, w.address, w.data, name=mod,
-                             keep_wp_clear=w.keep_wp_clear, unlink=w.unlink)  # fmt: skip
+                             keep_wp_clear=w.keep_wp_clear, unlink=w.unlink,
+                             msr=w.msr)  # fmt: skip
     push(name, ko, f"/tmp/{mod}.ko")
     sh(name, f"insmod /tmp/{mod}.ko")
 
@@ -92,6 +97,21 @@ def run_engine(name: str, kernel: str, engine: str, interval: float) -> dict[str
                     push(name, ko, "/tmp/crc.ko")
                     sh(name, "insmod /tmp/crc.ko")
                     w = rootkit.hide_module(k, "crc_itu_t")
+                elif tech == "lstar":
+                    # The probe reads a vCPU that runs kernel code: keep both busy in it.
+                    text = rootkit.lstar_trampoline(k)
+                    mod = f"vms_btramp_{engine}"
+                    push(name, build_resident_module(kernel, text, name=mod), f"/tmp/{mod}.ko")
+                    sh(name, f"insmod /tmp/{mod}.ko")
+                    base = next(m.base for m in modules(k) if m.name == mod)
+                    w = rootkit.redirect_lstar(base)
+                    loop = (
+                        f"end=$(($(date +%s)+{BUSY})); while [ $(date +%s) -lt $end ]; "
+                        "do dd if=/dev/zero of=/dev/null bs=1M count=20 2>/dev/null; done"
+                    )
+                    sh(name, f"for j in 1 2; do ( {loop} ) >/dev/null 2>&1 & done; true")
+                elif tech == "rodata":
+                    w = rootkit.patch_rodata(k)
                 elif tech == "hook":
                     w = rootkit.hook_syscall(k)
                 elif tech == "patch":
@@ -107,7 +127,7 @@ def run_engine(name: str, kernel: str, engine: str, interval: float) -> dict[str
                     return any(e.object == o for _, e in events)
 
                 with cv:
-                    cv.wait_for(arrived, 30)
+                    cv.wait_for(arrived, BUSY if tech == "lstar" else 30)
                     hit = [t for t, e in events if e.object == obj]
                 out[tech] = f"{hit[0] - done:.2f}" if hit else "missed"
             ck = mon.checker
@@ -115,6 +135,7 @@ def run_engine(name: str, kernel: str, engine: str, interval: float) -> dict[str
             time.sleep(5 * interval)
             out["checks"] = ck.stats.checks
             out["cpu/s"] = ck.stats.check_seconds / (time.monotonic() - started)
+            out["stopped/s"] = ck.stats.stopped_seconds / (time.monotonic() - started)
             out["MiB watched"] = ck.stats.bytes_watched / (1 << 20)
     return out
 
@@ -159,13 +180,14 @@ def latency_table(console: Console, kernel: str, interval: float) -> None:
     table.add_column("engine")
     for t in TECHNIQUES:
         table.add_column(t, justify="right")
-    for col in ("full checks", "check CPU s per s", "per GiB watched"):
+    for col in ("full checks", "check CPU s per s", "per GiB watched", "VM stopped s per s"):
         table.add_column(col, justify="right")
     for eng, r in rows.items():
         per_s = float(str(r["cpu/s"]))
         gib = float(str(r["MiB watched"])) / 1024
         table.add_row(eng, *(str(r.get(t, "-")) for t in TECHNIQUES), str(r["checks"]),
-                      f"{per_s:.4f}", f"{per_s / gib:.4f}")  # fmt: skip
+                      f"{per_s:.4f}", f"{per_s / gib:.4f}",
+                      f"{float(str(r['stopped/s'])):.4f}")  # fmt: skip
     console.print(table)
     console.print(f"watched {rows['exit']['MiB watched']:.1f} MiB of guest memory")
 

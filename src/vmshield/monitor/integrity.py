@@ -129,6 +129,7 @@ class IntegrityStats:
     check_seconds: float = 0.0
     bytes_watched: int = 0
     stop_checks: int = 0
+    stopped_seconds: float = 0.0  # wall time the VM stood still for the MSR probe
 
 
 class Checker:
@@ -489,10 +490,12 @@ class Checker:
             for tid in stub.threads():
                 out.extend(self._probe_msrs(stub, tid - 1))
 
+        t0 = time.monotonic()
         try:
             quiesce(probe)
         except VmshieldError as e:
             out.append(Finding("cpu.msr", "unreadable", "MSR probe", 0, "readable", str(e)))
+        self.stats.stopped_seconds += time.monotonic() - t0
         return out
 
     def _probe_msrs(self, stub: GdbStub, cpu: int) -> list[Finding]:
