@@ -109,6 +109,7 @@ def resident_trampoline(lab: Lab, vm: vmshield.VM, name: str) -> int:
     push(lab, build_resident_module(lab.kernel, text, name=name), f"/tmp/{name}.ko")
     lab.sh(f"insmod /tmp/{name}.ko")
     base = next(m.base for m in modules(k) if m.name == name)
+    k.walker.flush()  # module-area addresses are reused: no stale translation
     assert k.read(base, len(text)) == text
     return base
 
@@ -203,7 +204,7 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
                 assert f["old_symbol"] == "entry_SYSCALL_64" and int(f["new"], 16) == w.address
                 # Really put back: the probe, still reading under load, finds nothing more.
                 time.sleep(8)
-                assert len(seen.of(obj)) == 1, seen.of(obj)
+                assert len(seen.of(obj)) == 1, [e.fields for e in seen.of(obj)]
             else:  # really put back (the event may leave before the guest's last store)
                 a, b = w.address, before
                 assert settled(lambda a=a, b=b: vm.kernel.read(a, len(b)) == b), (name, f)
@@ -227,7 +228,7 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
             for e in seen.events
             if e.fields.get("what") in ("unreadable", "executable-allocation")
         ]
-        assert not extra, extra
+        assert not extra, [e.fields for e in extra]
     # Module text as a request of its own: the trampoline module's first bytes.
     mod = f"vms_tramp_{engine}"
     req = vmshield.IsolationRequest(vm=lab.name, object="kernel.text",
@@ -238,6 +239,7 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
     ):
         seen = Seen(mon)
         base = next(m.base for m in modules(vm.kernel) if m.name == mod)
+        vm.kernel.walker.flush()
         before = vm.kernel.read(base, 2)
         run_write(lab, rootkit.Write(base, b"\xeb\xfe"), "vms_modtext")  # jmp $ (never run)
         f = seen.wait("kernel.text").fields

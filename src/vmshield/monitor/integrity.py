@@ -160,6 +160,8 @@ class Checker:
         self.suspects: set[int] = set()
         self.exec_seen: set[int] = set()
         self.exec_suspects: set[int] = set()
+        # The monitor's own executable memory (the security space): not a finding.
+        self.own_memory: Callable[[], list[tuple[int, int]]] | None = None
         self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
         self.restores: dict[tuple[str, int], int] = {}
         self._next = 0.0
@@ -338,9 +340,12 @@ class Checker:
             findings += self._probe_all(quiesce)
         if full:
             self.stats.checks += 1
-        self.stats.check_seconds += time.thread_time() - t0
         for f in findings:
             self._act(f, quiesce)
+        if full:  # the small tables again: a full check takes a while, the VM runs on
+            for f in self.check(light=True):
+                self._act(f, quiesce)
+        self.stats.check_seconds += time.thread_time() - t0
 
     def check(self, light: bool = False) -> list[Finding]:
         """Every watched object once. Guest memory is hostile: a check that fails (a
@@ -628,21 +633,21 @@ class Checker:
         owner records it)."""
         k = self.k
         start = (k.symbols.address("_end") + HUGE - 1) & ~(HUGE - 1)
-        pages: list[int] = []
+        pages: dict[int, int] = {}  # va -> pa, from this walk (no cached translation)
         for m in k.walker.mappings(start, MODULES_END, limit=MAX_EXEC_PAGES):
             if not m.nx:
-                pages.extend(range(m.va, m.va + m.size, ki.PAGE))
+                pages.update((m.va + o, m.pa + o) for o in range(0, m.size, ki.PAGE))
             if len(pages) > MAX_EXEC_PAGES:
                 return [Finding("kernel.modules", "unreadable", "module area", start, "",
                                 f"more than {MAX_EXEC_PAGES} executable pages")]  # fmt: skip
-        owners = self._exec_owners(mods)
+        owners = self._exec_owners(mods) + (self.own_memory() if self.own_memory else [])
         code: list[int] = []
         for va, n in ki.unowned_runs(pages, owners):
-            if self._bpf_image(va, n):
+            if self._bpf_image(pages[va], n):
                 continue
             for page in range(va, va + n * ki.PAGE, ki.PAGE):
                 try:
-                    if not ki.is_filler(k.read(page, ki.PAGE)):
+                    if not ki.is_filler(self.t.mem.read(pages[page], ki.PAGE)):
                         code.append(page)
                 except VmshieldError:
                     code.append(page)
@@ -706,13 +711,14 @@ class Checker:
                 ops = k.u64(ops + off_n)
         return owners
 
-    def _bpf_image(self, va: int, n: int) -> bool:
+    def _bpf_image(self, pa: int, n: int) -> bool:
         """A JIT image of a classic BPF filter before 5.18 (a DHCP client's socket
         filter): the kernel keeps no list of those, so it is recognised by its header
         (``struct bpf_binary_header``: its page count first, the allocation filled with
         int3 around the code). A limit: a foreign allocation shaped like one passes."""
         try:
-            return self.k.u32(va) == n and self.k.read(va + 4, 16) == b"\xcc" * 16
+            head = self.t.mem.read(pa, 20)
+            return int.from_bytes(head[:4], "little") == n and head[4:] == b"\xcc" * 16
         except VmshieldError:
             return False
 

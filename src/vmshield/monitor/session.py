@@ -342,7 +342,12 @@ class Monitor:
             for addr in eng.by_addr:  # our breakpoints are int3 in guest memory on KVM
                 ck.allow_breakpoint(addr)
             eng.at_stop = ck.at_stop
-        elif "space.self" in ck.requests:  # the space's own alerts, as the request's events
+        else:
+            ck.own_memory = lambda: (
+                [(r.base, r.base + r.size)] if eng.space and (r := eng.space.region) else []
+            )
+        if isinstance(eng, SpaceEngine) and "space.self" in ck.requests:
+            # the space's own alerts, as the request's events
             emit = eng.emit
 
             def relay(ev: Event) -> None:
