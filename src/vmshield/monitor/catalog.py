@@ -252,8 +252,10 @@ INTEGRITY: dict[str, CatalogObject] = {
                            "new_symbol", "response", "count"), (),
                       INTEGRITY_ACTIONS, _host_check),
         CatalogObject("kernel.modules", "a module hidden from the module list (cross-view "
-                      "with sysfs)", (), ("where", "module", "address"), (), REPORT_ACTIONS,
-                      _host_check),
+                      "with sysfs and the module tree), or executable memory in the module "
+                      "area that nothing owns", (), ("what", "where", "module", "address",
+                                                     "evidence", "pages"), (),
+                      REPORT_ACTIONS, _host_check),
         CatalogObject("space.self", "the security space itself was tampered with", (),
                       ("what", "where", "address", "expected", "found", "response"), (),
                       ("log",), _host_check),
