@@ -254,7 +254,7 @@ INTEGRITY: dict[str, CatalogObject] = {
         CatalogObject("kernel.modules", "a module hidden from the module list (cross-view "
                       "with sysfs and the module tree), or executable memory in the module "
                       "area that nothing owns", (), ("what", "where", "module", "address",
-                                                     "evidence", "pages"), (),
+                                                     "evidence", "pages"), ("exec",),
                       REPORT_ACTIONS, _host_check),
         CatalogObject("space.self", "the security space itself was tampered with", (),
                       ("what", "where", "address", "expected", "found", "response"), (),
