@@ -194,11 +194,10 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
                 assert "crc_itu_t" not in lab.sh("cat /proc/modules")
                 continue
             assert f["response"] == "restored" and f["count"] >= 1, f
-            if name == "wp":
+            if name == "wp":  # really set again: the next checks find nothing more
                 assert f["bit"] == "WP" and "cpu" in f
-                tgt = vm.target
-                assert tgt is not None
-                assert settled(lambda t=tgt: all(c.cr0 & 1 << 16 for c in t.cpus()))
+                time.sleep(4)
+                assert len(seen.of(obj)) == 1, repr([e.fields for e in seen.of(obj)])[:3000]
             elif name == "lstar":
                 assert f["register"] == "lstar" and "cpu" in f, f
                 assert f["old_symbol"] == "entry_SYSCALL_64" and int(f["new"], 16) == w.address
@@ -211,9 +210,13 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
             if name == "hook":
                 assert f["old_symbol"].endswith("sys_getpid")
                 assert f["new_symbol"].endswith("sys_getppid")
-                run_write(lab, w, "vms_hook2")  # made again: restored again, counted
-                again = seen.wait(obj, n=2).fields
-                assert again["count"] == 2 and again["response"] == "restored", again
+                # Made again: restored again, counted (the tamper module stores byte by
+                # byte, so one write may already have been seen more than once).
+                time.sleep(2)
+                n, last = len(seen.of(obj)), seen.of(obj)[-1].fields["count"]
+                run_write(lab, w, "vms_hook2")
+                again = seen.wait(obj, n=n + 1).fields
+                assert again["count"] > last and again["response"] == "restored", again
             assert_healthy(lab)
         if engine == "space":
             site = next(r.point.address for r in mon.resolved if r.obj.name == "file.unlink")

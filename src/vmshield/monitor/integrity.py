@@ -887,7 +887,12 @@ class Checker:
     def space_alert(self, ev: Event) -> None:
         """A ``space.integrity`` alert of the security space, as an event of the
         ``space.self`` request (its id and action; the space's ``--on-tamper`` policy
-        decides what is done, so ``response`` says that)."""
+        decides what is done, so ``response`` says that). An alert about a system call
+        table or the IDT is also an event of the requested table object: the space
+        watches those for itself and may see a change (and put it back) before this
+        checker does."""
+        if ev.fields.get("what") == "kernel-table":
+            self._space_table(ev)
         req = self.requests.get("space.self")
         if req is None:
             return
@@ -898,6 +903,52 @@ class Checker:
             point=PointInfo(symbol=ev.point.symbol, address=ev.point.address,
                             kind="integrity-check", engine=self.engine, cpu=ev.point.cpu),
         ))  # fmt: skip
+
+    def _space_table(self, ev: Event) -> None:
+        try:
+            va = int(str(ev.fields.get("address", "0")), 16)
+        except ValueError:
+            return
+        for r in self.regions:
+            if not (r.entry and r.va <= va < r.va + len(r.ref)) or r.object not in self.requests:
+                continue
+            req = self.requests[r.object]
+            idx = (va - r.va) // r.entry
+            old = r.ref[idx * r.entry : (idx + 1) * r.entry]
+            try:
+                new = self.k.read(r.va + idx * r.entry, r.entry)
+            except VmshieldError:
+                new = old
+            o = _gate_target(old) if r.entry == 16 else int.from_bytes(old, "little")
+            if new == old:  # put back already: the alert's bytes say what was there
+                raw = bytearray(old)
+                try:
+                    found = bytes.fromhex(str(ev.fields.get("found", "")))
+                except ValueError:
+                    found = b""
+                off = va - (r.va + idx * r.entry)
+                for j, b in enumerate(found[: r.entry - off]):
+                    raw[off + j] = b
+                new = bytes(raw)
+            n = _gate_target(new) if r.entry == 16 else int.from_bytes(new, "little")
+            place = (f"{r.name}[{idx}]", r.va + idx * r.entry)
+            rearmed = ev.fields.get("response") == "rearm"
+            if rearmed:
+                self.restores[place] = self.restores.get(place, 0) + 1
+                self.stats.restored += 1
+            self.stats.findings += 1
+            self.emit(Event(
+                time=ev.time, vm=ev.vm, request=req.id, object=r.object, action=req.action,
+                process=None,
+                fields={"what": "entry", "where": place[0], "address": f"{place[1]:#x}",
+                        "old": f"{o:#x}", "new": f"{n:#x}", "old_symbol": self._sym(o),
+                        "new_symbol": self._sym(n), "index": idx,
+                        "response": "restored" if rearmed else "reported",
+                        "by": "security space", "count": self.restores.get(place, 0)},
+                point=PointInfo(symbol=place[0], address=f"{place[1]:#x}",
+                                kind="integrity-check", engine=self.engine, cpu=0),
+            ))  # fmt: skip
+            return
 
     def _process(self, task: int | None) -> ProcessContext | None:
         if not task:

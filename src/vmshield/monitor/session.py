@@ -346,8 +346,7 @@ class Monitor:
             ck.own_memory = lambda: (
                 [(r.base, r.base + r.size)] if eng.space and (r := eng.space.region) else []
             )
-        if isinstance(eng, SpaceEngine) and "space.self" in ck.requests:
-            # the space's own alerts, as the request's events
+        if isinstance(eng, SpaceEngine):  # the space's own alerts, as the requests' events
             emit = eng.emit
 
             def relay(ev: Event) -> None:
