@@ -37,6 +37,7 @@ from vmshield.guest import kintegrity as ki
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.lists import walk_entries
 from vmshield.guest.modules import modules
+from vmshield.guest.paging import CR3_ADDR_MASK, PageWalker
 from vmshield.guest.tasks import TaskReader, current_task
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import CpuState, Target
@@ -175,6 +176,7 @@ class Checker:
     def reference(self) -> None:
         """Take the reference: the bytes and values as they are now (after boot)."""
         k, want = self.k, self.requests
+        self._kernel_root()
         sites = self._sites() if "kernel.text" in want else []
         if "kernel.text" in want:
             module = want["kernel.text"].filters.get("module")
@@ -215,6 +217,34 @@ class Checker:
         if "kernel.modules" in want:
             self.module_view = {m.address for m in modules(self.k) if m.address}
         self.stats.bytes_watched = sum(len(r.ref) for r in self.regions)
+
+    def _kernel_root(self) -> None:
+        """Root the kernel's page walker at the kernel's own top-level table
+        (``init_top_pgt``) when that table maps what the checks read. Why: the walker
+        was rooted at the CR3 some task had at attach; once that task exits, its freed
+        page-table page is reused and every kernel address "is not mapped" (seen on 5.10
+        with two vCPUs). Why the test first: with 5-level paging (7.3) ``init_top_pgt``
+        was seen without the per-cpu area's entry; then the root stays as it is."""
+        k = self.k
+        try:
+            probes = [k.symbols.address("_stext"), k.u64(k.symbols.address("__per_cpu_offset"))]
+            if "page_offset_base" in k.symbols:
+                probes.append(k.u64(k.symbols.address("page_offset_base")))
+        except VmshieldError:
+            return
+        for name in ("init_top_pgt", "swapper_pg_dir"):
+            if name not in k.symbols:
+                continue
+            try:
+                root = k.walker.translate(k.symbols.address(name))
+                w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
+                for va in probes:
+                    w.lookup(va)
+            except VmshieldError:
+                continue
+            k.walker.root = root & CR3_ADDR_MASK
+            k.walker.flush()
+            return
 
     def allow_breakpoint(self, va: int) -> None:
         """An exit-engine breakpoint at ``va``: QEMU/KVM writes an ``int3`` there."""
