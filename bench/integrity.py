@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--soak-only", action="store_true", help="skip the latency table")
     args = ap.parse_args()
     os.environ.setdefault("VMSHIELD_RUN", tempfile.mkdtemp(prefix="vmshield-bench-"))
-    console = Console()
+    console = Console(width=200)  # the table is wide: never cut to a pipe's 80 columns
     if not args.soak_only:
         latency_table(console, args.kernel, args.interval)
     if args.soak > 0:
