@@ -79,6 +79,7 @@ MAX_SYSCALLS = 1024
 MAX_FTRACE_PAGES = 1 << 14
 MAX_FTRACE_RECORDS = 1 << 18
 FTRACE_TRIES = 5
+RETRY_PAUSE = 0.05  # seconds before a failed walk of changing guest structures is redone
 FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
@@ -414,7 +415,12 @@ class Checker:
         out: list[Finding] = []
         for obj, fn in parts:
             try:
-                out += fn()
+                try:
+                    out += fn()
+                except VmshieldError:  # lists and trees change under a walk: once more
+                    self.k.walker.flush()
+                    time.sleep(RETRY_PAUSE)
+                    out += fn()
             except Exception as e:  # hostile input must not end the monitor
                 out.append(Finding(obj, "unreadable", f"{obj} check", 0, "readable",
                                    f"{type(e).__name__}: {e}"))  # fmt: skip
