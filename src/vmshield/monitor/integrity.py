@@ -178,6 +178,7 @@ class Checker:
         """Take the reference: the bytes and values as they are now (after boot)."""
         k, want = self.k, self.requests
         self._kernel_root()
+        k.walker.flush()  # module-area addresses are reused: no translation from before
         sites = self._sites() if "kernel.text" in want else []
         if "kernel.text" in want:
             module = want["kernel.text"].filters.get("module")
@@ -653,6 +654,7 @@ class Checker:
         hidden only when two checks in a row find it so: never a false alarm from a
         race, one interval later for a real one."""
         k = self.k
+        k.walker.flush()  # modules come and go at reused addresses
         listed = {m.address for m in modules(k) if m.address}
         out: list[Finding] = []
         evidence: dict[int, list[str]] = {}
