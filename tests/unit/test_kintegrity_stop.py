@@ -89,6 +89,9 @@ class Kernel:
     def translate(self, va: int) -> int:
         return va
 
+    def flush(self) -> None:
+        pass  # no cached translations
+
     def write(self, pa: int, data: bytes) -> None:
         self.put(pa, data)
 
