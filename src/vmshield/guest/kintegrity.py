@@ -22,6 +22,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from vmshield.errors import VmshieldError
+
 JUMP_ENTRY_SIZE = 16
 """``struct jump_entry`` on x86-64: ``s32 code; s32 target; long key`` (each relative to
 its own field's address since 4.15)."""
@@ -329,3 +331,70 @@ def foreign_changes(
         lo, hi = first - base, last - base + 1
         out.append(Change(first, ref[lo:hi], now[lo:hi]))
     return out
+
+
+MAX_TREE_NODES = 1 << 14
+RB_RIGHT, RB_LEFT = 8, 16  # struct rb_node: __rb_parent_color, rb_right, rb_left
+
+
+def walk_rbtree(
+    read_u64: Callable[[int], int], top: int, max_nodes: int = MAX_TREE_NODES
+) -> tuple[list[int], str | None]:
+    """Every node of a red-black tree from its top node (``rb_root.rb_node``), as the
+    guest's memory says: ``(nodes, None)``, or the nodes found and why the walk stopped
+    (a node seen twice: a cycle; too many nodes; an unreadable link).
+
+    Why no recursion and a seen-set: the tree is in guest memory, which the guest may
+    forge into a cycle or an endless chain; the walk must end, and say so."""
+    nodes: list[int] = []
+    seen: set[int] = set()
+    stack = [top]
+    while stack:
+        node = stack.pop()
+        if not node:
+            continue
+        if node in seen:
+            return nodes, f"node {node:#x} reached twice (a cycle)"
+        if len(nodes) >= max_nodes:
+            return nodes, f"more than {max_nodes} nodes"
+        seen.add(node)
+        nodes.append(node)
+        try:
+            stack += [read_u64(node + RB_LEFT), read_u64(node + RB_RIGHT)]
+        except VmshieldError as e:
+            return nodes, f"node {node:#x} is unreadable: {e}"
+    return nodes, None
+
+
+PAGE = 4096
+FILLER = (0xCC, 0x00)  # int3 (what the kernel fills unused executable memory with), zero
+
+
+def is_filler(page: bytes) -> bool:
+    """A page of one filler byte throughout holds no code (the unused part of a BPF
+    program pack or of an executable-memory cache: the kernel fills those with int3)."""
+    return bool(page) and page[0] in FILLER and page.count(page[0]) == len(page)
+
+
+def unowned_runs(pages: Iterable[int], owners: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs ``(start, page count)`` of executable pages that overlap no owner's range
+    ``[start, end)`` (a module's text, a BPF image, a kprobe slot page, an ftrace
+    trampoline). Owners are widened to whole pages: an allocation owns its page."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted((s & ~(PAGE - 1), (e + PAGE - 1) & ~(PAGE - 1)) for s, e in owners
+                         if e > s):  # fmt: skip
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    starts = [lo for lo, _ in merged]
+    runs: list[tuple[int, int]] = []
+    for va in sorted(set(pages)):
+        i = bisect.bisect_right(starts, va) - 1
+        if i >= 0 and va < merged[i][1]:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] * PAGE == va:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((va, 1))
+    return runs

@@ -773,6 +773,25 @@ class GdbStub:
         self._running = True
         return self._wait_stop(deadline)
 
+    def step_thread(self, tid: int, timeout: float | None = None) -> StopReply:
+        """Single-step vCPU ``tid`` alone (``vCont;s:tid``) and wait for its stop.
+
+        Why not ``s``: QEMU resumes every vCPU for a plain step (``vm_start``); with
+        ``vCont`` the vCPUs without an action stay stopped, so a one-instruction probe
+        on one vCPU never lets the others run. On :class:`GdbTimeout` the step is still
+        pending (a halted vCPU): :meth:`interrupt` and :meth:`wait_stop` end it.
+        """
+        deadline = self._deadline(timeout)
+        if self._running:
+            raise GdbStateError("the VM is already running")
+        if self._vcont_step is None:
+            self._vcont_step = b";s" in self._request(b"vCont?", deadline)
+        if not self._vcont_step:
+            raise GdbUnsupported(b"vCont;s", "this stub cannot step one vCPU alone")
+        self._send(b"vCont;s:" + ThreadId(tid).encode(), deadline)
+        self._running = True
+        return self._wait_stop(deadline)
+
     def step(self, timeout: float | None = None) -> StopReply:
         """Single-step the selected vCPU (``s``) and wait for its stop reply.
 

@@ -6,7 +6,8 @@ Each technique is computed on the host from the guest kernel's own symbols and m
 modules (:mod:`vmshield.lab.tampermod`). Every technique is chosen so that the guest
 keeps running: the hooked system call is redirected to a harmless one, the patched
 function is one a healthy lab guest never runs, the changed IDT gate is one nothing
-raises, the module hidden is a real module loaded for the purpose.
+raises, the module hidden is a real module loaded for the purpose, and LSTAR is pointed
+at a trampoline that jumps on to the real system call entry.
 
 This writes guest kernel memory on purpose. It is a lab tool for tests and benchmarks;
 nothing in the monitor uses it.
@@ -21,6 +22,7 @@ from vmshield.guest.kernel import Kernel
 from vmshield.guest.modules import modules
 
 NR_GETPID, NR_GETPPID = 39, 110
+MSR_LSTAR = 0xC000_0082
 NEVER_RUN = ("sysrq_handle_crash", "emergency_restart", "kernel_halt", "machine_halt")
 """Functions a healthy lab guest never runs (see tests/integration/test_tampermod.py)."""
 UNUSED_VECTOR = 0x80
@@ -35,6 +37,7 @@ class Write:
     data: bytes
     keep_wp_clear: bool = False
     unlink: bool = False  # address is a list_head to take off its list at run time
+    msr: int = 0  # nonzero: write ``address`` into this MSR (``data`` is empty)
 
 
 def hook_syscall(k: Kernel, nr: int = NR_GETPID, to: int = NR_GETPPID) -> Write:
@@ -74,3 +77,28 @@ def hide_module(k: Kernel, name: str) -> Write:
     off = k.member_offset("module", "list")
     mod = next(m for m in modules(k) if m.name == name)
     return Write(mod.address + off, b"\0", unlink=True)
+
+
+def lstar_trampoline(k: Kernel) -> bytes:
+    """Code for a redirected LSTAR that keeps every system call working: ``jmp
+    *0(%rip)`` to ``entry_SYSCALL_64``. Nothing else may run there: the CPU arrives
+    with the user's stack and GS, so the code touches neither (only its own bytes,
+    mapped wherever kernel text is). Position-independent: it runs from a resident lab
+    module's text (:func:`vmshield.lab.tampermod.build_resident_module`)."""
+    return b"\xff\x25\0\0\0\0" + struct.pack("<Q", k.symbols.address("entry_SYSCALL_64"))
+
+
+def redirect_lstar(trampoline: int) -> Write:
+    """LSTAR (on the vCPU that runs ``insmod``) pointed at ``trampoline``."""
+    return Write(trampoline, b"", msr=MSR_LSTAR)
+
+
+def patch_rodata(k: Kernel) -> Write:
+    """One byte of read-only data changed: the first letter of ``linux_banner`` (what a
+    rootkit does to a constant table; this one only shows in a log line)."""
+    at = k.symbols.address("linux_banner")
+    lo, hi = k.symbols.address("__start_rodata"), k.symbols.address("__end_rodata")
+    if not lo <= at < hi:
+        raise ValueError(f"linux_banner {at:#x} is not in rodata {lo:#x}..{hi:#x}")
+    first = k.read(at, 1)
+    return Write(at, first.swapcase() if first.isalpha() else b"?")

@@ -272,7 +272,7 @@ def _read_template(folder: Path) -> KernelTemplate:
 
 
 def init_source(
-    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False
+    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False, msr: int = 0
 ) -> str:
     """C source of the init function: one volatile store per byte, all constants.
 
@@ -283,7 +283,9 @@ def init_source(
     leave it" rootkit technique). ``unlink`` ignores ``data`` and takes ``address`` as a
     ``struct list_head``: it is taken off its list with the neighbours read at run time
     (the tamper module itself may be one of them) and left pointing at itself, as
-    ``list_del_init`` does (the "hide a module" technique).
+    ``list_del_init`` does (the "hide a module" technique). ``msr`` ignores ``data``
+    and writes ``address`` into that MSR with ``wrmsr`` on the vCPU running ``insmod``
+    (the "redirect LSTAR" technique: a rootkit's ``wrmsrl``, without its import).
     ``write_cr0`` is not used: the kernel pins WP in it. If ``CR4.CET`` is on (IBT kernels
     on CET hardware) WP cannot be cleared, so CET is dropped around the write too; with
     interrupts off nothing runs in between.
@@ -298,6 +300,11 @@ def init_source(
             "\tnext[1] = (unsigned long)prev;\n"
             "\tnode[0] = (unsigned long)node;\n"
             "\tnode[1] = (unsigned long)node;"
+        )
+    if msr:
+        stores = (
+            f'\tasm volatile("wrmsr" :: "c"({msr:#x}U), "a"((unsigned)(unsigned long)p),\n'
+            '\t\t     "d"((unsigned)((unsigned long)p >> 32)) : "memory");'
         )
     # CET cannot be on while WP is clear: left clear, CET stays off too.
     restore = (
@@ -333,8 +340,12 @@ int {INIT_SYMBOL}(void)
 """
 
 
-def _validate(address: int, data: bytes, name: str) -> None:
+def _validate(address: int, data: bytes, name: str, msr: int = 0) -> None:
     """Refuse what would not be a short write into the kernel half, or a bad module name."""
+    if msr and not data:
+        data = b"\0"  # an MSR write: ``address`` is the value, nothing is stored
+    if not 0 <= msr < 1 << 32:
+        raise ValueError(f"msr {msr:#x} is not a 32-bit MSR index")
     if not isinstance(data, bytes | bytearray) or not 1 <= len(data) <= MAX_DATA:
         raise ValueError(f"data must be 1..{MAX_DATA} bytes")
     if not KERNEL_HALF <= address <= (1 << 64) - len(data):
@@ -349,7 +360,7 @@ def _validate(address: int, data: bytes, name: str) -> None:
 
 
 def compile_init(
-    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False
+    address: int, data: bytes, keep_wp_clear: bool = False, unlink: bool = False, msr: int = 0
 ) -> bytes:
     """Machine code of the init function (starting at its first byte), from the host gcc.
 
@@ -363,7 +374,10 @@ def compile_init(
     with tempfile.TemporaryDirectory(prefix="vmshield-tamper-") as tmp:
         src = Path(tmp) / "tamper.c"
         obj = Path(tmp) / "tamper.o"
-        src.write_text(init_source(address, data, keep_wp_clear, unlink))
+        src.write_text(
+            RESIDENT_SOURCE if address == 0 else init_source(address, data, keep_wp_clear,
+                                                             unlink, msr)
+        )  # fmt: skip
         res = subprocess.run(
             [gcc, *CFLAGS, "-c", str(src), "-o", str(obj)],
             capture_output=True,
@@ -454,7 +468,9 @@ def _write_elf(sections: list[_OutSection]) -> bytes:
     return bytes(out)
 
 
-def link_module(template: KernelTemplate, name: str, code: bytes, description: str) -> bytes:
+def link_module(
+    template: KernelTemplate, name: str, code: bytes, description: str, resident: bytes = b""
+) -> bytes:
     """The loadable module: ``code`` as its init function, nothing imported or exported.
 
     Sections, in the order the loader meets them: ``.init.text`` (freed after init, like
@@ -515,6 +531,9 @@ def link_module(template: KernelTemplate, name: str, code: bytes, description: s
         ),
         _OutSection(".strtab", _SHT_STRTAB, 0, strtab, 1),
     ]  # fmt: skip
+    if resident:  # resident code (after the indices above, so they stay as they are)
+        sections.append(_OutSection(".text", _SHT_PROGBITS, _SHF_ALLOC | _SHF_EXECINSTR,
+                                    resident, 16))  # fmt: skip
     if crc is not None:
         versions = _MODVERSION.pack(crc, b"module_layout")
         sections.insert(2, _OutSection("__versions", _SHT_PROGBITS, _SHF_ALLOC, versions, 32))
@@ -530,6 +549,7 @@ def build_tamper_module(
     name: str = "vms_tamper",
     keep_wp_clear: bool = False,
     unlink: bool = False,
+    msr: int = 0,
 ) -> bytes:
     """A ``.ko`` for cached kernel ``kernel_version`` whose init writes ``data`` at the
     kernel virtual ``address`` (read-only text and vmalloc'd code included) and fails with
@@ -538,8 +558,33 @@ def build_tamper_module(
     Raises ValueError for bad arguments (before anything is compiled) and LabError when
     the cache or the toolchain lacks something.
     """
-    _validate(address, data, name)
+    _validate(address, data, name, msr)
     template = kernel_template(kernel_version)
-    code = compile_init(address, bytes(data), keep_wp_clear, unlink)
+    code = compile_init(address, bytes(data), keep_wp_clear, unlink, msr)
     description = f"vmshield tamper test: {len(data)} byte(s) at {address:#x}"
+    if msr:
+        description = f"vmshield tamper test: MSR {msr:#x} = {address:#x}"
     return link_module(template, name, code, description)
+
+
+RESIDENT_SOURCE = f"""\
+/* Generated by vmshield.lab.tampermod: a module that stays, for its .text alone. */
+int {INIT_SYMBOL}(void)
+{{
+\treturn 0;
+}}
+"""
+
+
+def build_resident_module(kernel_version: str, text: bytes, name: str = "vms_resident") -> bytes:
+    """A ``.ko`` whose init succeeds, so it stays loaded, and whose ``.text`` (the start
+    of its core text, :attr:`vmshield.guest.modules.Module.base`) holds ``text``: code a
+    technique points the CPU at (a system call trampoline) that must outlive ``insmod``.
+    It has no exit function, so it cannot be unloaded: a lab guest is rebooted anyway.
+    ``text`` must be position-independent (no relocation is applied to it)."""
+    if not 1 <= len(text) <= MAX_DATA:
+        raise ValueError(f"text must be 1..{MAX_DATA} bytes")
+    _validate(KERNEL_HALF, b"\0", name)
+    template = kernel_template(kernel_version)
+    code = compile_init(0, b"")
+    return link_module(template, name, code, "vmshield lab: resident code", resident=bytes(text))

@@ -75,6 +75,8 @@ class ExitEngine:
         self.stub: GdbStub | None = None
         # Called from the loop with a way to stop every vCPU (the integrity checker).
         self.periodic: Callable[[Callable[[Callable[[GdbStub], None]], None]], None] | None = None
+        # Called at a hit with every vCPU stopped: (stub, registers, vCPU) (the checker).
+        self.at_stop: Callable[[GdbStub, X86Registers, int], None] | None = None
         self.stats = Stats()
         self._pending: list[Event] = []  # events of the hit being handled
         self.paused = False
@@ -232,6 +234,10 @@ class ExitEngine:
             stub.cont()
             return
         self.stats.hits += 1
+        if self.at_stop is not None:  # the integrity checker's look while all are stopped
+            stop = stub.stop_reply
+            tid = stop.thread.tid if stop is not None and stop.thread is not None else 1
+            self.at_stop(stub, regs, max(0, tid - 1))
         verdict = self.handle(regs, reqs)
         if verdict == "deny":
             self._return_eperm(regs)

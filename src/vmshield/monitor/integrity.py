@@ -2,11 +2,15 @@
 
 One host-side implementation serves both engines. Guest memory is read through shared
 RAM (no VM exit); control registers come from QMP ``info registers -a``; the MSRs
-(LSTAR, STAR, SYSENTER_EIP), which QEMU's interfaces do not show, come from the security
-space's in-guest samples where the space runs. Each engine calls :meth:`Checker.tick`
-from its own loop and lends a *quiesced* gdbstub (every vCPU stopped) for the writes
-that must go through QEMU: code (TCG only drops stale translations for writes QEMU
-makes) and registers. Data is put back through shared RAM.
+(LSTAR, CSTAR, STAR, SYSENTER_*), which QEMU's interfaces do not show, are read and
+written back by a one-instruction probe stepped on each vCPU
+(:mod:`vmshield.monitor.msrprobe`). Each engine calls :meth:`Checker.tick` from its own
+loop and lends a *quiesced* gdbstub (every vCPU stopped) for the probe and for the
+writes that must go through QEMU: code (TCG only drops stale translations for writes
+QEMU makes) and registers. Data is put back through shared RAM. The exit engine also
+calls :meth:`Checker.at_stop` when a vCPU stops at one of its points: the small tables,
+that vCPU's control registers (already read for the hit) and MSRs, at most every
+:data:`STOP_CHECK_GAP` seconds.
 
 Why a reference taken after boot, and the kernel's own patch tables: alternatives,
 retpolines and boot-time patching are done by then; what the kernel still rewrites at
@@ -21,6 +25,7 @@ alert (``what`` = ``unreadable``), never an exception that ends the monitor.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -32,11 +37,13 @@ from vmshield.guest import kintegrity as ki
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.lists import walk_entries
 from vmshield.guest.modules import modules
+from vmshield.guest.paging import CR3_ADDR_MASK, PageWalker
 from vmshield.guest.tasks import TaskReader, current_task
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import CpuState, Target
 from vmshield.monitor.actions import DumpPolicy, pause_vm
 from vmshield.monitor.events import Event, PointInfo, ProcessContext
+from vmshield.monitor.msrprobe import MSRS, MsrProbe, ProbeSkipped
 
 OBJECTS = (
     "kernel.text",
@@ -49,7 +56,7 @@ OBJECTS = (
     "space.self",
 )
 RESTORABLE = frozenset({"kernel.text", "kernel.rodata", "kernel.syscall_table", "kernel.idt",
-                        "cpu.control"})  # fmt: skip
+                        "cpu.control", "cpu.msr"})  # fmt: skip
 
 CR0_WP = 1 << 16
 CR4_UMIP, CR4_SMEP, CR4_SMAP = 1 << 11, 1 << 20, 1 << 21
@@ -59,16 +66,28 @@ CONTROL_BITS: dict[str, tuple[tuple[str, int], ...]] = {
     "cr4": (("SMEP", CR4_SMEP), ("SMAP", CR4_SMAP), ("UMIP", CR4_UMIP)),
     "efer": (("NXE", EFER_NXE),),
 }
-MSR_FIELDS = ("lstar", "star", "sysenter_eip")
+MSR_EXPECTED = {"lstar": "entry_SYSCALL_64"}
+"""The kernel's own value of an MSR, from its symbols: a redirect made before the
+monitor armed is still seen (the other MSRs are referenced at their first reading)."""
+STOP_CHECK_GAP = 0.25
+"""Seconds between two checks at the exit engine's stops: a point hit thousands of times
+a second must not pay for a check each time (at most 4 a second, a few KiB read and
+one vCPU probed each)."""
 CHUNK = 1 << 16  # bytes compared at once; a differing chunk is diffed byte by byte
 MAX_TEXT = 64 << 20
 MAX_SYSCALLS = 1024
 MAX_FTRACE_PAGES = 1 << 14
 MAX_FTRACE_RECORDS = 1 << 18
+FTRACE_TRIES = 5
+RETRY_PAUSE = 0.05  # seconds before a failed walk of changing guest structures is redone
 FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
 MAX_KOBJECTS = 8192
+MODULES_END = 0xFFFF_FFFF_FF00_0000  # x86-64: the module area ends here (fixmap above)
+HUGE = 2 << 20
+MAX_EXEC_PAGES = 1 << 18  # 1 GiB of 4 KiB pages: the whole module area
+MOD_MEM_TYPES = 7  # enum mod_mem_type (6.4+): text, data, rodata, ro_after_init, init *3
 
 
 Quiesce = Callable[[Callable[[GdbStub], None]], None]
@@ -112,6 +131,10 @@ class IntegrityStats:
     restored: int = 0
     check_seconds: float = 0.0
     bytes_watched: int = 0
+    stop_checks: int = 0
+    stopped_seconds: float = 0.0  # wall time the VM stood still for the MSR probe
+    probe_errors: int = 0  # MSR probes that failed (not skipped): our side, not the guest's
+    last_probe_error: str = ""
 
 
 class Checker:
@@ -126,19 +149,24 @@ class Checker:
         engine: str,
         interval: float = 1.0,
         dump_policy: DumpPolicy | None = None,
-        msr_source: Callable[[], dict[int, dict[str, int]]] | None = None,
     ) -> None:
         self.t, self.k, self.emit, self.engine = target, kernel, emit, engine
         self.requests = {r.object: r for r in requests}
         self.interval = interval
         self.dumps = dump_policy
-        self.msr_source = msr_source
         self.stats = IntegrityStats()
         self.regions: list[Region] = []
         self.cpu_ref: dict[int, dict[str, int]] = {}
         self.msr_ref: dict[int, dict[str, int]] = {}
+        self.probe: MsrProbe | None = None
+        self._last_stop = 0.0
         self.module_view: set[int] = set()
         self.hidden_seen: set[int] = set()
+        self.suspects: set[int] = set()
+        self.exec_seen: set[int] = set()
+        self.exec_suspects: set[int] = set()
+        # The monitor's own executable memory (the security space): not a finding.
+        self.own_memory: Callable[[], list[tuple[int, int]]] | None = None
         self.reported: dict[tuple[str, int], str] = {}  # place -> last new value reported
         self.restores: dict[tuple[str, int], int] = {}
         self._next = 0.0
@@ -149,6 +177,8 @@ class Checker:
     def reference(self) -> None:
         """Take the reference: the bytes and values as they are now (after boot)."""
         k, want = self.k, self.requests
+        self._kernel_root()
+        k.walker.flush()  # module-area addresses are reused: no translation from before
         sites = self._sites() if "kernel.text" in want else []
         if "kernel.text" in want:
             module = want["kernel.text"].filters.get("module")
@@ -184,11 +214,39 @@ class Checker:
                                        entry=16))  # fmt: skip
         if "cpu.control" in want or "kernel.idt" in want:
             self.cpu_ref = {c.index: _cpu_values(c) for c in self.t.cpus()}
-        if "cpu.msr" in want and self.msr_source is not None:
-            self.msr_ref = self.msr_source()
+        if "cpu.msr" in want:
+            self.probe = MsrProbe(k)
         if "kernel.modules" in want:
             self.module_view = {m.address for m in modules(self.k) if m.address}
         self.stats.bytes_watched = sum(len(r.ref) for r in self.regions)
+
+    def _kernel_root(self) -> None:
+        """Root the kernel's page walker at the kernel's own top-level table
+        (``init_top_pgt``) when that table maps what the checks read. Why: the walker
+        was rooted at the CR3 some task had at attach; once that task exits, its freed
+        page-table page is reused and every kernel address "is not mapped" (seen on 5.10
+        with two vCPUs, on 7.3 within a minute). The new root must map the text and the
+        direct map, or the root stays as it is."""
+        k = self.k
+        try:
+            probes = [k.symbols.address("_stext")]
+            if "page_offset_base" in k.symbols:
+                probes.append(k.u64(k.symbols.address("page_offset_base")))
+        except VmshieldError:
+            return
+        for name in ("init_top_pgt", "swapper_pg_dir"):
+            if name not in k.symbols:
+                continue
+            try:
+                root = k.walker.translate(k.symbols.address(name))
+                w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
+                for va in probes:
+                    w.lookup(va)
+            except VmshieldError:
+                continue
+            k.walker.root = root & CR3_ADDR_MASK
+            k.walker.flush()
+            return
 
     def allow_breakpoint(self, va: int) -> None:
         """An exit-engine breakpoint at ``va``: QEMU/KVM writes an ``int3`` there."""
@@ -257,7 +315,20 @@ class Checker:
 
     def _ftrace_sites(self) -> list[ki.Site]:
         """Every ftrace record (``ftrace_pages_start`` -> pages of ``dyn_ftrace``): the
-        call sites ftrace turns between a nop and a call."""
+        call sites ftrace turns between a nop and a call. The list changes under us (a
+        module's pages are freed when it goes: a failed ``insmod`` too), so a walk that
+        meets a freed page is tried again; after a few tries what was found is used."""
+        out: list[ki.Site] = []
+        for _ in range(FTRACE_TRIES):
+            try:
+                return self._ftrace_walk(out)
+            except VmshieldError:
+                self.k.walker.flush()
+                time.sleep(0.1)
+        return out
+
+    def _ftrace_walk(self, out: list[ki.Site]) -> list[ki.Site]:
+        out.clear()
         k = self.k
         if "ftrace_pages_start" not in k.symbols:
             return []
@@ -265,7 +336,6 @@ class Checker:
         off_recs = k.member_offset("ftrace_page", "records")
         off_index = k.member_offset("ftrace_page", "index")
         size = k.sizeof("dyn_ftrace")
-        out: list[ki.Site] = []
         page = k.u64(k.symbols.address("ftrace_pages_start"))
         seen: set[int] = set()
         while page and page not in seen and len(seen) < MAX_FTRACE_PAGES:
@@ -313,11 +383,16 @@ class Checker:
             self._next = time.monotonic() + self.interval
         t0 = time.thread_time()
         findings = self.check(light=not full)
+        if full and self.probe is not None:
+            findings += self._probe_all(quiesce)
         if full:
             self.stats.checks += 1
-        self.stats.check_seconds += time.thread_time() - t0
         for f in findings:
             self._act(f, quiesce)
+        if full:  # the small tables again: a full check takes a while, the VM runs on
+            for f in self.check(light=True):
+                self._act(f, quiesce)
+        self.stats.check_seconds += time.thread_time() - t0
 
     def check(self, light: bool = False) -> list[Finding]:
         """Every watched object once. Guest memory is hostile: a check that fails (a
@@ -333,8 +408,6 @@ class Checker:
         if self.cpu_ref:
             obj = "cpu.control" if "cpu.control" in self.requests else "kernel.idt"
             parts.append((obj, self._check_cpus))
-        if self.msr_source is not None and "cpu.msr" in self.requests:
-            parts.append(("cpu.msr", self._check_msrs))
         if "kernel.modules" in self.requests:
             parts.append(("kernel.modules", self._check_modules))
         return self._run(parts)
@@ -343,7 +416,12 @@ class Checker:
         out: list[Finding] = []
         for obj, fn in parts:
             try:
-                out += fn()
+                try:
+                    out += fn()
+                except VmshieldError:  # lists and trees change under a walk: once more
+                    self.k.walker.flush()
+                    time.sleep(RETRY_PAUSE)
+                    out += fn()
             except Exception as e:  # hostile input must not end the monitor
                 out.append(Finding(obj, "unreadable", f"{obj} check", 0, "readable",
                                    f"{type(e).__name__}: {e}"))  # fmt: skip
@@ -452,16 +530,7 @@ class Checker:
                 continue
             now = _cpu_values(c)
             if "cpu.control" in self.requests:
-                for reg, bits in CONTROL_BITS.items():
-                    for name, bit in bits:
-                        if ref[reg] & bit and not now[reg] & bit:
-                            out.append(Finding(
-                                "cpu.control", "register", f"cpu {c.index} {reg.upper()}.{name}",
-                                0, f"{ref[reg]:#x}", f"{now[reg]:#x}", cpu=c.index,
-                                task=self._current(c.index),
-                                restore=self._reg_restore(c.index, reg, now[reg] | bit),
-                                extra={"register": reg, "bit": name},
-                            ))  # fmt: skip
+                out += self._control(c.index, ref, now)
             if "kernel.idt" in self.requests and now["idt_base"] != ref["idt_base"]:
                 out.append(Finding(
                     "kernel.idt", "register", f"cpu {c.index} IDTR", 0,
@@ -470,48 +539,292 @@ class Checker:
                 ))  # fmt: skip
         return out
 
-    def _check_msrs(self) -> list[Finding]:
-        assert self.msr_source is not None
+    def _probe_all(self, quiesce: Quiesce) -> list[Finding]:
+        """Every vCPU's MSRs, with every vCPU stopped (the engine's quiesce)."""
+        out: list[Finding] = []
+
+        def probe(stub: GdbStub) -> None:
+            for tid in stub.threads():
+                out.extend(self._probe_msrs(stub, tid - 1))
+
+        t0 = time.monotonic()
+        try:
+            quiesce(probe)
+        except VmshieldError as e:  # our mechanism failed, not guest evidence: counted
+            self.stats.probe_errors += 1
+            self.stats.last_probe_error = f"{type(e).__name__}: {e}"
+        self.stats.stopped_seconds += time.monotonic() - t0
+        return out
+
+    def _probe_msrs(self, stub: GdbStub, cpu: int) -> list[Finding]:
+        """One vCPU's MSRs against the reference; with ``restore`` a change is written
+        back at once, in the same stop (the vCPU may be halted at the next one)."""
+        assert self.probe is not None
+        try:
+            now = self.probe.read(stub, cpu)
+        except ProbeSkipped:
+            return []
+        except VmshieldError as e:  # our mechanism failed, not guest evidence: counted
+            self.stats.probe_errors += 1
+            self.stats.last_probe_error = f"{type(e).__name__}: {e}"
+            return []
+        ref = self.msr_ref.get(cpu)
+        if ref is None:
+            ref = dict(now)
+            for name, sym in MSR_EXPECTED.items():
+                if sym in self.k.symbols:
+                    ref[name] = self.k.symbols.address(sym)
+            self.msr_ref[cpu] = ref
+        req = self.requests.get("cpu.msr")
         out = []
-        for cpu, now in self.msr_source().items():
-            ref = self.msr_ref.setdefault(cpu, now)
-            for f in MSR_FIELDS:
-                if f in now and now[f] != ref.get(f):
+        for name, value in now.items():
+            if value == ref[name]:
+                continue
+            restore: Callable[[Quiesce], None] | None = None
+            if req is not None and req.action == "restore":
+                try:
+                    self.probe.write(stub, cpu, name, ref[name])
+                    restore = _done
+                except VmshieldError as e:
+                    restore = _failed(e)
+            out.append(Finding(
+                "cpu.msr", "register", f"cpu {cpu} {name.upper()}", 0, f"{ref[name]:#x}",
+                f"{value:#x}", cpu=cpu, task=self._current(cpu), restore=restore,
+                extra={"register": name, "msr": f"{MSRS[name]:#x}",
+                       "old_symbol": self._sym(ref[name]), "new_symbol": self._sym(value)},
+            ))  # fmt: skip
+        return out
+
+    def at_stop(self, stub: GdbStub, regs: Any, cpu: int) -> None:
+        """A cheap check while a vCPU is stopped at one of the exit engine's points (every
+        vCPU stopped): the system call tables and the IDT, that vCPU's control registers
+        (from the registers the hit already read) and its MSRs. At most once every
+        :data:`STOP_CHECK_GAP` seconds; never raises. The stub is left with vCPU ``cpu``
+        selected, as the engine had it."""
+        now = time.monotonic()
+        if now - self._last_stop < STOP_CHECK_GAP:
+            return
+        self._last_stop = now
+        t0 = time.thread_time()
+        findings = self.check(light=True)
+        ref = self.cpu_ref.get(cpu)
+        if ref is not None and "cpu.control" in self.requests:
+            values = {"cr0": regs.cr0, "cr4": regs.cr4, "efer": regs.efer,
+                      "idt_base": ref["idt_base"]}  # fmt: skip
+            findings += self._control(cpu, ref, values)
+        if self.probe is not None:
+            findings += self._probe_msrs(stub, cpu)
+        self.stats.stop_checks += 1
+        self.stats.check_seconds += time.thread_time() - t0
+
+        def here(fn: Callable[[GdbStub], None]) -> None:
+            fn(stub)
+
+        try:
+            for f in findings:
+                self._act(f, here)
+        finally:
+            if findings or self.probe is not None:
+                with contextlib.suppress(VmshieldError):
+                    stub.select_thread(cpu + 1)
+
+    def _control(self, cpu: int, ref: dict[str, int], now: dict[str, int]) -> list[Finding]:
+        """Protection bits set in the reference and clear now."""
+        out = []
+        for reg, bits in CONTROL_BITS.items():
+            for name, bit in bits:
+                if ref[reg] & bit and not now[reg] & bit:
                     out.append(Finding(
-                        "cpu.msr", "register", f"cpu {cpu} {f.upper()}", 0,
-                        f"{ref.get(f, 0):#x}", f"{now[f]:#x}", cpu=cpu,
-                        extra={"register": f, "old_symbol": self._sym(ref.get(f, 0)),
-                               "new_symbol": self._sym(now[f])},
+                        "cpu.control", "register", f"cpu {cpu} {reg.upper()}.{name}",
+                        0, f"{ref[reg]:#x}", f"{now[reg]:#x}", cpu=cpu,
+                        task=self._current(cpu),
+                        restore=self._reg_restore(cpu, reg, now[reg] | bit),
+                        extra={"register": reg, "bit": name},
                     ))  # fmt: skip
         return out
 
     def _check_modules(self) -> list[Finding]:
-        """Cross-view: modules with a sysfs kobject (``module_kset``) that the module
-        list does not hold are hidden."""
+        """Cross-view: a module that other evidence in memory holds and the ``modules``
+        list does not is hidden. The evidence: its sysfs kobject (``module_kset``) and
+        the module tree (``mod_tree``: the latched rbtree the kernel looks addresses up
+        in; a rootkit that unlinks from the list rarely rebalances that tree too).
+
+        A module being loaded or unloaded is on the list and in the tree for a moment
+        apart (and a failed load is taken off both in turn), so a module counts as
+        hidden only when two checks in a row find it so: never a false alarm from a
+        race, one interval later for a real one."""
         k = self.k
+        k.walker.flush()  # modules come and go at reused addresses
         listed = {m.address for m in modules(k) if m.address}
+        out: list[Finding] = []
+        evidence: dict[int, list[str]] = {}
+        for mod in self._kset_modules(out):
+            evidence.setdefault(mod, []).append("sysfs (module_kset)")
+        for mod in self._tree_modules(out):
+            evidence.setdefault(mod, []).append("the module tree (mod_tree)")
+        suspects = {m for m in evidence if m not in listed and m not in self.hidden_seen}
+        confirmed, self.suspects = suspects & self.suspects, suspects
+        if self.requests["kernel.modules"].filters.get("exec") == "on":
+            out += self._exec_pages(listed | set(evidence))
+        for mod in sorted(confirmed):
+            self.hidden_seen.add(mod)
+            name = k.cstring(mod + k.member_offset("module", "name"), 56)
+            out.append(Finding(
+                "kernel.modules", "hidden-module", f"module {name}", mod,
+                "on the module list", "only in " + " and ".join(evidence[mod]),
+                extra={"module": name, "evidence": evidence[mod]},
+            ))  # fmt: skip
+        self.module_view = listed
+        return out
+
+    def _exec_pages(self, mods: set[int]) -> list[Finding]:
+        """Executable memory in the module area that nothing the kernel keeps books on
+        owns: a module hidden from every view (list, tree, sysfs), or code a rootkit
+        allocated for itself. The owners: every module's memory, BPF images
+        (``bpf_kallsyms``: programs, trampolines, dispatchers), kprobe instruction slot
+        pages and ftrace trampolines. A page of int3 (or zero) throughout holds no code
+        (the unused part of a BPF program pack or an executable-memory cache). Seen in
+        two checks in a row, as hidden modules are (an allocation is made before its
+        owner records it)."""
+        k = self.k
+        start = (k.symbols.address("_end") + HUGE - 1) & ~(HUGE - 1)
+        pages: dict[int, int] = {}  # va -> pa, from this walk (no cached translation)
+        for m in k.walker.mappings(start, MODULES_END, limit=MAX_EXEC_PAGES):
+            if not m.nx:
+                pages.update((m.va + o, m.pa + o) for o in range(0, m.size, ki.PAGE))
+            if len(pages) > MAX_EXEC_PAGES:
+                return [Finding("kernel.modules", "unreadable", "module area", start, "",
+                                f"more than {MAX_EXEC_PAGES} executable pages")]  # fmt: skip
+        owners = self._exec_owners(mods) + (self.own_memory() if self.own_memory else [])
+        code: list[int] = []
+        for va, n in ki.unowned_runs(pages, owners):
+            if self._bpf_image(pages[va], n):
+                continue
+            for page in range(va, va + n * ki.PAGE, ki.PAGE):
+                try:
+                    if not ki.is_filler(self.t.mem.read(pages[page], ki.PAGE)):
+                        code.append(page)
+                except VmshieldError:
+                    code.append(page)
+        runs = {va: n for va, n in ki.unowned_runs(code, [])}
+        suspects = {va for va in runs if va not in self.exec_seen}
+        confirmed, self.exec_suspects = suspects & self.exec_suspects, suspects
         out = []
+        for va in sorted(confirmed):
+            self.exec_seen.add(va)
+            try:
+                head = k.read(va, 16).hex()
+            except VmshieldError:
+                head = ""
+            out.append(Finding(
+                "kernel.modules", "executable-allocation", f"{va:#x}", va,
+                "no executable memory", f"{runs[va]} executable page(s) no module, BPF "
+                "image, kprobe slot or ftrace trampoline owns",
+                extra={"pages": runs[va], "first_bytes": head},
+            ))  # fmt: skip
+        return out
+
+    def _exec_owners(self, mods: set[int]) -> list[tuple[int, int]]:
+        """``[start, end)`` of every allocation the kernel knows as executable (or as a
+        module's, whatever its permissions): see :meth:`_exec_pages`."""
+        k = self.k
+        owners: list[tuple[int, int]] = []
+        for mod in mods:
+            owners += self._module_memory(mod)
+        if "bpf_kallsyms" in k.symbols:
+            off_l = k.member_offset("bpf_ksym", "lnode")
+            off_s, off_e = k.member_offset("bpf_ksym", "start"), k.member_offset("bpf_ksym", "end")
+            head = k.symbols.address("bpf_kallsyms")
+            for ks in walk_entries(k, head, off_l, MAX_KOBJECTS, "bpf_kallsyms")[0]:
+                owners.append((k.u64(ks + off_s), k.u64(ks + off_e)))
+        # BPF program packs (5.18+): 2 MiB each, filled with int3, shared by many JIT
+        # images, the classic filters' included (which bpf_kallsyms does not list).
+        for sym in k.symbols.all_named("pack_list"):
+            for pack in walk_entries(k, sym.address, 0, MAX_KOBJECTS, "pack_list")[0]:
+                ptr = k.u64(pack + 16)  # struct bpf_prog_pack: list (16 bytes), ptr, bitmap
+                owners.append((ptr, ptr + HUGE))
+        for cache in ("kprobe_insn_slots", "kprobe_optinsn_slots"):
+            if cache in k.symbols:
+                head = k.symbols.address(cache) + k.member_offset("kprobe_insn_cache", "pages")
+                off_l = k.member_offset("kprobe_insn_page", "list")
+                off_i = k.member_offset("kprobe_insn_page", "insns")
+                for pg in walk_entries(k, head, off_l, MAX_KOBJECTS, cache)[0]:
+                    insns = k.u64(pg + off_i)
+                    owners.append((insns, insns + ki.PAGE))
+        if "ftrace_ops_list" in k.symbols:
+            end = k.symbols.address("ftrace_list_end") if "ftrace_list_end" in k.symbols else 0
+            off_n = k.member_offset("ftrace_ops", "next")
+            off_t = k.member_offset("ftrace_ops", "trampoline")
+            off_z = k.member_offset("ftrace_ops", "trampoline_size")
+            ops = k.u64(k.symbols.address("ftrace_ops_list"))
+            seen: set[int] = set()
+            while ops and ops != end and ops not in seen and len(seen) < MAX_KOBJECTS:
+                seen.add(ops)
+                tramp = k.u64(ops + off_t)
+                if tramp:
+                    owners.append((tramp, tramp + k.u32(ops + off_z)))
+                ops = k.u64(ops + off_n)
+        return owners
+
+    def _bpf_image(self, pa: int, n: int) -> bool:
+        """A JIT image of a classic BPF filter before 5.18 (a DHCP client's socket
+        filter): the kernel keeps no list of those, so it is recognised by its header
+        (``struct bpf_binary_header``: its page count first, the allocation filled with
+        int3 around the code). A limit: a foreign allocation shaped like one passes."""
+        try:
+            head = self.t.mem.read(pa, 20)
+            return int.from_bytes(head[:4], "little") == n and head[4:] == b"\xcc" * 16
+        except VmshieldError:
+            return False
+
+    def _module_memory(self, mod: int) -> list[tuple[int, int]]:
+        """A module's memory: its layouts (up to 6.3) or its memory areas (6.4+)."""
+        k = self.k
+        out = []
+        try:
+            mem, size = k.member_offset("module", "mem"), k.sizeof("module_memory")
+            off_b = k.member_offset("module_memory", "base")
+            off_z = k.member_offset("module_memory", "size")
+            for i in range(MOD_MEM_TYPES):
+                base = k.u64(mod + mem + i * size + off_b)
+                if base:
+                    out.append((base, base + k.u32(mod + mem + i * size + off_z)))
+        except SymbolError:
+            for layout in ("core_layout", "init_layout"):
+                base = k.u64(mod + k.member_offset("module", f"{layout}.base"))
+                if base:
+                    out.append(
+                        (base, base + k.u32(mod + k.member_offset("module", f"{layout}.size")))
+                    )
+        return out
+
+    def _kset_modules(self, out: list[Finding]) -> set[int]:
+        k = self.k
         kset = k.u64(k.symbols.address("module_kset"))
         off_entry = k.member_offset("kobject", "entry")
         off_list = k.member_offset("kset", "list")
         off_kobj = k.member_offset("module_kobject", "kobj")
         off_mod = k.member_offset("module_kobject", "mod")
-        off_name = k.member_offset("kobject", "name")
         kobjs, broken = walk_entries(k, kset + off_list, off_entry, MAX_KOBJECTS, "module kset")
         if broken:
             out.append(Finding("kernel.modules", "unreadable", "module_kset", kset, "", broken))
-        for kobj in kobjs:
-            mod = k.u64(kobj - off_kobj + off_mod)
-            if not mod or mod in listed or mod in self.hidden_seen:
-                continue
-            self.hidden_seen.add(mod)
-            name = k.cstring(k.u64(kobj + off_name), 64)
-            out.append(Finding(
-                "kernel.modules", "hidden-module", f"module {name}", mod,
-                "on the module list", "only in sysfs (module_kset)", extra={"module": name},
-            ))  # fmt: skip
-        self.module_view = listed
-        return out
+        return {m for kobj in kobjs if (m := k.u64(kobj - off_kobj + off_mod))}
+
+    def _tree_modules(self, out: list[Finding]) -> set[int]:
+        """Modules in ``mod_tree`` (its first latch copy, ``tree[0]``; each node is a
+        ``mod_tree_node`` of one of a module's memory areas, holding the module)."""
+        k = self.k
+        if "mod_tree" not in k.symbols:
+            return set()
+        root = (k.symbols.address("mod_tree") + k.member_offset("mod_tree_root", "root")
+                + k.member_offset("latch_tree_root", "tree"))  # fmt: skip
+        off_node = k.member_offset("mod_tree_node", "node")  # latch_tree_node.node[0]
+        off_mod = k.member_offset("mod_tree_node", "mod")
+        nodes, broken = ki.walk_rbtree(k.u64, k.u64(root))
+        if broken:
+            out.append(Finding("kernel.modules", "unreadable", "mod_tree", root, "", broken))
+            return set()  # a partial tree proves nothing about what is missing
+        return {m for n in nodes if (m := k.u64(n - off_node + off_mod))}
 
     # -- restoring and reporting --------------------------------------------------------
 
@@ -556,6 +869,8 @@ class Checker:
                 self.restores[place] = self.restores.get(place, 0) + 1
                 self.stats.restored += 1
                 response = "restored"
+            except ProbeSkipped:
+                return  # the vCPU cannot take it now: seen and tried again next check
             except VmshieldError as e:
                 response = f"restore failed: {e}"
         elif self.reported.get(place) == f.new:
@@ -584,6 +899,72 @@ class Checker:
                             engine=self.engine, cpu=f.cpu or 0),
             detail=detail,
         ))  # fmt: skip
+
+    def space_alert(self, ev: Event) -> None:
+        """A ``space.integrity`` alert of the security space, as an event of the
+        ``space.self`` request (its id and action; the space's ``--on-tamper`` policy
+        decides what is done, so ``response`` says that). An alert about a system call
+        table or the IDT is also an event of the requested table object: the space
+        watches those for itself and may see a change (and put it back) before this
+        checker does."""
+        if ev.fields.get("what") == "kernel-table":
+            self._space_table(ev)
+        req = self.requests.get("space.self")
+        if req is None:
+            return
+        self.stats.findings += 1
+        self.emit(Event(
+            time=ev.time, vm=ev.vm, request=req.id, object="space.self", action=req.action,
+            process=None, fields={**ev.fields, "response": "as --on-tamper"},
+            point=PointInfo(symbol=ev.point.symbol, address=ev.point.address,
+                            kind="integrity-check", engine=self.engine, cpu=ev.point.cpu),
+        ))  # fmt: skip
+
+    def _space_table(self, ev: Event) -> None:
+        try:
+            va = int(str(ev.fields.get("address", "0")), 16)
+        except ValueError:
+            return
+        for r in self.regions:
+            if not (r.entry and r.va <= va < r.va + len(r.ref)) or r.object not in self.requests:
+                continue
+            req = self.requests[r.object]
+            idx = (va - r.va) // r.entry
+            old = r.ref[idx * r.entry : (idx + 1) * r.entry]
+            try:
+                new = self.k.read(r.va + idx * r.entry, r.entry)
+            except VmshieldError:
+                new = old
+            o = _gate_target(old) if r.entry == 16 else int.from_bytes(old, "little")
+            if new == old:  # put back already: the alert's bytes say what was there
+                raw = bytearray(old)
+                try:
+                    found = bytes.fromhex(str(ev.fields.get("found", "")))
+                except ValueError:
+                    found = b""
+                off = va - (r.va + idx * r.entry)
+                for j, b in enumerate(found[: r.entry - off]):
+                    raw[off + j] = b
+                new = bytes(raw)
+            n = _gate_target(new) if r.entry == 16 else int.from_bytes(new, "little")
+            place = (f"{r.name}[{idx}]", r.va + idx * r.entry)
+            rearmed = ev.fields.get("response") == "rearm"
+            if rearmed:
+                self.restores[place] = self.restores.get(place, 0) + 1
+                self.stats.restored += 1
+            self.stats.findings += 1
+            self.emit(Event(
+                time=ev.time, vm=ev.vm, request=req.id, object=r.object, action=req.action,
+                process=None,
+                fields={"what": "entry", "where": place[0], "address": f"{place[1]:#x}",
+                        "old": f"{o:#x}", "new": f"{n:#x}", "old_symbol": self._sym(o),
+                        "new_symbol": self._sym(n), "index": idx,
+                        "response": "restored" if rearmed else "reported",
+                        "by": "security space", "count": self.restores.get(place, 0)},
+                point=PointInfo(symbol=place[0], address=f"{place[1]:#x}",
+                                kind="integrity-check", engine=self.engine, cpu=0),
+            ))  # fmt: skip
+            return
 
     def _process(self, task: int | None) -> ProcessContext | None:
         if not task:
@@ -622,3 +1003,14 @@ def _gate_target(gate: bytes) -> int:
     mid = int.from_bytes(gate[6:8], "little")
     hi = int.from_bytes(gate[8:12], "little")
     return lo | mid << 16 | hi << 32
+
+
+def _done(_q: Quiesce) -> None:
+    """A restore already made where the change was found (the MSR probe's stop)."""
+
+
+def _failed(e: VmshieldError) -> Callable[[Quiesce], None]:
+    def fail(_q: Quiesce) -> None:
+        raise e
+
+    return fail

@@ -288,11 +288,11 @@ class Monitor:
         why = space_unsupported(self.resolved)
         if not self.resolved:  # integrity objects alone: a gdbstub with no points
             why = "integrity objects only (checked from the host)"
-        needs_space = [r.object for r in self.integrity if r.object in ("cpu.msr", "space.self")]
+        needs_space = [r.object for r in self.integrity if r.object == "space.self"]
         if needs_space and (choice == EngineKind.EXIT or why):
             raise RequestError(
-                f"{', '.join(needs_space)} need(s) the security space (QEMU does not show "
-                "MSRs): use --engine space with at least one behaviour object"
+                "space.self needs the security space: use --engine space with at least "
+                "one behaviour object"
             )
         if self.integrity:  # the reference: before our own breakpoints or gates exist
             self.checker = Checker(
@@ -343,10 +343,20 @@ class Monitor:
         if isinstance(eng, ExitEngine):
             for addr in eng.by_addr:  # our breakpoints are int3 in guest memory on KVM
                 ck.allow_breakpoint(addr)
+            eng.at_stop = ck.at_stop
         else:
-            ck.msr_source = eng.msr_samples
-            if "cpu.msr" in ck.requests:
-                ck.msr_ref = {}
+            ck.own_memory = lambda: (
+                [(r.base, r.base + r.size)] if eng.space and (r := eng.space.region) else []
+            )
+        if isinstance(eng, SpaceEngine):  # the space's own alerts, as the requests' events
+            emit = eng.emit
+
+            def relay(ev: Event) -> None:
+                emit(ev)
+                if ev.object == "space.integrity":
+                    ck.space_alert(ev)
+
+            eng.emit = relay
         eng.periodic = ck.tick
 
     def start(self, duration: float | None = None) -> Monitor:

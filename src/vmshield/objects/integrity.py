@@ -32,13 +32,15 @@ OBJECTS = (
     CatalogObject("cpu.control", "CR0.WP, CR4.SMEP/SMAP/UMIP or EFER.NXE cleared on a "
                   "vCPU", (), ("where", "register", "bit", "cpu", "old", "new",
                                "response", "count"), (), INTEGRITY_ACTIONS, _host_check),
-    CatalogObject("cpu.msr", "LSTAR, STAR or SYSENTER_EIP changed on a vCPU (security "
-                  "space samples)", (), ("where", "register", "cpu", "old", "new",
-                                         "old_symbol", "new_symbol"), (),
-                  REPORT_ACTIONS, _host_check),
+    CatalogObject("cpu.msr", "LSTAR, CSTAR, STAR or SYSENTER_* changed on a vCPU",
+                  (), ("where", "register", "cpu", "old", "new", "old_symbol",
+                       "new_symbol", "response", "count"), (),
+                  INTEGRITY_ACTIONS, _host_check),
     CatalogObject("kernel.modules", "a module hidden from the module list (cross-view "
-                  "with sysfs)", (), ("where", "module", "address"), (), REPORT_ACTIONS,
-                  _host_check),
+                  "with sysfs and the module tree), or executable memory in the module "
+                  "area that nothing owns", (), ("what", "where", "module", "address",
+                                                 "evidence", "pages"), ("exec",),
+                  REPORT_ACTIONS, _host_check),
     CatalogObject("space.self", "the security space itself was tampered with", (),
                   ("what", "where", "address", "expected", "found", "response"), (),
                   ("log",), _host_check),
