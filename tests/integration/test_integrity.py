@@ -248,7 +248,8 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
         monitor(vm, engine, [], extra=(req,)) as mon,
     ):
         seen = Seen(mon)
-        base = next(m.base for m in modules(vm.kernel) if m.name == mod)
+        assert mon.checker is not None  # its reference found the module (walked again if need be)
+        base = next(r.va for r in mon.checker.regions if r.name == mod)
         vm.kernel.walker.flush()
         before = vm.kernel.read(base, 2)
         run_write(lab, rootkit.Write(base, b"\xeb\xfe"), "vms_modtext")  # jmp $ (never run)

@@ -36,7 +36,7 @@ from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest import kintegrity as ki
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.lists import walk_entries
-from vmshield.guest.modules import modules
+from vmshield.guest.modules import ModuleInfo, modules
 from vmshield.guest.paging import CR3_ADDR_MASK, PageWalker
 from vmshield.guest.tasks import TaskReader, current_task
 from vmshield.hv.gdbstub import GdbStub
@@ -80,6 +80,7 @@ MAX_FTRACE_PAGES = 1 << 14
 MAX_FTRACE_RECORDS = 1 << 18
 FTRACE_TRIES = 5
 RETRY_PAUSE = 0.05  # seconds before a failed walk of changing guest structures is redone
+MODULE_LOOKUPS = 5  # walks of the module list before a requested module is "not loaded"
 FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
@@ -254,20 +255,38 @@ class Checker:
             if r.code and r.va <= va < r.va + len(r.ref):
                 bisect.insort(r.sites, ki.Site(va, 5, "kprobe"), key=lambda s: s.address)
 
+    def _find_module(self, name: str) -> ModuleInfo:
+        """The loaded module ``name``, the list walked again (translations flushed) if
+        it is not found at first. Why: the reference is taken while the guest runs, and
+        a walk that meets a node the guest is changing, or a translation cached from
+        before, breaks early; the error then says what the walk saw."""
+        k, seen = self.k, ""
+        for attempt in range(MODULE_LOOKUPS):
+            if attempt:
+                time.sleep(RETRY_PAUSE * 4)
+                k.walker.flush()
+            found = modules(k)
+            for m in found:
+                if m.name == name and m.base:
+                    return m
+            seen = ", ".join(repr(m.name) if not m.error else f"<{m.error}>" for m in found)
+        raise VmshieldError(
+            f"kernel.text: no loaded module named {name!r} (the list, walked "
+            f"{MODULE_LOOKUPS} times, holds: {seen[:1500] or 'nothing'})"
+        )
+
     def _module_text(self, name: str, core_sites: list[ki.Site]) -> Region:
         k = self.k
-        for m in modules(k):
-            if m.name == name and m.base:
-                try:
-                    size = k.u32(m.address + k.member_offset("module", "core_layout.text_size"))
-                except SymbolError:
-                    size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
-                sites = core_sites + list(self._module_jump_sites(m.address))
-                sites.sort(key=lambda s: s.address)
-                text = k.read(m.base, size)
-                sites = ki.sized_jump_sites(sites, text, m.base)
-                return Region("kernel.text", name, m.base, text, True, sites)
-        raise VmshieldError(f"kernel.text: no loaded module named {name!r}")
+        m = self._find_module(name)
+        try:
+            size = k.u32(m.address + k.member_offset("module", "core_layout.text_size"))
+        except SymbolError:
+            size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
+        sites = core_sites + list(self._module_jump_sites(m.address))
+        sites.sort(key=lambda s: s.address)
+        text = k.read(m.base, size)
+        sites = ki.sized_jump_sites(sites, text, m.base)
+        return Region("kernel.text", name, m.base, text, True, sites)
 
     def _module_jump_sites(self, mod: int) -> list[ki.Site]:
         k = self.k
