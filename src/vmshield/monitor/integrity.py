@@ -230,19 +230,27 @@ class Checker:
         direct map, or the root stays as it is."""
         k = self.k
         try:
-            probes = [k.symbols.address("_stext")]
-            if "page_offset_base" in k.symbols:
-                probes.append(k.u64(k.symbols.address("page_offset_base")))
+            text = k.symbols.address("_stext")
         except VmshieldError:
             return
-        for name in ("init_top_pgt", "swapper_pg_dir"):
+        # The table's own address is translated through a CR3 live now (any vCPU's) as
+        # well as through the walker's root: that root may already be the freed one (seen
+        # on 7.3: the module list "not mapped (level shift 48)" at the module text's
+        # reference, the task that ran at attach having exited since). The direct map's
+        # base is read through the candidate root for the same reason.
+        lookups = [k.walker]
+        with contextlib.suppress(VmshieldError):
+            lookups += [PageWalker(k.walker.read_phys, c.cr3, c.la57) for c in self.t.cpus()]
+        for name, boot in [(n, w) for n in ("init_top_pgt", "swapper_pg_dir") for w in lookups]:
             if name not in k.symbols:
                 continue
             try:
-                root = k.walker.translate(k.symbols.address(name))
+                root = boot.translate(k.symbols.address(name))
                 w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
-                for va in probes:
-                    w.lookup(va)
+                w.lookup(text)
+                if "page_offset_base" in k.symbols:
+                    pa = w.translate(k.symbols.address("page_offset_base"))
+                    w.lookup(int.from_bytes(k.walker.read_phys(pa, 8), "little"))
             except VmshieldError:
                 continue
             k.walker.root = root & CR3_ADDR_MASK
