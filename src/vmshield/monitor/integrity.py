@@ -36,7 +36,7 @@ from vmshield.errors import SymbolError, VmshieldError
 from vmshield.guest import kintegrity as ki
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.lists import walk_entries
-from vmshield.guest.modules import modules
+from vmshield.guest.modules import ModuleInfo, modules
 from vmshield.guest.paging import CR3_ADDR_MASK, PageWalker
 from vmshield.guest.tasks import TaskReader, current_task
 from vmshield.hv.gdbstub import GdbStub
@@ -80,6 +80,7 @@ MAX_FTRACE_PAGES = 1 << 14
 MAX_FTRACE_RECORDS = 1 << 18
 FTRACE_TRIES = 5
 RETRY_PAUSE = 0.05  # seconds before a failed walk of changing guest structures is redone
+MODULE_LOOKUPS = 5  # walks of the module list before a requested module is "not loaded"
 FTRACE_CALL_SITES = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 KPROBE_TABLE_SIZE = 64
 MAX_KPROBES = 4096
@@ -229,19 +230,27 @@ class Checker:
         direct map, or the root stays as it is."""
         k = self.k
         try:
-            probes = [k.symbols.address("_stext")]
-            if "page_offset_base" in k.symbols:
-                probes.append(k.u64(k.symbols.address("page_offset_base")))
+            text = k.symbols.address("_stext")
         except VmshieldError:
             return
-        for name in ("init_top_pgt", "swapper_pg_dir"):
+        # The table's own address is translated through a CR3 live now (any vCPU's) as
+        # well as through the walker's root: that root may already be the freed one (seen
+        # on 7.3: the module list "not mapped (level shift 48)" at the module text's
+        # reference, the task that ran at attach having exited since). The direct map's
+        # base is read through the candidate root for the same reason.
+        lookups = [k.walker]
+        with contextlib.suppress(VmshieldError):
+            lookups += [PageWalker(k.walker.read_phys, c.cr3, c.la57) for c in self.t.cpus()]
+        for name, boot in [(n, w) for n in ("init_top_pgt", "swapper_pg_dir") for w in lookups]:
             if name not in k.symbols:
                 continue
             try:
-                root = k.walker.translate(k.symbols.address(name))
+                root = boot.translate(k.symbols.address(name))
                 w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
-                for va in probes:
-                    w.lookup(va)
+                w.lookup(text)
+                if "page_offset_base" in k.symbols:
+                    pa = w.translate(k.symbols.address("page_offset_base"))
+                    w.lookup(int.from_bytes(k.walker.read_phys(pa, 8), "little"))
             except VmshieldError:
                 continue
             k.walker.root = root & CR3_ADDR_MASK
@@ -254,20 +263,38 @@ class Checker:
             if r.code and r.va <= va < r.va + len(r.ref):
                 bisect.insort(r.sites, ki.Site(va, 5, "kprobe"), key=lambda s: s.address)
 
+    def _find_module(self, name: str) -> ModuleInfo:
+        """The loaded module ``name``, the list walked again (translations flushed) if
+        it is not found at first. Why: the reference is taken while the guest runs, and
+        a walk that meets a node the guest is changing, or a translation cached from
+        before, breaks early; the error then says what the walk saw."""
+        k, seen = self.k, ""
+        for attempt in range(MODULE_LOOKUPS):
+            if attempt:
+                time.sleep(RETRY_PAUSE * 4)
+                k.walker.flush()
+            found = modules(k)
+            for m in found:
+                if m.name == name and m.base:
+                    return m
+            seen = ", ".join(repr(m.name) if not m.error else f"<{m.error}>" for m in found)
+        raise VmshieldError(
+            f"kernel.text: no loaded module named {name!r} (the list, walked "
+            f"{MODULE_LOOKUPS} times, holds: {seen[:1500] or 'nothing'})"
+        )
+
     def _module_text(self, name: str, core_sites: list[ki.Site]) -> Region:
         k = self.k
-        for m in modules(k):
-            if m.name == name and m.base:
-                try:
-                    size = k.u32(m.address + k.member_offset("module", "core_layout.text_size"))
-                except SymbolError:
-                    size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
-                sites = core_sites + list(self._module_jump_sites(m.address))
-                sites.sort(key=lambda s: s.address)
-                text = k.read(m.base, size)
-                sites = ki.sized_jump_sites(sites, text, m.base)
-                return Region("kernel.text", name, m.base, text, True, sites)
-        raise VmshieldError(f"kernel.text: no loaded module named {name!r}")
+        m = self._find_module(name)
+        try:
+            size = k.u32(m.address + k.member_offset("module", "core_layout.text_size"))
+        except SymbolError:
+            size = m.size  # 6.4+: mem[MOD_TEXT] is the text alone
+        sites = core_sites + list(self._module_jump_sites(m.address))
+        sites.sort(key=lambda s: s.address)
+        text = k.read(m.base, size)
+        sites = ki.sized_jump_sites(sites, text, m.base)
+        return Region("kernel.text", name, m.base, text, True, sites)
 
     def _module_jump_sites(self, mod: int) -> list[ki.Site]:
         k = self.k
