@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from vmshield.errors import GuestFormatError, TranslationError
+from vmshield.errors import GuestFormatError, TranslationError, VmshieldError
 from vmshield.guest import extsyms, kallsyms
 from vmshield.guest.btf import Btf
 from vmshield.guest.paging import PageWalker, ReadPhys
@@ -117,6 +117,46 @@ class Kernel:
         self.kallsyms_layout = ""  # the variant found (kallsyms.KallsymsTables.layout)
         self._check_anchors()
 
+    def own_table_walker(self, via: Sequence[PageWalker] = ()) -> PageWalker | None:
+        """A walker rooted at the kernel's own top-level table (``init_top_pgt``, or
+        ``swapper_pg_dir``), or None when no such table maps both the kernel text and the
+        direct map. Why: ``self.walker`` starts at whatever CR3 a vCPU had at attach; once
+        that task exits, its freed top-level page is reused for anything (then every
+        kernel address "is not mapped", seen on 5.10 and 7.3, or worse, the guest decides
+        what we read). The table's own address is looked up through ``via`` (walkers on
+        CR3s live now) as well as through ``self.walker``, whose root may already be the
+        freed one; the direct map's base is read through the candidate root."""
+        try:
+            text = self.symbols.address("_stext")
+        except VmshieldError:
+            return None
+        la57 = self.walker.va_bits == 57
+        for name in ("init_top_pgt", "swapper_pg_dir"):
+            if name not in self.symbols:
+                continue
+            for boot in (self.walker, *via):
+                try:
+                    root = boot.translate(self.symbols.address(name))
+                    w = PageWalker(self.walker.read_phys, root, la57)
+                    w.lookup(text)
+                    if "page_offset_base" in self.symbols:
+                        pa = w.translate(self.symbols.address("page_offset_base"))
+                        w.lookup(int.from_bytes(self.walker.read_phys(pa, 8), "little"))
+                except VmshieldError:
+                    continue
+                return w
+        return None
+
+    def root_at_own_table(self, via: Sequence[PageWalker] = ()) -> bool:
+        """Move ``self.walker`` to the kernel's own top-level table (see
+        :meth:`own_table_walker`); False (root unchanged) when none qualifies."""
+        w = self.own_table_walker(via)
+        if w is None:
+            return False
+        self.walker.root = w.root
+        self.walker.flush()
+        return True
+
     # -- attach -----------------------------------------------------------------------
 
     @classmethod
@@ -144,6 +184,7 @@ class Kernel:
         k = cls(read_phys, walker, extents, build, build.addresses(blob, base), stats)
         if not stats.cached:
             k.kallsyms_layout = tables.layout
+        k.root_at_own_table()
         stats.lap("model", t)
         return k
 
@@ -174,6 +215,7 @@ class Kernel:
             raise GuestFormatError(f"--symbols {path} does not match this guest: {e}") from None
         k.symbol_source = f"{path} ({f.kind})"
         k._check_external(path)
+        k.root_at_own_table()
         if (path.parent / "btf").is_file() and path.name == "kallsyms":
             k.btf_file = path.parent / "btf"  # a guest agent transfer (guest.transfer)
         stats.lap("symbols_file", t)

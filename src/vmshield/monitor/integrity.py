@@ -37,7 +37,7 @@ from vmshield.guest import kintegrity as ki
 from vmshield.guest.kernel import Kernel
 from vmshield.guest.lists import walk_entries
 from vmshield.guest.modules import ModuleInfo, modules
-from vmshield.guest.paging import CR3_ADDR_MASK, PageWalker
+from vmshield.guest.paging import PageWalker
 from vmshield.guest.tasks import TaskReader, current_task
 from vmshield.hv.gdbstub import GdbStub
 from vmshield.hv.target import CpuState, Target
@@ -222,40 +222,13 @@ class Checker:
         self.stats.bytes_watched = sum(len(r.ref) for r in self.regions)
 
     def _kernel_root(self) -> None:
-        """Root the kernel's page walker at the kernel's own top-level table
-        (``init_top_pgt``) when that table maps what the checks read. Why: the walker
-        was rooted at the CR3 some task had at attach; once that task exits, its freed
-        page-table page is reused and every kernel address "is not mapped" (seen on 5.10
-        with two vCPUs, on 7.3 within a minute). The new root must map the text and the
-        direct map, or the root stays as it is."""
-        k = self.k
-        try:
-            text = k.symbols.address("_stext")
-        except VmshieldError:
-            return
-        # The table's own address is translated through a CR3 live now (any vCPU's) as
-        # well as through the walker's root: that root may already be the freed one (seen
-        # on 7.3: the module list "not mapped (level shift 48)" at the module text's
-        # reference, the task that ran at attach having exited since). The direct map's
-        # base is read through the candidate root for the same reason.
-        lookups = [k.walker]
+        """Keep the kernel's page walker at the kernel's own top-level table, looked up
+        through the CR3s the vCPUs have now as well (the walker's root may be a freed
+        table already: seen on 7.3, the module list "not mapped (level shift 48)")."""
+        via: list[PageWalker] = []
         with contextlib.suppress(VmshieldError):
-            lookups += [PageWalker(k.walker.read_phys, c.cr3, c.la57) for c in self.t.cpus()]
-        for name, boot in [(n, w) for n in ("init_top_pgt", "swapper_pg_dir") for w in lookups]:
-            if name not in k.symbols:
-                continue
-            try:
-                root = boot.translate(k.symbols.address(name))
-                w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
-                w.lookup(text)
-                if "page_offset_base" in k.symbols:
-                    pa = w.translate(k.symbols.address("page_offset_base"))
-                    w.lookup(int.from_bytes(k.walker.read_phys(pa, 8), "little"))
-            except VmshieldError:
-                continue
-            k.walker.root = root & CR3_ADDR_MASK
-            k.walker.flush()
-            return
+            via = [PageWalker(self.k.walker.read_phys, c.cr3, c.la57) for c in self.t.cpus()]
+        self.k.root_at_own_table(via)
 
     def allow_breakpoint(self, va: int) -> None:
         """An exit-engine breakpoint at ``va``: QEMU/KVM writes an ``int3`` there."""

@@ -31,19 +31,7 @@ class ProtectedPages(PersistedSpace):
         the CR3 some task had at attach: that task may exit and its freed page table page
         be refilled by the guest with whatever it wants us to see."""
         if self._walker is None:
-            k = self.k
-            self._walker = k.walker
-            for name in ("init_top_pgt", "swapper_pg_dir"):
-                if name not in k.symbols:
-                    continue
-                try:
-                    root = k.walker.translate(k.symbols.address(name))
-                    w = PageWalker(k.walker.read_phys, root, k.walker.va_bits == 57)
-                    w.lookup(k.text)
-                except VmshieldError:
-                    continue
-                self._walker = w
-                break
+            self._walker = self.k.own_table_walker() or self.k.walker
         return self._walker
 
     def _record(self, va: int, where: str) -> None:
