@@ -296,6 +296,9 @@ class FakeKernel:
     def read(self, va: int, n: int) -> bytes:
         return self.walker.read(va, n)
 
+    def own_table_walker(self) -> PageWalker | None:
+        return None  # no init_top_pgt in this model: the space walks from ROOT
+
 
 def pte_of(va: int) -> int:
     return PT + ((va >> 12) & 0x1FF) * 8

@@ -225,6 +225,8 @@ class Checker:
         """Keep the kernel's page walker at the kernel's own top-level table, looked up
         through the CR3s the vCPUs have now as well (the walker's root may be a freed
         table already: seen on 7.3, the module list "not mapped (level shift 48)")."""
+        if not any(n in self.k.symbols for n in ("init_top_pgt", "swapper_pg_dir")):
+            return  # nothing to root at (a model kernel): the walker stays as it is
         via: list[PageWalker] = []
         with contextlib.suppress(VmshieldError):
             via = [PageWalker(self.k.walker.read_phys, c.cr3, c.la57) for c in self.t.cpus()]
