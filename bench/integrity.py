@@ -35,15 +35,7 @@ from vmshield.lab.tampermod import build_resident_module, build_tamper_module
 from vmshield.monitor.events import Event
 from vmshield.paths import kernels_dir
 
-TECHNIQUES = {
-    "hook": "kernel.syscall_table",
-    "patch": "kernel.text",
-    "idt": "kernel.idt",
-    "wp": "cpu.control",
-    "rodata": "kernel.rodata",
-    "lstar": "cpu.msr",
-    "hide": "kernel.modules",
-}
+TECHNIQUES = rootkit.DETECTED_BY
 BUSY = 40  # seconds of kernel-heavy load on both vCPUs while an MSR change is awaited
 
 

@@ -29,15 +29,7 @@ from vmshield.paths import kernels_dir
 from .conftest import Lab, boot
 from .test_tampermod import assert_healthy, push
 
-OBJECTS = {
-    "hook": "kernel.syscall_table",
-    "patch": "kernel.text",
-    "idt": "kernel.idt",
-    "wp": "cpu.control",
-    "rodata": "kernel.rodata",
-    "lstar": "cpu.msr",
-    "hide": "kernel.modules",
-}
+OBJECTS = rootkit.DETECTED_BY
 WAIT = 30.0  # seconds a finding may take (TCG guest, 1 s check interval)
 BUSY = 40  # seconds of kernel-heavy load on every vCPU while an MSR change is awaited
 ENTRY_NOP = bytes.fromhex("0f1f440000")  # the 5-byte nop of an unpatched ftrace site

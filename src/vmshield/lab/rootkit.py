@@ -28,6 +28,18 @@ NEVER_RUN = ("sysrq_handle_crash", "emergency_restart", "kernel_halt", "machine_
 UNUSED_VECTOR = 0x80
 """``int 0x80`` (32-bit system calls): nothing in the 64-bit busybox lab guest raises it."""
 
+DETECTED_BY = {
+    "hook": "kernel.syscall_table",
+    "patch": "kernel.text",
+    "idt": "kernel.idt",
+    "wp": "cpu.control",
+    "rodata": "kernel.rodata",
+    "lstar": "cpu.msr",
+    "hide": "kernel.modules",
+}
+"""Each technique, by its short name, and the isolation object that must report it (the
+test and the bench run the same set)."""
+
 
 @dataclass(frozen=True)
 class Write:
