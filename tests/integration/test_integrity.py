@@ -188,10 +188,14 @@ def test_every_technique_on_every_kernel(integ_lab: Lab, engine: str) -> None:
                 assert "crc_itu_t" not in lab.sh("cat /proc/modules")
                 continue
             assert f["response"] == "restored" and f["count"] >= 1, f
-            if name == "wp":  # really set again: the next checks find nothing more
+            if name == "wp":  # really set again: soon the checks find nothing more
                 assert f["bit"] == "WP" and "cpu" in f
-                time.sleep(4)
-                assert len(seen.of(obj)) == 1, repr([e.fields for e in seen.of(obj)])[:3000]
+                # 7.3-exit once found WP clear again after the first restore (count 2,
+                # restored again, then it stayed): a repeat is allowed if it settles.
+                time.sleep(8)
+                evs = seen.of(obj)
+                assert all(e.fields["response"] == "restored" for e in evs), evs
+                assert time.time() - evs[-1].time > 4, repr([e.fields for e in evs])[:3000]
             elif name == "lstar":
                 assert f["register"] == "lstar" and "cpu" in f, f
                 assert f["old_symbol"] == "entry_SYSCALL_64" and int(f["new"], 16) == w.address
