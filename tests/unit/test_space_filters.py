@@ -253,6 +253,9 @@ def test_aggregation_keys(lib: Any) -> None:
                [0, 0, 16, 0, 0, 0]) == b"10.0.2.2:80"  # fmt: skip
     assert key("net.bind", [(1, OK, _sockaddr_in6("::1", 22))], [0, 0, 28, 0, 0, 0]) == b"[::1]:22"
     assert key("cred.change", [(1, OK, _cred(euid=0)), (1, OK, _cred())]) == b"0"
+    big = 2147352576  # a container's uid range: ten digits, once cut to eight bytes
+    assert key("cred.change", [(1, OK, _cred(euid=big)), (1, OK, _cred())]) == b"2147352576"
+    assert key("cred.change", [(1, FAULT, b""), (1, OK, _cred())]) == b""
     assert key("module.load", [(2, OK, b"ext4\0")]) == b"ext4"
     assert key("kfunc:x", []) == b""
 
@@ -307,10 +310,10 @@ def test_address_and_port_agree(lib: Any, raw: bytes, addrlen: int, apat: str, p
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(list(CRED_AT)), st.sampled_from([0, 1000, 1001]),
-                       max_size=6),
-       st.dictionaries(st.sampled_from(list(CRED_AT)), st.sampled_from([0, 1000, 1001]),
-                       max_size=6),
+@given(st.dictionaries(st.sampled_from(list(CRED_AT)),
+                       st.sampled_from([0, 1000, 1001, 2147352576, 0xFFFFFFFF]), max_size=6),
+       st.dictionaries(st.sampled_from(list(CRED_AT)),
+                       st.sampled_from([0, 1000, 1001, 2147352576, 0xFFFFFFFF]), max_size=6),
        st.sampled_from(["True", "False", "*", "T*", "None"]),
        st.sampled_from(["escalation", "changed"]), st.booleans())  # fmt: skip
 def test_cred_filters_agree(lib: Any, new: dict[str, int], old: dict[str, int], val: str,

@@ -16,6 +16,7 @@ import struct
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from vmshield.monitor.space_engine import SpaceStats, _agg_key_text, _rule, drai
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
 from vmshield.objects.catalog import plan_for
 from vmshield.space import layout as L
+from vmshield.space import rings
 from vmshield.space.rings import AgentModel, RingReader, encode_items
 
 RING = L.RING_MIN
@@ -145,6 +147,32 @@ def test_runs_of_alike_records_read_fast_and_checked_alike(
     got = list(r.reader.drain())
     assert len(got) == len(written) and r.reader.take_findings() == []
     assert all(fields_of(x)[0] == 5 for x in got)
+
+
+def test_runs_after_32_gib_drained_still_take_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 32-bit seqs wrap after 32 GiB through a ring: a burst there is still one C
+    pass (the expected seq is taken modulo 2**32, as the agent writes it)."""
+    fast: list[int] = []
+    real = rings._uniform_run
+
+    def counting(blob: bytes, seq: int) -> list[bytes] | None:
+        out = real(blob, seq)
+        fast.append(out is not None)
+        return out
+
+    monkeypatch.setattr(rings, "_uniform_run", counting)
+    r = Ring()
+    start = (1 << 35) + 64 * 8  # past 2**32 records of 8 bytes
+    for name in ("head", "tail"):
+        r.agent.set(name, start)
+    r.reader.state[0].pos = start
+    rec, args, items = make((5, b"alike", [1, 2], []))
+    n = sum(r.agent.hit(rec, args, items, max_size=L.RECORD_HEADER + 16) for _ in range(20))
+    got = list(r.reader.drain())
+    assert len(got) == n == 20 and r.reader.take_findings() == []
+    assert fast and all(fast)
 
 
 def test_pad_at_the_wrap_is_skipped_and_the_record_starts_at_zero() -> None:
@@ -399,6 +427,17 @@ def test_aggregate_summaries_from_the_guest_tables() -> None:
     eng._aggregate_once(1.0)
     assert len(got) == n
     assert any("aggregation slot 3" in a.where for a in r.reader.take_findings())
+    # two keys the guest cut to the same start stay two lines, told apart by their hash
+    for i, h in ((9, 0xA1), (10, 0xB2)):
+        s = L.AggSlot()
+        s.count, s.pid, s.tgid, s.site, s.comm, s.key = 7, 44, 44, 0, b"vmstest", h
+        s.ktext[:], s.klen = b"/x" * 24, 400
+        at = table + i * C.sizeof(L.AggSlot)
+        r.buf[at : at + C.sizeof(s)] = bytes(s)
+    eng._aggregate_once(1.0)
+    cut = [c for c in got[-1].fields["counts"] if c["pid"] == 44]
+    assert sorted(c["key_hash"] for c in cut) == [f"{0xA1:#018x}", f"{0xB2:#018x}"]
+    assert all(c["key"] == "/x" * 24 + "..." and c["count"] == 7 for c in cut)
     # the key's text: all of it, or its start and "..." (the hash keeps such keys apart)
     s = L.AggSlot()
     s.ktext[:6], s.klen = b"/tmp/a", 6

@@ -91,7 +91,7 @@ def _rule(action: str, filters: dict[str, str]) -> L.Rule:
 def _agg_key_text(slot: L.AggSlot) -> str:
     """An aggregation slot's key as text (its start and "..." when the guest kept only
     the first ``AGG_KEY_LEN`` bytes; slots with keys that share that start are told
-    apart by the hash, so their counts stay separate)."""
+    apart by the hash, which the summary then shows as ``key_hash``)."""
     n = min(int(slot.klen), L.AGG_KEY_LEN)
     text = bytes(slot.ktext[:n]).decode(errors="backslashreplace")
     return text + "..." if slot.klen > L.AGG_KEY_LEN else text
@@ -286,14 +286,20 @@ class SpaceEngine:
                 if site is None or count == base:
                     continue
                 obj = site.requests[0].req.request.object
-                line = (obj, ident[1], ident[2], int(slot.uid), comm, key)
+                # A key the guest cut keeps its hash: keys sharing their first bytes
+                # stay separate lines (slots of one key on several CPUs still merge).
+                cut = int(slot.key) if slot.klen > L.AGG_KEY_LEN else None
+                line = (obj, ident[1], ident[2], int(slot.uid), comm, key, cut)
                 totals[line] = totals.get(line, 0) + count - base
         if not totals:
             return
-        counts = [
-            {"object": o, "pid": pid, "tgid": tgid, "uid": uid, "comm": comm, "key": k, "count": n}
-            for (o, pid, tgid, uid, comm, k), n in sorted(totals.items(), key=lambda x: -x[1])
-        ]
+        counts: list[dict[str, Any]] = []
+        for (o, pid, tgid, uid, comm, k, cut), n in sorted(totals.items(), key=lambda x: -x[1]):
+            c: dict[str, Any] = {"object": o, "pid": pid, "tgid": tgid, "uid": uid,
+                                 "comm": comm, "key": k, "count": n}  # fmt: skip
+            if cut is not None:
+                c["key_hash"] = f"{cut:#018x}"
+            counts.append(c)
         self.stats.aggregated += sum(totals.values())
         self._system_event("space.aggregate", "log", {
             "interval": round(interval, 3), "total": sum(totals.values()), "counts": counts,

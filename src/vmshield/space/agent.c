@@ -270,9 +270,7 @@ static int glob(const u8 *p, const u8 *s, u32 n, int partial)
 		/* skip to the next G_ALT or G_END, token by token */
 		while (*end != VMS_G_END && *end != VMS_G_ALT) {
 			const u8 *nx;
-			token_matches(end, 0, &nx);
-			if (*end == VMS_G_STAR)
-				nx = end + 1;
+			token_matches(end, 0, &nx); /* G_STAR: one byte, like a plain character */
 			end = nx;
 		}
 		if (*end != VMS_G_ALT)
@@ -529,6 +527,7 @@ struct subjects {
 	u32 n[VMS_T_COUNT];
 	int path_mode; /* 0 whole, 2 the root-most part of a cut path, 3 only its end */
 	char addr[48], port[8];
+	char euid[12]; /* cred.change's new euid in decimal (u32: up to 10 digits) */
 };
 
 static u32 put_dec(char *dst, u64 v)
@@ -629,6 +628,7 @@ static void subjects(const struct vms_site *site, const struct vms_record *rec, 
 	u8 st = 0, st2 = 0;
 	int fail = 0;
 	x->path_mode = 0;
+	x->euid[0] = 0; /* the aggregation key when the cred items faulted */
 	x->s[VMS_T_COMM] = (const u8 *)rec->comm;
 	x->n[VMS_T_COMM] = (u32)slen(rec->comm, VMS_COMM_LEN);
 	for (u32 i = 0; i < VMS_MAX_FETCH; i++) {
@@ -701,7 +701,7 @@ static void subjects(const struct vms_site *site, const struct vms_record *rec, 
 		if (ok) {
 			set_text(x, VMS_T_ESC, !euid_new && euid_old ? "True" : "False");
 			set_text(x, VMS_T_CHG, changed ? "True" : "False");
-			x->port[put_dec(x->port, euid_new)] = 0; /* the aggregation key */
+			x->euid[put_dec(x->euid, euid_new)] = 0; /* the aggregation key */
 		}
 	}
 }
@@ -834,8 +834,8 @@ static u32 agg_key(u32 kind, struct subjects *x, const u8 *data, long used, cons
 		*out = (const u8 *)x->addr;
 		return (u32)k;
 	case VMS_K_EUID:
-		*out = (const u8 *)x->port;
-		return (u32)slen(x->port, sizeof(x->port));
+		*out = (const u8 *)x->euid;
+		return (u32)slen(x->euid, sizeof(x->euid));
 	case VMS_K_NAME:
 		*out = item_at(data, used, 0, &n, &st);
 		if (!*out || st == VMS_S_FAULT)

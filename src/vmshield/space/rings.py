@@ -217,7 +217,7 @@ class RingReader:
             count = min(end - pos, size - first)
             blob = self.read(base + first, count)
             expect = (pos >> 3) + 1
-            uniform = _uniform_run(blob, expect)
+            uniform = _uniform_run(blob, expect & 0xFFFFFFFF)  # seqs are 32-bit
             if uniform is not None:
                 yield from uniform
                 pos += count
