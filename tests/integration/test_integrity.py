@@ -267,7 +267,7 @@ def test_soak_of_self_patching_raises_nothing(soak61: Lab) -> None:
     """Module load and unload, a kprobe, the function tracer and a static key (the
     scheduler's ``sched_schedstats``), repeated for a minute: no finding."""
     lab61 = soak61
-    objs = list(OBJECTS.values())  # every object, the module area's executable pages too
+    objs = list(OBJECTS.values())  # every object (kernel.modules without exec=on)
     with vmshield.open_vm(lab61.name) as vm, monitor(vm, "exit", objs) as mon:
         mon.subscribe(lambda ev: print("FINDING", ev.to_json()))
         seen = Seen(mon)

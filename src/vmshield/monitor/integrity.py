@@ -665,17 +665,21 @@ class Checker:
         for mod in self._tree_modules(out):
             evidence.setdefault(mod, []).append("the module tree (mod_tree)")
         suspects = {m for m in evidence if m not in listed and m not in self.hidden_seen}
-        confirmed, self.suspects = suspects & self.suspects, suspects
+        confirmed = suspects & self.suspects
         if self.requests["kernel.modules"].filters.get("exec") == "on":
             out += self._exec_pages(listed | set(evidence))
         for mod in sorted(confirmed):
-            self.hidden_seen.add(mod)
             name = k.cstring(mod + k.member_offset("module", "name"), 56)
             out.append(Finding(
                 "kernel.modules", "hidden-module", f"module {name}", mod,
                 "on the module list", "only in " + " and ".join(evidence[mod]),
                 extra={"module": name, "evidence": evidence[mod]},
             ))  # fmt: skip
+        # The state moves only once every read is done: a read that fails makes _run
+        # walk again, and that walk must still be "the next check", not a second look
+        # 50 ms later at suspects saved by the failed one (nor skip a confirmed module).
+        self.suspects = suspects
+        self.hidden_seen |= confirmed
         self.module_view = listed
         return out
 

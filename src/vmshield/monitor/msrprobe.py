@@ -23,6 +23,7 @@ from vmshield.errors import HypervisorError, VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.hv.gdbpackets import GdbTimeout, X86Registers
 from vmshield.hv.gdbstub import GdbStub
+from vmshield.space.borrow import RETURN_PAD_CANDIDATES
 
 MSRS: dict[str, int] = {
     "star": 0xC000_0081,
@@ -35,10 +36,11 @@ MSRS: dict[str, int] = {
 """What an attacker redirects: the system call entries (64-bit, compat, SYSENTER) and
 the segments and stack they enter with."""
 RDMSR, WRMSR = b"\x0f\x32", b"\x0f\x30"
-PAD_CANDIDATES = ("kernel_halt", "machine_halt", "emergency_restart", "__x64_sys_sync",
-                  "__x64_sys_sysinfo", "__x64_sys_uname")  # fmt: skip
-"""Functions whose preceding padding may hold the probe (not the borrowed call's
-return pad, :func:`vmshield.space.borrow.return_pad`, so the two never meet)."""
+PAD_CANDIDATES = ("kernel_halt", "machine_halt", "emergency_restart", "__x64_sys_sysinfo",
+                  "__x64_sys_uname")  # fmt: skip
+"""Functions whose preceding padding may hold the probe. Never one whose padding the
+borrowed call's return breakpoint may use (:data:`~vmshield.space.borrow.RETURN_PAD_CANDIDATES`):
+:func:`find_pad` skips those, so the two never meet."""
 PADDING = (0xCC, 0x90)
 MAX_SCAN = 1 << 18  # symbols looked at for padding
 STEP_TIMEOUT = 1.0
@@ -53,8 +55,9 @@ def find_pad(k: Kernel) -> int:
     """Two padding bytes right before a function: first before one of
     :data:`PAD_CANDIDATES`, else the first ``int3 int3`` found before any function of
     the core text (assembly functions are padded with ``int3``, which nothing runs)."""
+    taken = {k.symbols.address(n) for n in RETURN_PAD_CANDIDATES if n in k.symbols}
     for name in PAD_CANDIDATES:
-        if name in k.symbols:
+        if name in k.symbols and k.symbols.address(name) not in taken:
             at = k.symbols.address(name) - 2
             if all(b in PADDING for b in k.read(at, 2)):
                 return at
@@ -62,7 +65,7 @@ def find_pad(k: Kernel) -> int:
     for n, sym in enumerate(k.symbols):
         if n > MAX_SCAN:
             break
-        if lo + 2 <= sym.address < hi:
+        if lo + 2 <= sym.address < hi and sym.address not in taken:
             try:
                 if k.read(sym.address - 2, 2) == b"\xcc\xcc":
                     return sym.address - 2

@@ -388,18 +388,6 @@ class SpaceEngine:
         finally:
             stub.close()
 
-    def msr_samples(self) -> dict[int, dict[str, int]]:
-        """Per vCPU, the MSRs the agent last sampled inside the guest (QEMU shows none)."""
-        sp = self.space
-        out: dict[int, dict[str, int]] = {}
-        if sp is None or sp.region is None:
-            return out
-        for cpu in range(sp.region.ncpus):
-            s = sp.ring_header(cpu).sample
-            if s.count:
-                out[cpu] = {f: int(getattr(s, f)) for f in ("lstar", "star", "sysenter_eip")}
-        return out
-
     def _drain_once(self) -> float:
         """Drain every ring once; returns how full the fullest ring was (0..1)."""
         sp = self.space
