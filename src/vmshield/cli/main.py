@@ -367,8 +367,7 @@ def monitor(
         sys.stdout.write(line + "\n")
 
     with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
-        if not vm.live:
-            raise VmshieldError("monitor needs a running VM, not a dump file")
+        vm.require_live("monitor")  # before any signal handler is set: one clean line
         faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints where a monitor is
         _signal.signal(_signal.SIGTERM, _on_signal)
         _signal.signal(_signal.SIGINT, _on_signal)
@@ -492,9 +491,7 @@ def space_build(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsOp
     from vmshield.space.space import SecuritySpace
 
     with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
-        if vm.target is None:
-            raise VmshieldError("space build needs a running VM, not a dump file")
-        t, k = vm.target, vm.kernel
+        t, k = vm.require_live("space build"), vm.kernel
         if SecuritySpace.load_state(t, k) is not None:
             raise VmshieldError(f"{target} already has a security space (vmshield space status)")
         sp = SecuritySpace(t, k)
@@ -511,9 +508,7 @@ def space_status(target: VmArg, as_json: JsonOpt = False, symbols_file: SymbolsO
     from vmshield.space.space import SecuritySpace
 
     with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
-        if vm.target is None:
-            raise VmshieldError("space status needs a running VM")
-        t, k = vm.target, vm.kernel
+        t, k = vm.require_live("space status"), vm.kernel
         sp = SecuritySpace.load_state(t, k)
         if sp is None:
             raise VmshieldError(f"{target} has no security space (vmshield space build)")
@@ -558,9 +553,7 @@ def _destroy_space(target: str, required: bool, symbols_file: Path | None = None
     from vmshield.space.space import SecuritySpace
 
     with _errors(), open_vm(target, symbols=symbols_file, notes=_note) as vm:
-        if vm.target is None:
-            raise VmshieldError("needs a running VM")
-        t, k = vm.target, vm.kernel
+        t, k = vm.require_live("removing what a monitor left"), vm.kernel
         if journal_path(t).exists():  # a monitor died while the guest ran its call
             done = recover_orphaned_call(t, k)
             if done is not None:

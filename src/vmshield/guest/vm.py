@@ -143,7 +143,7 @@ def open_vm(
     note = notes or (lambda _text: None)
 
     def attach(read: ReadPhys, cr3: int, cr4: int) -> Kernel:
-        from vmshield.guest import transfer  # the guest agent client: only when asked
+        from vmshield.guest import transfer  # the guest agent client (its own module)
 
         spec = str(symbols) if symbols is not None else ""
         if spec == "guest-agent" or spec.startswith("guest-agent:"):
@@ -188,7 +188,9 @@ def open_vm(
 
     def close() -> None:
         try:
-            if k.build.dirty and symbols is None:
+            # Only a build from the guest's own kallsyms is filed: one from a symbols
+            # file or the guest agent (key "external-...") is never looked up again.
+            if k.build.dirty and k.symbol_source == "kallsyms":
                 cache.store(k.build)
         finally:
             t.close()

@@ -8,8 +8,7 @@ from __future__ import annotations
 from vmshield.errors import VmshieldError
 from vmshield.guest.kernel import Kernel
 from vmshield.objects import bpf, cred, file, integrity, module, net, process, ptrace
-from vmshield.objects.kfunc import KFUNC
-from vmshield.objects.kfunc import PLAN as KFUNC_PLAN
+from vmshield.objects.kfunc import KFUNC, kfunc_object
 from vmshield.objects.model import CatalogObject
 from vmshield.space.captures import Plan
 
@@ -23,10 +22,8 @@ INTEGRITY: dict[str, CatalogObject] = {o.name: o for o in integrity.OBJECTS}
 
 def plan_for(obj: str, k: Kernel) -> Plan:
     """The security space's capture plan of a catalog object, for this kernel
-    (``kfunc:`` objects capture arguments only and read no struct offsets)."""
-    if obj.startswith(KFUNC):
-        return KFUNC_PLAN
-    o = CATALOG.get(obj)
+    (``kfunc:`` objects are made per function, not listed: their plan is their own)."""
+    o = kfunc_object(obj[len(KFUNC) :]) if obj.startswith(KFUNC) else CATALOG.get(obj)
     if o is None or o.plan is None:
         raise VmshieldError(f"{obj} cannot be monitored through the security space")
     return o.plan(k)

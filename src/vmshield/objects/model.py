@@ -1,7 +1,7 @@
 """What an isolation object is, as data, and the action sets objects choose from.
 
 ``deny`` is allowed only where failing is the kernel's own contract: LSM hooks
-(``security_*``), and for ``kfunc:`` functions on the kernel's error-injection list.
+(``security_*``), for catalog objects and ``kfunc:`` functions alike.
 """
 
 from __future__ import annotations

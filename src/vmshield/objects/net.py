@@ -45,7 +45,7 @@ def _listen(c: PointContext) -> dict[str, Any]:
     addr = k.read(sk + c.off("sock", "__sk_common.skc_rcv_saddr"), 4)
     family = int.from_bytes(fam, "little")
     return {
-        "family": {2: "inet", 10: "inet6", 1: "unix"}.get(family, str(family)),
+        "family": family_name(family),
         "address": ".".join(str(b) for b in addr),
         "port": port,
         "backlog": c.sarg(1),
