@@ -100,7 +100,7 @@ def drain_rate(objects: bool, distinct: bool, repeat: int = 5) -> tuple[int, flo
     plan = plan_for("kfunc:__x64_sys_getpid", no_kernel)
     best = 0.0
     for _ in range(repeat):
-        site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, True, "log")], True, True)
+        site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, True, "log")], True)
         dec = RecordDecoder("bench", {0: site}, lambda ns: 1.7e9 + ns / 1e9, SpaceStats(),
                             lambda s, r: None)  # fmt: skip
         lines: list[str] = []

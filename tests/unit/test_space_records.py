@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmshield.monitor.events import Event, PointInfo, ProcessContext, trusted_event
+from vmshield.monitor.events import Event, PointInfo, ProcessContext, trusted_maker
 from vmshield.monitor.request import IsolationRequest
 from vmshield.monitor.space_engine import SpaceStats, _agg_key_text, _rule, drain_interval
 from vmshield.monitor.space_events import RecordDecoder, SiteDecoder, SiteRequest
@@ -281,8 +281,7 @@ def _decoder(obj: str, action: str = "log", exact: bool = True) -> tuple[RecordD
     req = IsolationRequest(vm="lab", object=obj, filters={"comm": "vm*"}, action=action)
     rr: Any = SimpleNamespace(request=req, point=SimpleNamespace(symbol="f", address=1 << 63))
     plan = plan_for(obj, SimpleNamespace(member_offset=lambda s, f: 8))
-    site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, exact, action)], True,
-                       obj.startswith("kfunc:"))  # fmt: skip
+    site = SiteDecoder(0, plan, [SiteRequest(0, rr, 0, exact, action)], True)
     stats = SpaceStats()
     return RecordDecoder("lab", {0: site}, lambda ns: 1.7e9 + ns / 1e9, stats, None), stats
 
@@ -335,10 +334,10 @@ def test_register_text_follows_every_record(regs: list[list[int]]) -> None:
     assert lines == [e.to_json() for e in events] and stats.events == len(regs)
 
 
-def test_trusted_event_equals_a_validated_one() -> None:
+def test_trusted_maker_event_equals_a_validated_one() -> None:
     proc = ProcessContext(pid=1, tgid=1, ppid=0, uid=0, euid=0, gid=0, comm="a", task="0x1")
     point = PointInfo(symbol="s", address="0x1", kind="kernel-function", engine="space", cpu=0)
-    ev = trusted_event(1.5, "vm", "r", "o", "log", proc, {"a": [1]}, point, ["e"], {"d": 1})
+    ev = trusted_maker("vm", "r", "o", "log", point)(1.5, proc, {"a": [1]}, ["e"], {"d": 1})
     valid = Event(time=1.5, vm="vm", request="r", object="o", action="log", process=proc,
                   fields={"a": [1]}, point=point, decode_errors=["e"], detail={"d": 1})  # fmt: skip
     assert ev == valid and ev.to_json() == valid.to_json()

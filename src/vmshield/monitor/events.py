@@ -108,12 +108,3 @@ def trusted_maker(vm: str, request: str, obj: str, action: str, point: PointInfo
         return ev
 
     return make
-
-
-def trusted_event(
-    time: float, vm: str, request: str, obj: str, action: str, process: ProcessContext | None,
-    fields: dict[str, Any], point: PointInfo, decode_errors: list[str], detail: dict[str, Any],
-) -> Event:  # fmt: skip
-    """One :class:`Event` without validation (see :func:`trusted_maker`)."""
-    return trusted_maker(vm, request, obj, action, point)(time, process, fields,
-                                                          decode_errors, detail)  # fmt: skip

@@ -238,7 +238,7 @@ class SpaceEngine:
                     s.aggregate = 1 + plan.agg_key
             s.enabled = 1
             fast = all(r.request.action in space_events.FAST_ACTIONS for r in reqs)
-            self.sites[idx] = space_events.SiteDecoder(idx, plan, srs, fast, plan.raw_args)
+            self.sites[idx] = space_events.SiteDecoder(idx, plan, srs, fast)
         self.decoder = space_events.RecordDecoder(self.t.name, self.sites, sp.host_time,
                                                   self.stats, self._handle)  # fmt: skip
 

@@ -14,7 +14,7 @@ machine, with validation and model construction the largest cost. Here:
 - JSON lines are produced directly, with the same keys in the same order as
   :meth:`Event.to_json` (orjson for the fields; tested against it), and
   :class:`Event` objects are made only when someone reads them, without validation
-  (:func:`vmshield.monitor.events.trusted_event`): every value comes from this decoder.
+  (:func:`vmshield.monitor.events.trusted_maker`): every value comes from this decoder.
 
 Requests with ``pause`` or ``dump`` take the general path (:func:`dispatch`), which
 acts through the engine.
@@ -90,7 +90,12 @@ class SiteDecoder:
     plan: captures.Plan
     requests: list[SiteRequest]
     fast: bool  # no pause/dump request here: events need no host action
-    raw_args: bool = False  # a kfunc: point: the fields are the argument registers
+    # A kfunc: point: the fields are the argument registers. The plan's, copied into a
+    # plain attribute because the hot path reads it for every record.
+    raw_args: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw_args = self.plan.raw_args
 
 
 class Stats:
